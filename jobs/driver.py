@@ -1,0 +1,150 @@
+"""The driver: check every input up front, plan, run one Ray task per shard, then publish."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import ray
+
+from jobs.tasks import finalize_task, merge_shard_task
+from merge_core.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
+from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME, load_base
+from merge_core.errors import InputError
+from merge_core.manifest import adapter_record
+from merge_core.plan import MergePlan, plan_merge
+from merge_core.shard_merge import ShardResult
+from merge_core.storage import Storage, open_storage, sha256_of
+
+log = logging.getLogger("lora_merge")
+DEVICES = ("auto", "cpu", "cuda")
+# The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    base: str
+    adapters: Sequence[str]
+    output: str
+    weights: Sequence[float] = ()
+    overwrite: bool = False
+    device: str = "auto"
+    ray_address: str | None = None
+
+
+@dataclass
+class MergeSummary:
+    output: str
+    shards: int
+    tensors: int
+    fused_tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    device: str
+    nodes: list[str] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def gb_per_second(self) -> float:
+        return self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def _check_output(base: Storage, output: Storage, overwrite: bool) -> None:
+    if output.uri.rstrip("/") == base.uri.rstrip("/"):
+        raise InputError(output.uri, "the output is the base checkpoint itself", "choose another --output")
+    names = output.list_names()
+    if INDEX_NAME in names and not overwrite:
+        raise InputError(output.describe(INDEX_NAME), "the output already holds a model",
+                         "pass --overwrite to replace it, or choose another --output")
+    if names and not overwrite:
+        raise InputError(output.uri, f"the output is not empty ({len(names)} files) and holds no complete model",
+                         "pass --overwrite to replace what is there, or choose an empty --output")
+
+
+def _connect(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 logging_level=logging.WARNING)
+
+
+def _task_resources(device: str, plan: MergePlan) -> dict:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and not gpus:
+        raise InputError("--device cuda", "the Ray cluster has no GPUs",
+                         "use --device auto or cpu, or add GPU workers to the cluster")
+    return {"num_cpus": 1, "num_gpus": 1 if gpus and device in ("auto", "cuda") else 0}
+
+
+def _adapter_files(adapter: LoraAdapter) -> list[dict]:
+    storage = open_storage(adapter.uri)
+    return [{"name": n, "size": storage.size(n), "sha256": sha256_of(storage, n)} for n in (CONFIG_NAME, WEIGHTS_NAME)]
+
+
+def _run_tasks(plan: MergePlan, options: MergeOptions, resources: dict) -> list[ShardResult]:
+    pending = {
+        merge_shard_task.options(**resources).remote(task, plan.base_uri, plan.adapter_uris, options.output,
+                                                     options.device): task.name
+        for task in plan.tasks
+    }
+    results: list[ShardResult] = []
+    started = time.perf_counter()
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                result = ray.get(ref)
+                results.append(result)
+                elapsed = time.perf_counter() - started
+                log.info("[%d/%d] %s: %.1f MB, %d tensors fused, %.2f s on %s (%s)", len(results), len(plan.tasks),
+                         result.name, result.size / 1e6, result.fused, result.seconds, result.node, result.device)
+                log.debug("elapsed %.1f s", elapsed)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return results
+
+
+def run_merge(options: MergeOptions) -> MergeSummary:
+    started = time.perf_counter()
+    if options.device not in DEVICES:
+        raise InputError("--device", f"unknown device {options.device!r}", f"use one of {', '.join(DEVICES)}")
+    if not options.adapters:
+        raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
+    weights = list(options.weights) or [1.0] * len(options.adapters)
+    base_storage, output = open_storage(options.base), open_storage(options.output)
+    base = load_base(base_storage)
+    adapters = [load_adapter(open_storage(uri)) for uri in options.adapters]
+    plan = plan_merge(base, adapters, weights)
+    _check_output(base_storage, output, options.overwrite)
+    records = [adapter_record(a, w, _adapter_files(a)) for a, w in zip(adapters, weights)]
+    planned = time.perf_counter()
+
+    _connect(options.ray_address)
+    resources = _task_resources(options.device, plan)
+    if options.overwrite:
+        # The index goes first, so that the old output stops being a model before any byte changes.
+        output.delete(INDEX_NAME)
+        output.delete(MANIFEST_NAME)
+    log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
+             plan.write_bytes / 1e9, output.uri)
+    results = _run_tasks(plan, options, resources)
+    merged = time.perf_counter()
+
+    timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
+    cluster = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes()), "task_resources": resources}
+    manifest = ray.get(finalize_task.remote(plan, output.uri, base.extra_files, base.index_metadata, records,
+                                            results, timings, cluster))
+    seconds = time.perf_counter() - started
+    return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,
+                        plan.read_bytes, sum(r.size for r in results), seconds,
+                        ",".join(sorted({r.device for r in results})), sorted({r.node for r in results}), manifest)

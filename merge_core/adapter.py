@@ -1,0 +1,169 @@
+"""PEFT LoRA adapters: config, scales, and the exact pairing of saved keys to base tensors.
+
+A saved key looks like `base_model.model.<module>.lora_A.weight`. We parse the suffix rather
+than searching for "lora" in the key, and every tensor in the file must be accounted for:
+one we cannot place is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from merge_core.checkpoint import read_json, read_shard_header
+from merge_core.errors import InputError
+from merge_core.safetensors_format import FLOAT_DTYPES, ShardHeader, TensorInfo
+from merge_core.storage import Storage
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+SUPPORTED_PEFT_TYPES = ("LORA",)
+REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
+# Config switches that change what a merge computes. Until lora-merge implements one, an
+# adapter that sets it is refused by name rather than merged as if it were plain LoRA.
+UNSUPPORTED_SWITCHES = (
+    "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "mica", "arrow_config",
+    "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config", "layer_replication",
+    "trainable_token_indices", "target_parameters", "modules_to_save",
+)
+# Saved-key suffixes of LoRA tensor kinds that lora-merge does not merge yet.
+UNSUPPORTED_SUFFIXES = {
+    ".lora_B.bias": "lora_bias",
+    ".lora_embedding_A": "embedding LoRA",
+    ".lora_embedding_B": "embedding LoRA",
+    ".lora_magnitude_vector": "DoRA",
+    ".lora_magnitude_vector.weight": "DoRA",
+}
+_PAIR_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One low-rank update: target += scale * B @ A."""
+    module: str
+    target: str  # the base tensor it updates
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    scale: float
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    uri: str
+    config: Mapping[str, object]
+    header: ShardHeader
+    pairs: tuple[LoraPair, ...]
+
+    @property
+    def weights_name(self) -> str:
+        return WEIGHTS_NAME
+
+
+def pattern_key(pattern_keys: Sequence[str], module: str) -> str | None:
+    """The rank_pattern/alpha_pattern key that applies to a module, matched as PEFT matches it:
+    the key, as a regex, must match the whole module name or a dotted suffix of it; first wins."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def lora_scale(config: Mapping[str, object], module: str) -> tuple[int, float]:
+    """(rank, scale) for one module, as PEFT's LoraLayer.update_layer computes them."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_key = pattern_key(list(rank_pattern), module)
+    alpha_key = pattern_key(list(alpha_pattern), module)
+    rank = rank_pattern[r_key] if r_key is not None else config["r"]
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config["lora_alpha"]
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return int(rank), scale
+
+
+def _check_config(config: object, where: str) -> Mapping[str, object]:
+    if not isinstance(config, dict):
+        raise InputError(where, "is not a JSON object", "regenerate it with PEFT's save_pretrained")
+    missing = [f for f in REQUIRED_FIELDS if f not in config]
+    if missing:
+        raise InputError(where, f"lacks required field(s) {', '.join(missing)}",
+                         "regenerate it with PEFT's save_pretrained")
+    if config["peft_type"] not in SUPPORTED_PEFT_TYPES:
+        raise InputError(where, f"peft_type {config['peft_type']!r} is not supported",
+                         f"supported: {', '.join(SUPPORTED_PEFT_TYPES)}")
+    for name in ("r", "lora_alpha"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise InputError(where, f"{name} is {value!r}, not a positive number", f"set {name} to a positive number")
+    for pattern_name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(pattern_name) or {}
+        if not isinstance(pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
+            raise InputError(where, f"{pattern_name} is not a map of module patterns to positive numbers",
+                             f"fix {pattern_name}")
+    enabled = [s for s in UNSUPPORTED_SWITCHES if config.get(s)]
+    if enabled:
+        raise InputError(where, f"uses {', '.join(enabled)}, which lora-merge does not merge yet",
+                         "merge this adapter with PEFT's merge_and_unload for now")
+    return config
+
+
+def _pair_keys(header: ShardHeader, where: str) -> dict[str, dict[str, TensorInfo]]:
+    modules: dict[str, dict[str, TensorInfo]] = {}
+    for info in header.tensors:
+        key = info.name
+        if not key.startswith(KEY_PREFIX):
+            raise InputError(f"{where}: tensor {key}", f"key does not start with {KEY_PREFIX!r}",
+                             "this is not a PEFT adapter file; save the adapter with PEFT's save_pretrained")
+        for suffix, kind in UNSUPPORTED_SUFFIXES.items():
+            if key.endswith(suffix):
+                raise InputError(f"{where}: tensor {key}", f"{kind} tensors are not merged by lora-merge yet",
+                                 "merge this adapter with PEFT's merge_and_unload for now")
+        match = _PAIR_SUFFIX.match(key[len(KEY_PREFIX):])
+        if not match:
+            raise InputError(f"{where}: tensor {key}", "is not a LoRA lora_A/lora_B weight",
+                             "remove it from the adapter or re-save the adapter with PEFT")
+        if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+            raise InputError(f"{where}: tensor {key}", f"is {info.dtype}{list(info.shape)}, not a 2-D float matrix",
+                             "re-save the adapter with PEFT")
+        modules.setdefault(match["module"], {})[match["side"]] = info
+    return modules
+
+
+def load_adapter(storage: Storage) -> LoraAdapter:
+    config = _check_config(read_json(storage, CONFIG_NAME, "point --adapter at a PEFT adapter directory"),
+                           storage.describe(CONFIG_NAME))
+    if not storage.exists(WEIGHTS_NAME):
+        if storage.exists(PICKLE_WEIGHTS_NAME):
+            raise InputError(storage.describe(PICKLE_WEIGHTS_NAME), "adapter is stored only as a pickle, "
+                             "which lora-merge never unpickles", "re-save the adapter with safe_serialization=True")
+        raise InputError(storage.describe(WEIGHTS_NAME), "file not found",
+                         "point --adapter at a PEFT adapter directory")
+    where = storage.describe(WEIGHTS_NAME)
+    header = read_shard_header(storage, WEIGHTS_NAME)
+    if not header.tensors:
+        raise InputError(where, "holds no tensors", "the adapter is empty; re-save it after training")
+
+    pairs = []
+    for module, sides in sorted(_pair_keys(header, where).items()):
+        if set(sides) != {"A", "B"}:
+            lacking = "lora_B" if "A" in sides else "lora_A"
+            raise InputError(f"{where}: module {module}", f"has no {lacking} weight", "re-save the adapter with PEFT")
+        a, b = sides["A"], sides["B"]
+        rank, scale = lora_scale(config, module)
+        if a.shape[0] != b.shape[1]:
+            raise InputError(f"{where}: module {module}", f"lora_A rank {a.shape[0]} and lora_B rank {b.shape[1]} "
+                             "disagree", "re-save the adapter with PEFT")
+        if a.shape[0] != rank:
+            raise InputError(f"{where}: module {module}", f"tensors have rank {a.shape[0]} but the config gives "
+                             f"{rank} (r/rank_pattern)", "fix r or rank_pattern in adapter_config.json")
+        pairs.append(LoraPair(module, f"{module}.weight", a, b, rank, scale))
+    return LoraAdapter(storage.uri, config, header, tuple(pairs))

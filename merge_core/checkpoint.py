@@ -1,0 +1,132 @@
+"""A base checkpoint as the planner sees it: shards, their headers, and the other files.
+
+Only headers are read here (two small ranged reads per shard), so a 405B checkpoint of
+hundreds of shards is described in seconds without touching its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from merge_core.errors import InputError
+from merge_core.safetensors_format import LENGTH_PREFIX_BYTES, ShardHeader, header_length, parse_header
+from merge_core.storage import Storage, check_plain_name
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MANIFEST_NAME = "merge_manifest.json"
+# Files that hold weights in some format: never copied verbatim, or the output would ship
+# unmerged weights beside the merged ones.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+HEADER_READ_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    header: ShardHeader
+
+    @property
+    def size(self) -> int:
+        return self.header.file_size
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    uri: str
+    shards: tuple[Shard, ...]
+    index_metadata: Mapping[str, object]
+    extra_files: tuple[str, ...]  # config, tokenizer and other non-weight files, copied as they are
+    weight_map: Mapping[str, str] = field(repr=False)
+
+    def shard(self, name: str) -> Shard:
+        for shard in self.shards:
+            if shard.name == name:
+                return shard
+        raise KeyError(name)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(t.nbytes for s in self.shards for t in s.header.tensors)
+
+
+def read_shard_header(storage: Storage, name: str) -> ShardHeader:
+    where = storage.describe(name)
+    try:
+        size = storage.size(name)
+    except FileNotFoundError:
+        raise InputError(where, "file not found", "check the path, or restore the missing file") from None
+    prefix = storage.read_range(name, 0, min(LENGTH_PREFIX_BYTES, size))
+    length = header_length(prefix, size, where)
+    return parse_header(storage.read_range(name, LENGTH_PREFIX_BYTES, length), size, where)
+
+
+def read_json(storage: Storage, name: str, fix: str) -> object:
+    where = storage.describe(name)
+    try:
+        return json.loads(storage.read_bytes(name).decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(where, "file not found", fix) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(where, f"not valid JSON ({exc})", "repair or regenerate the file") from None
+
+
+def _read_index(storage: Storage) -> tuple[dict[str, str], dict]:
+    where = storage.describe(INDEX_NAME)
+    index = read_json(storage, INDEX_NAME, "save the base with save_pretrained")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(where, "has no weight_map object", "regenerate the index with save_pretrained")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(where, f"weight_map entry for {tensor} is not a file name", "fix the weight_map")
+        check_plain_name(shard, where)
+    metadata = index.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise InputError(where, "metadata is not a JSON object", "fix or remove the metadata field")
+    return weight_map, metadata
+
+
+def load_base(storage: Storage) -> BaseCheckpoint:
+    names = storage.list_names()
+    if INDEX_NAME in names:
+        weight_map, metadata = _read_index(storage)
+        shard_names = sorted(set(weight_map.values()))
+        missing = [n for n in shard_names if n not in names]
+        if missing:
+            raise InputError(storage.describe(missing[0]),
+                             f"listed in {INDEX_NAME} but missing ({len(missing)} shard(s) missing in all)",
+                             "restore the missing shards or point --base at a complete checkpoint")
+    elif SINGLE_NAME in names:
+        weight_map, metadata, shard_names = {}, {}, [SINGLE_NAME]
+    else:
+        raise InputError(storage.uri, f"no {INDEX_NAME} or {SINGLE_NAME} found",
+                         "point --base at a Hugging Face checkpoint saved with safetensors")
+
+    with ThreadPoolExecutor(min(HEADER_READ_THREADS, len(shard_names))) as pool:
+        headers = list(pool.map(lambda n: read_shard_header(storage, n), shard_names))
+    shards = tuple(Shard(n, h) for n, h in zip(shard_names, headers))
+
+    if not weight_map:
+        weight_map = {t.name: SINGLE_NAME for t in shards[0].header.tensors}
+    seen: dict[str, str] = {}
+    for shard in shards:
+        for info in shard.header.tensors:
+            if info.name in seen:
+                raise InputError(storage.describe(shard.name), f"tensor {info.name} is also in {seen[info.name]}",
+                                 "each tensor must be stored once; re-save the checkpoint")
+            seen[info.name] = shard.name
+            if weight_map.get(info.name) != shard.name:
+                raise InputError(storage.describe(INDEX_NAME),
+                                 f"tensor {info.name} is in {shard.name} but the weight_map says "
+                                 f"{weight_map.get(info.name)}", "regenerate the index with save_pretrained")
+    for tensor, shard_name in weight_map.items():
+        if tensor not in seen:
+            raise InputError(storage.describe(shard_name), f"tensor {tensor} is in the weight_map but not in the shard",
+                             "restore the shard or regenerate the index")
+
+    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n != MANIFEST_NAME)
+    return BaseCheckpoint(storage.uri, shards, metadata, extra, weight_map)

@@ -1,0 +1,57 @@
+"""merge_manifest.json: where the merged model came from and what was done to it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from importlib import metadata
+from typing import Mapping, Sequence
+
+from merge_core.adapter import LoraAdapter
+from merge_core.plan import MergePlan
+from merge_core.shard_merge import ShardResult
+
+MANIFEST_VERSION = 1
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("lora-merge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[str, object]]) -> dict:
+    return {
+        "uri": adapter.uri,
+        "weight": weight,
+        "config": dict(adapter.config),
+        "files": list(files),
+        "scales": {pair.module: pair.scale for pair in adapter.pairs},
+    }
+
+
+def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], results: Sequence[ShardResult],
+                   copied_files: Sequence[Mapping[str, object]], total_size: int,
+                   timings: Mapping[str, float], cluster: Mapping[str, object]) -> dict:
+    by_name = {r.name: r for r in results}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "tool": {"name": "lora-merge", "version": tool_version()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base": {
+            "uri": plan.base_uri,
+            "shards": [{"name": t.name, "size": t.shard.size, "sha256": by_name[t.name].base_sha256}
+                       for t in plan.tasks],
+        },
+        "adapters": list(adapters),
+        "output": {
+            "total_size": total_size,
+            "shards": [dataclasses.asdict(by_name[t.name]) | {"fused_tensors": [f.tensor for f in t.targets]}
+                       for t in plan.tasks],
+            "files": list(copied_files),
+        },
+        "fused_tensor_count": plan.fused_tensor_count,
+        "timings": dict(timings),
+        "cluster": dict(cluster),
+    }

@@ -1,0 +1,116 @@
+"""The merge plan: a pure function from checkpoint and adapter descriptions to per-shard tasks.
+
+Everything that can be wrong with the inputs' shapes is found here, before any task runs or
+any byte is written: a task only ever meets I/O failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from merge_core.adapter import WEIGHTS_NAME, LoraAdapter
+from merge_core.checkpoint import BaseCheckpoint, Shard
+from merge_core.errors import InputError
+from merge_core.safetensors_format import FLOAT_DTYPES, TensorInfo
+
+# Bytes a worker holds per element of the tensor it fuses: the base tensor, the float32
+# accumulator, the float32 delta and the rounded result (at most 2 + 4 + 4 + 4 for bf16/f32).
+FUSE_BYTES_PER_ELEMENT = 14
+FIXED_WORKER_BYTES = 512 * 1024 * 1024  # interpreter, torch, I/O buffers
+
+
+@dataclass(frozen=True)
+class Update:
+    """One adapter's contribution to one base tensor: += scale · (B @ A)."""
+    adapter: int  # index into the plan's adapter URIs
+    data_start: int  # where the adapter file's tensor data begins
+    a: TensorInfo
+    b: TensorInfo
+    scale: float  # the adapter's LoRA scale times its --weight
+
+
+@dataclass(frozen=True)
+class FuseTarget:
+    tensor: str
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    shard: Shard
+    targets: tuple[FuseTarget, ...]
+
+    @property
+    def name(self) -> str:
+        return self.shard.name
+
+    @property
+    def adapter_bytes(self) -> int:
+        return sum(u.a.nbytes + u.b.nbytes for t in self.targets for u in t.updates)
+
+    @property
+    def read_bytes(self) -> int:
+        return self.shard.size + self.adapter_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the worker needs at its peak: the largest fused tensor's working set, plus a margin."""
+        by_name = {t.name: t for t in self.shard.header.tensors}
+        largest = max((by_name[t.tensor].numel for t in self.targets), default=0)
+        return FIXED_WORKER_BYTES + FUSE_BYTES_PER_ELEMENT * largest
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    base_uri: str
+    adapter_uris: tuple[str, ...]
+    tasks: tuple[ShardTask, ...]
+
+    @property
+    def fused_tensor_count(self) -> int:
+        return sum(len(t.targets) for t in self.tasks)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tasks)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(t.shard.size for t in self.tasks)
+
+
+def _check_target(base: BaseCheckpoint, adapter: LoraAdapter, target: str, delta_shape: tuple[int, int],
+                  subject: str) -> None:
+    shard_name = base.weight_map.get(target)
+    if shard_name is None:
+        raise InputError(subject, f"targets {target}, which the base checkpoint does not have",
+                         "check that the adapter was trained on this base model")
+    info = base.shard(shard_name).header.tensor(target)
+    if info.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{base.uri}/{shard_name}: tensor {target}", f"is {info.dtype}; a LoRA delta can only be "
+                         f"fused into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
+    if info.shape != delta_shape:
+        raise InputError(subject, f"delta shape {list(delta_shape)} does not fit {target} of shape {list(info.shape)}",
+                         "check that the adapter was trained on this base model")
+
+
+def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> MergePlan:
+    """One task per base shard, each listing the updates for the tensors it holds."""
+    if len(weights) != len(adapters):
+        raise InputError("--weight", f"{len(weights)} weight(s) for {len(adapters)} adapter(s)",
+                         "give one --weight per --adapter, or none")
+    updates: dict[str, list[Update]] = {}
+    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        for pair in adapter.pairs:
+            subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {pair.a.name}"
+            _check_target(base, adapter, pair.target, pair.delta_shape, subject)
+            updates.setdefault(pair.target, []).append(Update(index, adapter.header.data_start, pair.a, pair.b,
+                                                              pair.scale * weight))
+
+    tasks = []
+    for shard in base.shards:
+        targets = tuple(FuseTarget(t.name, tuple(updates[t.name])) for t in shard.header.tensors
+                        if t.name in updates)
+        tasks.append(ShardTask(shard, targets))
+    return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks))
