@@ -80,18 +80,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return _merge(args)
-    except InputError as exc:
-        code, message = EXIT_INPUT, str(exc)
-    except ValidationError as exc:
-        code, message = EXIT_VALIDATION, f"validation failed: {exc}"
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
-    except Exception as exc:  # after Ray's retries: a runtime failure
-        code, message = EXIT_RUNTIME, f"{type(exc).__name__}: {_first_line(exc)}"
-    if args.debug:
-        traceback.print_exc()
+    except BaseException as exc:  # every failure leaves as one line and an exit code
+        code, message = _classify(exc)
+        if args.debug:
+            traceback.print_exception(exc)
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, InputError):
+        return EXIT_INPUT, str(exc)
+    if isinstance(exc, ValidationError):
+        return EXIT_VALIDATION, f"validation failed: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, SystemExit):
+        raise exc
+    return EXIT_RUNTIME, f"{type(exc).__name__}: {_first_line(exc)}"  # after Ray's retries
 
 
 def _first_line(exc: BaseException) -> str:

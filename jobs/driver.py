@@ -9,9 +9,10 @@ from typing import Sequence
 
 import ray
 
+from jobs.scheduling import Lane, free_lane, plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME, load_base
+from merge_core.checkpoint import INDEX_NAME, load_base
 from merge_core.errors import InputError
 from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
@@ -65,6 +66,15 @@ def _check_output(base: Storage, output: Storage, overwrite: bool) -> None:
                          "pass --overwrite to replace what is there, or choose an empty --output")
 
 
+def _clear_output(output: Storage) -> None:
+    """--overwrite replaces the old output whole: stale shards of another layout would otherwise
+    sit beside the new ones, and a loader may pick a stale model.safetensors over the index.
+    The index goes first, so the old output stops being a model before anything else changes."""
+    output.delete(INDEX_NAME)
+    for name in output.list_names():
+        output.delete(name)
+
+
 def _connect(address: str | None) -> None:
     if ray.is_initialized():
         return
@@ -75,38 +85,30 @@ def _connect(address: str | None) -> None:
                  logging_level=logging.WARNING)
 
 
-def _task_resources(device: str, plan: MergePlan) -> dict:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "cuda" and not gpus:
-        raise InputError("--device cuda", "the Ray cluster has no GPUs",
-                         "use --device auto or cpu, or add GPU workers to the cluster")
-    return {"num_cpus": 1, "num_gpus": 1 if gpus and device in ("auto", "cuda") else 0}
-
-
 def _adapter_files(adapter: LoraAdapter) -> list[dict]:
     storage = open_storage(adapter.uri)
     return [{"name": n, "size": storage.size(n), "sha256": sha256_of(storage, n)} for n in (CONFIG_NAME, WEIGHTS_NAME)]
 
 
-def _run_tasks(plan: MergePlan, options: MergeOptions, resources: dict) -> list[ShardResult]:
-    pending = {
-        merge_shard_task.options(**resources).remote(task, plan.base_uri, plan.adapter_uris, options.output,
-                                                     options.device): task.name
-        for task in plan.tasks
-    }
+def _run_tasks(plan: MergePlan, options: MergeOptions, lanes: list[Lane]) -> list[ShardResult]:
+    queue = list(plan.tasks)
+    pending: dict[ray.ObjectRef, Lane] = {}
     results: list[ShardResult] = []
-    started = time.perf_counter()
     try:
-        while pending:
+        while queue or pending:
+            lane = free_lane(lanes)
+            if queue and lane:
+                ref = merge_shard_task.options(**lane.options).remote(
+                    queue.pop(0), plan.base_uri, plan.adapter_uris, options.output, options.device)
+                pending[ref] = lane
+                lane.running += 1
+                continue
             done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                pending.pop(ref)
-                result = ray.get(ref)
-                results.append(result)
-                elapsed = time.perf_counter() - started
-                log.info("[%d/%d] %s: %.1f MB, %d tensors fused, %.2f s on %s (%s)", len(results), len(plan.tasks),
-                         result.name, result.size / 1e6, result.fused, result.seconds, result.node, result.device)
-                log.debug("elapsed %.1f s", elapsed)
+            pending.pop(done[0]).running -= 1
+            result = ray.get(done[0])
+            results.append(result)
+            log.info("[%d/%d] %s: %.1f MB, %d tensors fused, %.2f s on node %s (%s)", len(results), len(plan.tasks),
+                     result.name, result.size / 1e6, result.fused, result.seconds, result.node[:8], result.device)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -130,18 +132,16 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     planned = time.perf_counter()
 
     _connect(options.ray_address)
-    resources = _task_resources(options.device, plan)
+    lanes = plan_lanes(ray.nodes(), options.device)
     if options.overwrite:
-        # The index goes first, so that the old output stops being a model before any byte changes.
-        output.delete(INDEX_NAME)
-        output.delete(MANIFEST_NAME)
+        _clear_output(output)
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, output.uri)
-    results = _run_tasks(plan, options, resources)
+    results = _run_tasks(plan, options, lanes)
     merged = time.perf_counter()
 
     timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
-    cluster = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes()), "task_resources": resources}
+    cluster = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes()), "lanes": {lane.name: lane.slots for lane in lanes}}
     manifest = ray.get(finalize_task.remote(plan, output.uri, base.extra_files, base.index_metadata, records,
                                             results, timings, cluster))
     seconds = time.perf_counter() - started

@@ -1,0 +1,58 @@
+"""Where shard tasks run: lanes of task slots drawn from the cluster's nodes.
+
+With GPUs in the cluster and --device auto or cuda, shards are fused on GPUs. The merge is
+bound by storage, not by arithmetic, so under auto the CPU-only nodes take shards too: each
+gets a lane of CPU tasks pinned (softly) to it, adding its network and disk bandwidth.
+The driver submits into a free slot only, so at most one task per slot is ever queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from merge_core.errors import InputError
+
+
+@dataclass
+class Lane:
+    name: str
+    options: dict
+    slots: int
+    running: int = field(default=0)
+
+    @property
+    def free(self) -> bool:
+        return self.running < self.slots
+
+
+def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str) -> list[Lane]:
+    """Lanes for the alive nodes of `ray.nodes()`."""
+    alive = [n for n in nodes if n.get("Alive")]
+    resources = [n.get("Resources", {}) for n in alive]
+    gpus = int(sum(r.get("GPU", 0) for r in resources))
+    cpus = int(sum(r.get("CPU", 0) for r in resources))
+    if device == "cuda" and not gpus:
+        raise InputError("--device cuda", "the Ray cluster has no GPUs",
+                         "use --device auto or cpu, or add GPU workers to the cluster")
+    if device == "cpu" or not gpus:
+        if not cpus:
+            raise InputError("--ray-address", "the Ray cluster has no CPUs to run tasks on",
+                             "add worker nodes with CPUs to the cluster")
+        return [Lane("cpu", {"num_cpus": 1, "num_gpus": 0}, cpus)]
+    lanes = [Lane("gpu", {"num_cpus": 1, "num_gpus": 1}, gpus)]
+    if device == "auto":
+        for node, res in zip(alive, resources):
+            if not res.get("GPU") and res.get("CPU", 0) >= 1:
+                strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
+                lanes.append(Lane(f"cpu@{node['NodeID'][:8]}", {"num_cpus": 1, "num_gpus": 0,
+                                                                "scheduling_strategy": strategy},
+                                  int(res["CPU"])))
+    return lanes
+
+
+def free_lane(lanes: Sequence[Lane]) -> Lane | None:
+    """GPU lanes first: they come first in the list."""
+    return next((lane for lane in lanes if lane.free), None)

@@ -1,0 +1,48 @@
+"""Ray for the job tests: a simulated two-node cluster, one node with a logical GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tests.reference import make_adapter, make_base, peft_merged
+
+OBJECT_STORE_BYTES = 80 * 1024 * 1024
+LORA_MERGE = os.path.join(os.path.dirname(sys.executable), "lora-merge")
+
+
+@dataclass(frozen=True)
+class Models:
+    base: str
+    adapter: str
+    reference: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> Models:
+    root = tmp_path_factory.mktemp("models")
+    base = make_base(str(root / "base"), "qwen2", max_shard_size="40KB")
+    (root / "base" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    adapter = make_adapter(str(root / "adapter"), "qwen2", r=4, lora_alpha=8, use_rslora=True)
+    return Models(base, adapter, peft_merged(base, adapter, str(root / "peft"), "qwen2"))
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES})
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=OBJECT_STORE_BYTES)
+    cluster.wait_for_nodes()
+    yield cluster, gpu_node
+    cluster.shutdown()
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([LORA_MERGE, *args], capture_output=True, text=True, timeout=timeout)

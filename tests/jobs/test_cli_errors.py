@@ -1,0 +1,80 @@
+"""Bad input through the command: exit 2, one line naming the file and the fix, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from jobs.scheduling import plan_lanes
+from merge_core.errors import InputError
+from tests.jobs.conftest import run_cli
+
+
+def one_error_line(run) -> str:
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+def test_missing_base(models, tmp_path):
+    out = tmp_path / "out"
+    run = run_cli("merge", "--base", str(tmp_path / "nowhere"), "--adapter", models.adapter, "--output", str(out))
+    assert one_error_line(run) == (f"error: {tmp_path}/nowhere: no model.safetensors.index.json or model.safetensors "
+                                   "found (point --base at a Hugging Face checkpoint saved with safetensors)")
+    assert not out.exists()
+
+
+def test_adapter_config_not_json_with_and_without_debug(models, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models.adapter, adapter)
+    (adapter / "adapter_config.json").write_text("{")
+    args = ("merge", "--base", models.base, "--adapter", str(adapter), "--output", str(tmp_path / "out"))
+    line = one_error_line(run_cli(*args))
+    assert line.startswith(f"error: {adapter}/adapter_config.json: not valid JSON")
+    debug = run_cli(*args, "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_that_does_not_fit_the_base(models, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models.adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 16}))
+    line = one_error_line(run_cli("merge", "--base", models.base, "--adapter", str(adapter),
+                                  "--output", str(tmp_path / "out")))
+    assert "tensors have rank 4 but the config gives 16 (r/rank_pattern)" in line
+
+
+def test_leftover_partial_output_is_refused(models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00005.safetensors").write_bytes(b"partial")
+    line = one_error_line(run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out)))
+    assert "holds no complete model (pass --overwrite" in line
+    assert os.listdir(out) == ["model-00001-of-00005.safetensors"]
+
+
+def test_usage_errors_are_exit_2_too(models):
+    line = one_error_line(run_cli("merge", "--base", models.base))
+    assert "the following arguments are required: --adapter, --output" in line
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused_up_front():
+    nodes = [{"Alive": True, "NodeID": "a" * 56, "Resources": {"CPU": 4.0}}]
+    with pytest.raises(InputError, match="--device cuda: the Ray cluster has no GPUs"):
+        plan_lanes(nodes, "cuda")
+
+
+def test_lanes_use_gpus_and_cpu_only_nodes():
+    nodes = [{"Alive": True, "NodeID": "ab" * 28, "Resources": {"CPU": 2.0}},
+             {"Alive": True, "NodeID": "cd" * 28, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+             {"Alive": False, "NodeID": "ef" * 28, "Resources": {"CPU": 8.0}}]
+    assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "auto")] == [("gpu", 2), ("cpu@abababab", 2)]
+    assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "cuda")] == [("gpu", 2)]
+    assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "cpu")] == [("cpu", 10)]

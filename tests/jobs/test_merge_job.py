@@ -1,0 +1,85 @@
+"""The whole job through the `lora-merge` command: Ray tasks, the final task, the published output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
+from tests.jobs.conftest import run_cli
+from tests.reference import assert_bit_identical, load_checkpoint
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_merge_on_a_local_ray_equals_peft_and_publishes_a_complete_checkpoint(models, tmp_path):
+    out, report = str(tmp_path / "merged"), str(tmp_path / "report.json")
+    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out, "--report", report)
+    assert run.returncode == 0, run.stderr
+    assert_bit_identical(load_checkpoint(out), models.reference)
+
+    base_index = json.load(open(os.path.join(models.base, INDEX_NAME)))
+    index = json.load(open(os.path.join(out, INDEX_NAME)))
+    assert index["weight_map"] == base_index["weight_map"]
+    assert index["metadata"]["total_size"] == base_index["metadata"]["total_size"]
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert sha256(os.path.join(out, name)) == sha256(os.path.join(models.base, name))
+    assert not [n for n in os.listdir(out) if n.startswith(".")], "no temporary files left behind"
+
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    shards = {s["name"]: s for s in manifest["output"]["shards"]}
+    assert set(shards) == set(base_index["weight_map"].values())
+    for name, shard in shards.items():
+        assert shard["sha256"] == sha256(os.path.join(out, name))
+        assert shard["size"] == os.path.getsize(os.path.join(out, name))
+    for shard in manifest["base"]["shards"]:
+        assert shard["sha256"] == sha256(os.path.join(models.base, shard["name"]))
+    adapter = manifest["adapters"][0]
+    assert adapter["config"]["use_rslora"] is True and adapter["weight"] == 1.0
+    assert adapter["files"][1]["sha256"] == sha256(os.path.join(models.adapter, "adapter_model.safetensors"))
+    assert manifest["fused_tensor_count"] == sum(len(s["fused_tensors"]) for s in shards.values()) == 14
+    assert {f["name"] for f in manifest["output"]["files"]} == {"config.json", "generation_config.json",
+                                                                "tokenizer_config.json"}
+
+    summary = json.load(open(report))
+    assert summary["fused_tensors"] == 14 and summary["shards"] == len(shards)
+    assert f"merged 14 tensors in {len(shards)} shards into {out}" in run.stdout
+
+
+def test_tasks_spread_over_a_two_node_cluster_with_a_logical_gpu(models, two_node_cluster, tmp_path):
+    cluster, gpu_node = two_node_cluster
+    out = str(tmp_path / "merged")
+    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out,
+                  "--ray-address", cluster.address)
+    assert run.returncode == 0, run.stderr
+    assert_bit_identical(load_checkpoint(out), models.reference)
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    nodes = {s["node"] for s in manifest["output"]["shards"]}
+    assert nodes == {cluster.head_node.node_id, gpu_node.node_id}, "shards ran on both nodes"
+    assert manifest["cluster"]["lanes"] == {"gpu": 1, f"cpu@{cluster.head_node.node_id[:8]}": 1}
+
+
+def test_existing_model_is_refused_without_overwrite_and_replaced_with_it(models, two_node_cluster, tmp_path):
+    cluster, _ = two_node_cluster
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / INDEX_NAME).write_text('{"weight_map": {}}')
+    (out / "model.safetensors").write_bytes(b"precious")
+    before = {n: sha256(str(out / n)) for n in os.listdir(out)}
+
+    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
+                  "--ray-address", cluster.address)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: {out}/{INDEX_NAME}: the output already holds a model "
+        "(pass --overwrite to replace it, or choose another --output)")
+    assert {n: sha256(str(out / n)) for n in os.listdir(out)} == before
+
+    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
+                  "--ray-address", cluster.address, "--overwrite")
+    assert run.returncode == 0, run.stderr
+    assert not (out / "model.safetensors").exists(), "the old model's weights must not linger beside the new ones"
+    assert_bit_identical(load_checkpoint(str(out)), models.reference)

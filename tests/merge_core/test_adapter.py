@@ -1,0 +1,165 @@
+"""Adapter reading: scales and patterns as PEFT computes them, exact key pairing, refusals by name."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_core.adapter import load_adapter, lora_scale, pattern_key
+from merge_core.checkpoint import load_base
+from merge_core.errors import InputError
+from merge_core.plan import plan_merge
+from merge_core.storage import LocalStorage
+from tests.reference import make_adapter, make_base
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    return make_adapter(str(tmp_path_factory.mktemp("adapter") / "lora"), target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture
+def adapter_copy(adapter_dir, tmp_path):
+    for name in os.listdir(adapter_dir):
+        (tmp_path / name).write_bytes(open(os.path.join(adapter_dir, name), "rb").read())
+    return tmp_path
+
+
+def edit_config(path, **changes) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(path, edit) -> None:
+    tensors = load_file(str(path / WEIGHTS))
+    edit(tensors)
+    save_file(tensors, str(path / WEIGHTS))
+
+
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.10.mlp.down_proj",
+           "model.layers.1.mlp.down_proj", "lm_head", "model.layers.0.self_attn.v_proj"]
+PATTERNS = ["q_proj", r"layers\.1\.mlp\.down_proj", "model.layers.0.self_attn.v_proj", "proj", "s.1.self_attn.q_proj",
+            r"layers\.(0|1)\.self_attn\.q_proj"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_pattern_matching_agrees_with_peft(module):
+    from peft.utils.other import get_pattern_key
+    for keys in (PATTERNS, PATTERNS[::-1], PATTERNS[3:]):
+        ours = pattern_key(keys, module)
+        assert (ours if ours is not None else module) == get_pattern_key(keys, module)
+
+
+def test_scales_follow_config_and_patterns():
+    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 3}}
+    assert lora_scale(config, "model.layers.0.self_attn.q_proj") == (4, 4.0)
+    assert lora_scale(config, "model.layers.0.self_attn.v_proj") == (8, 3 / 8)
+    assert lora_scale(config | {"use_rslora": True}, "model.layers.0.mlp.up_proj") == (8, 16 / math.sqrt(8))
+
+
+def test_pairs_map_to_base_tensors(adapter_dir):
+    adapter = load_adapter(LocalStorage(adapter_dir))
+    assert [p.target for p in adapter.pairs] == [f"model.layers.{i}.self_attn.{m}.weight"
+                                                 for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert all(p.rank == 8 and p.scale == 2.0 for p in adapter.pairs)
+
+
+def refused(path) -> str:
+    with pytest.raises(InputError) as info:
+        load_adapter(LocalStorage(str(path)))
+    return str(info.value)
+
+
+def test_config_not_json(adapter_copy):
+    (adapter_copy / "adapter_config.json").write_text("{oops")
+    assert "adapter_config.json: not valid JSON" in refused(adapter_copy)
+
+
+def test_config_missing_fields(adapter_copy):
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    del config["r"], config["lora_alpha"]
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    assert "lacks required field(s) r, lora_alpha" in refused(adapter_copy)
+
+
+def test_unknown_peft_type(adapter_copy):
+    edit_config(adapter_copy, peft_type="VERA")
+    assert "peft_type 'VERA' is not supported (supported: LORA)" in refused(adapter_copy)
+
+
+def test_variant_not_merged_yet_is_refused_by_name(adapter_copy):
+    edit_config(adapter_copy, use_dora=True)
+    assert "uses use_dora, which lora-merge does not merge yet" in refused(adapter_copy)
+
+
+def test_ranks_disagree(adapter_copy):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter_copy, lambda t: t.update({key: torch.ones(t[key].shape[0], 4)}))
+    assert "module model.layers.0.self_attn.q_proj: lora_A rank 8 and lora_B rank 4 disagree" in refused(adapter_copy)
+
+
+def test_rank_differs_from_config(adapter_copy):
+    edit_config(adapter_copy, r=16)
+    assert "tensors have rank 8 but the config gives 16" in refused(adapter_copy)
+
+
+def test_unpaired_tensor(adapter_copy):
+    edit_tensors(adapter_copy, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"))
+    assert "module model.layers.1.self_attn.v_proj: has no lora_A weight" in refused(adapter_copy)
+
+
+def test_unknown_tensor_kind(adapter_copy):
+    edit_tensors(adapter_copy, lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}))
+    assert "tensor base_model.model.model.norm.weight: is not a LoRA lora_A/lora_B weight" in refused(adapter_copy)
+
+
+def test_unsupported_tensor_kind_named(adapter_copy):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    edit_tensors(adapter_copy, lambda t: t.update({key: torch.ones(64)}))
+    assert "lora_bias tensors are not merged by lora-merge yet" in refused(adapter_copy)
+
+
+def test_empty_adapter(adapter_copy):
+    save_file({}, str(adapter_copy / WEIGHTS))
+    assert "holds no tensors" in refused(adapter_copy)
+
+
+def test_pickle_only_adapter_is_never_unpickled(adapter_copy):
+    os.unlink(adapter_copy / WEIGHTS)
+    # A pickle that would run code if anything loaded it.
+    (adapter_copy / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'touch /tmp/pwned-lora-merge'\ntR.")
+    assert "stored only as a pickle, which lora-merge never unpickles" in refused(adapter_copy)
+    assert not os.path.exists("/tmp/pwned-lora-merge")
+
+
+def test_adapter_for_another_model(tmp_path, adapter_dir):
+    base = make_base(str(tmp_path / "base"))
+    adapter = load_adapter(LocalStorage(adapter_dir))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for name in os.listdir(adapter_dir):
+        (wrong / name).write_bytes(open(os.path.join(adapter_dir, name), "rb").read())
+    edit_tensors(wrong, lambda t: t.update({
+        "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight": torch.ones(8, 64),
+        "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight": torch.ones(64, 8)}))
+    with pytest.raises(InputError, match="targets model.layers.5.self_attn.q_proj.weight, which the base checkpoint "
+                                         "does not have"):
+        plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(str(wrong)))], [1.0])
+    assert plan_merge(load_base(LocalStorage(base)), [adapter], [1.0]).fused_tensor_count == 4
+
+
+def test_delta_shape_that_does_not_fit(tmp_path, adapter_copy):
+    base = make_base(str(tmp_path / "base"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    edit_tensors(adapter_copy, lambda t: t.update({key: torch.ones(40, 8)}))
+    with pytest.raises(InputError, match=r"delta shape \[40, 64\] does not fit model.layers.0.self_attn.q_proj.weight "
+                                         r"of shape \[64, 64\]"):
+        plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(str(adapter_copy)))], [1.0])
