@@ -11,6 +11,7 @@ from typing import Sequence
 
 from merge_core.errors import InputError, ValidationError
 from merge_core.manifest import tool_version
+from merge_core.storage import DEFAULT_PART_BYTES, StorageOptions
 
 EXIT_OK, EXIT_INPUT, EXIT_RUNTIME, EXIT_VALIDATION = 0, 2, 3, 4
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to fuse: cuda needs GPUs in the cluster; auto uses them when present")
     merge.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    merge.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_BYTES // 2**20, metavar="MB",
+                       help="multipart upload part size for s3:// output (default %(default)s, at least 5)")
     merge.add_argument("--report", metavar="FILE", help="also write the run's summary as JSON to FILE")
     merge.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return parser
@@ -64,7 +67,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, output=args.output,
                                      weights=args.weights, overwrite=args.overwrite, device=args.device,
-                                     ray_address=args.ray_address))
+                                     ray_address=args.ray_address,
+                                     storage=StorageOptions(part_size=args.part_size_mb * 2**20)))
     print("\n".join(_summary_lines(summary)))
     if args.report:
         report = {k: v for k, v in vars(summary).items() if k != "manifest"}

@@ -17,7 +17,8 @@ from merge_core.errors import InputError
 from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
 from merge_core.shard_merge import ShardResult
-from merge_core.storage import Storage, open_storage, sha256_of
+from merge_core.s3_storage import MAX_PARTS, MIN_PART_BYTES
+from merge_core.storage import Storage, StorageOptions, open_storage, sha256_of
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,6 +35,7 @@ class MergeOptions:
     overwrite: bool = False
     device: str = "auto"
     ray_address: str | None = None
+    storage: StorageOptions = StorageOptions()
 
 
 @dataclass
@@ -54,9 +56,18 @@ class MergeSummary:
         return self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
 
 
-def _check_output(base: Storage, output: Storage, overwrite: bool) -> None:
+def _check_output(base: Storage, output: Storage, plan: MergePlan, options: MergeOptions) -> None:
     if output.uri.rstrip("/") == base.uri.rstrip("/"):
         raise InputError(output.uri, "the output is the base checkpoint itself", "choose another --output")
+    part_size = options.storage.part_size
+    if part_size < MIN_PART_BYTES:
+        raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
+                         "use --part-size-mb 5 or more")
+    largest = max(t.shard.size for t in plan.tasks)
+    if largest > part_size * MAX_PARTS:
+        raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
+                         f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
+    overwrite = options.overwrite
     names = output.list_names()
     if INDEX_NAME in names and not overwrite:
         raise InputError(output.describe(INDEX_NAME), "the output already holds a model",
@@ -73,6 +84,7 @@ def _clear_output(output: Storage) -> None:
     output.delete(INDEX_NAME)
     for name in output.list_names():
         output.delete(name)
+    output.discard_incomplete()
 
 
 def _connect(address: str | None) -> None:
@@ -85,8 +97,8 @@ def _connect(address: str | None) -> None:
                  logging_level=logging.WARNING)
 
 
-def _adapter_files(adapter: LoraAdapter) -> list[dict]:
-    storage = open_storage(adapter.uri)
+def _adapter_files(adapter: LoraAdapter, options: StorageOptions) -> list[dict]:
+    storage = open_storage(adapter.uri, options)
     return [{"name": n, "size": storage.size(n), "sha256": sha256_of(storage, n)} for n in (CONFIG_NAME, WEIGHTS_NAME)]
 
 
@@ -99,7 +111,7 @@ def _run_tasks(plan: MergePlan, options: MergeOptions, lanes: list[Lane]) -> lis
             lane = free_lane(lanes)
             if queue and lane:
                 ref = merge_shard_task.options(**lane.options).remote(
-                    queue.pop(0), plan.base_uri, plan.adapter_uris, options.output, options.device)
+                    queue.pop(0), plan.base_uri, plan.adapter_uris, options.output, options.device, options.storage)
                 pending[ref] = lane
                 lane.running += 1
                 continue
@@ -123,12 +135,12 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     if not options.adapters:
         raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
     weights = list(options.weights) or [1.0] * len(options.adapters)
-    base_storage, output = open_storage(options.base), open_storage(options.output)
+    base_storage, output = open_storage(options.base, options.storage), open_storage(options.output, options.storage)
     base = load_base(base_storage)
-    adapters = [load_adapter(open_storage(uri)) for uri in options.adapters]
+    adapters = [load_adapter(open_storage(uri, options.storage)) for uri in options.adapters]
     plan = plan_merge(base, adapters, weights)
-    _check_output(base_storage, output, options.overwrite)
-    records = [adapter_record(a, w, _adapter_files(a)) for a, w in zip(adapters, weights)]
+    _check_output(base_storage, output, plan, options)
+    records = [adapter_record(a, w, _adapter_files(a, options.storage)) for a, w in zip(adapters, weights)]
     planned = time.perf_counter()
 
     _connect(options.ray_address)
@@ -137,12 +149,17 @@ def run_merge(options: MergeOptions) -> MergeSummary:
         _clear_output(output)
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, output.uri)
-    results = _run_tasks(plan, options, lanes)
+    try:
+        results = _run_tasks(plan, options, lanes)
+    except BaseException:
+        # Writers abort their own uploads; a worker that was killed could not.
+        output.discard_incomplete()
+        raise
     merged = time.perf_counter()
 
     timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
     cluster = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes()), "lanes": {lane.name: lane.slots for lane in lanes}}
-    manifest = ray.get(finalize_task.remote(plan, output.uri, base.extra_files, base.index_metadata, records,
+    manifest = ray.get(finalize_task.remote(plan, output.uri, options.storage, base.extra_files, base.index_metadata, records,
                                             results, timings, cluster))
     seconds = time.perf_counter() - started
     return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,

@@ -13,12 +13,11 @@ from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
 from merge_core.errors import ValidationError
 from merge_core.plan import MergePlan
 from merge_core.shard_merge import ShardResult
-from merge_core.storage import copy_object, open_storage
+from merge_core.storage import Storage, copy_object
 
 
-def check_shards(plan: MergePlan, results: Sequence[ShardResult], output_uri: str) -> None:
+def check_shards(plan: MergePlan, results: Sequence[ShardResult], output: Storage) -> None:
     """Every planned shard was reported, and storage holds exactly the bytes each worker wrote."""
-    output = open_storage(output_uri)
     reported = {r.name: r for r in results}
     for task in plan.tasks:
         result = reported.get(task.name)
@@ -39,8 +38,7 @@ def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[d
     return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, total_size
 
 
-def copy_extra_files(base_uri: str, output_uri: str, names: Sequence[str]) -> list[dict]:
-    base, output = open_storage(base_uri), open_storage(output_uri)
+def copy_extra_files(base: Storage, output: Storage, names: Sequence[str]) -> list[dict]:
     copied = []
     for name in names:
         size, sha = copy_object(base, output, name)
@@ -48,8 +46,9 @@ def copy_extra_files(base_uri: str, output_uri: str, names: Sequence[str]) -> li
     return copied
 
 
-def publish(output_uri: str, index: Mapping[str, object], manifest: Mapping[str, object]) -> None:
-    output = open_storage(output_uri)
+def publish(output: Storage, index: Mapping[str, object], manifest: Mapping[str, object]) -> None:
+    # Uploads abandoned by killed (and retried) workers would otherwise linger, and be billed.
+    output.discard_incomplete()
     output.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     try:
         output.write_bytes(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), exclusive=True)

@@ -19,7 +19,7 @@ from merge_core.adapter import WEIGHTS_NAME
 from merge_core.fuse import fuse, tensor_from_bytes, tensor_to_bytes
 from merge_core.plan import FuseTarget, ShardTask, Update
 from merge_core.shard_writer import ShardStreamWriter
-from merge_core.storage import COPY_CHUNK_BYTES, Storage, open_storage
+from merge_core.storage import COPY_CHUNK_BYTES, Storage, StorageOptions, open_storage
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ class _Timer:
 
 
 def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
-                device: str = "cpu") -> ShardResult:
+                device: str = "cpu", options: StorageOptions = StorageOptions()) -> ShardResult:
     started = time.perf_counter()
-    base, output = open_storage(base_uri), open_storage(output_uri)
-    adapters = [open_storage(u) for u in adapter_uris]
+    base, output = open_storage(base_uri, options), open_storage(output_uri, options)
+    adapters = [open_storage(u, options) for u in adapter_uris]
     header = task.shard.header
     torch_device = torch.device(device)
     timer = _Timer()

@@ -11,12 +11,19 @@ import hashlib
 import os
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Iterator
 
 from merge_core.errors import InputError
 
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
+DEFAULT_PART_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    part_size: int = DEFAULT_PART_BYTES  # multipart upload part size for object stores
 
 
 def check_plain_name(name: str, where: str) -> str:
@@ -74,6 +81,10 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    def discard_incomplete(self) -> None:
+        """Remove what writers that never committed left behind (a killed process)."""
 
     def read_bytes(self, name: str) -> bytes:
         return self.read_range(name, 0, self.size(name))
@@ -167,18 +178,17 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             pass
 
-    def remove_partials(self) -> None:
-        """Temporary files left by a writer that never committed (a killed process)."""
+    def discard_incomplete(self) -> None:
         if os.path.isdir(self.root):
             for n in os.listdir(self.root):
                 if n.startswith(".") and n.endswith(PARTIAL_SUFFIX):
                     os.unlink(os.path.join(self.root, n))
 
 
-def open_storage(uri: str) -> Storage:
+def open_storage(uri: str, options: StorageOptions = StorageOptions()) -> Storage:
     if uri.startswith("s3://"):
-        raise InputError(uri, "s3:// storage is not available in this build",
-                         "use a local path, or install a build with S3 support")
+        from merge_core.s3_storage import S3Storage  # boto3 loads only where S3 is used
+        return S3Storage(uri, options)
     if "://" in uri:
         raise InputError(uri, f"unsupported URI scheme {uri.split('://')[0]!r}",
                          "use a local path or s3://bucket/prefix")

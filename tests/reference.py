@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
 
+# Large enough (about 27 MB in bf16) that shards upload in several 5 MiB parts.
+MEDIUM = dict(hidden_size=512, intermediate_size=1024, vocab_size=8192)
+
 
 def model_class(family: str):
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
@@ -17,16 +20,17 @@ def model_class(family: str):
 
 
 def make_base(path: str, family: str = "llama", dtype: torch.dtype = torch.bfloat16,
-              max_shard_size: str = "60KB", seed: int = 0) -> str:
+              max_shard_size: str = "60KB", seed: int = 0, **sizes) -> str:
     """A real causal LM, random weights, saved by save_pretrained in several shards."""
     config_cls, model_cls = model_class(family)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**TINY)).to(dtype)
+    model = model_cls(config_cls(**(TINY | sizes))).to(dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 
-def make_adapter(path: str, family: str = "llama", seed: int = 1, b_std: float = 0.2, **lora) -> str:
+def make_adapter(path: str, family: str = "llama", seed: int = 1, b_std: float = 0.2, sizes: dict | None = None,
+                 **lora) -> str:
     """A PEFT LoRA adapter made by get_peft_model, with non-zero lora_B so the merge changes weights."""
     from peft import LoraConfig, get_peft_model
 
@@ -35,7 +39,7 @@ def make_adapter(path: str, family: str = "llama", seed: int = 1, b_std: float =
     lora.setdefault("r", 8)
     lora.setdefault("lora_alpha", 16)
     lora.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    peft_model = get_peft_model(model_cls(config_cls(**TINY)), LoraConfig(**lora))
+    peft_model = get_peft_model(model_cls(config_cls(**(TINY | (sizes or {})))), LoraConfig(**lora))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -34,7 +34,8 @@ def models(tmp_path_factory) -> Models:
 
 
 @pytest.fixture(scope="session")
-def two_node_cluster():
+def two_node_cluster(s3):
+    """Depends on the S3 server so that its nodes (and their workers) inherit the AWS settings."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES})

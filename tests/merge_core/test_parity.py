@@ -24,8 +24,8 @@ def merge_without_ray(base: str, adapters: list[str], out: str) -> dict[str, tor
     for task in plan.tasks:
         merge_shard(task, base, adapters, out)
     assert sorted(os.listdir(out)) == sorted(t.name for t in plan.tasks), "only finished shards, no temp files"
-    copy_extra_files(base, out, checkpoint.extra_files)
-    publish(out, build_index(plan, checkpoint.index_metadata)[0], {})
+    copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files)
+    publish(open_storage(out), build_index(plan, checkpoint.index_metadata)[0], {})
     return load_checkpoint(out)
 
 

@@ -1,0 +1,212 @@
+"""The s3:// backend (boto3): ranged GETs in, multipart uploads out, conditional create for the index.
+
+Settings come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_REGION). With an endpoint set (an S3-compatible
+store) addressing is path-style, and checksums are only sent where the API requires them,
+which every S3-compatible store accepts. Messages name buckets and keys, never credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+from merge_core.errors import InputError, TransientStorageError
+from merge_core.storage import ObjectWriter, Storage, StorageOptions, check_plain_name
+
+MIN_PART_BYTES = 5 * 1024 * 1024  # S3's own floor for every part but the last
+MAX_PARTS = 10_000
+RETRY_ATTEMPTS = 10  # botocore's standard mode backs off between them: enough for a busy store
+UPLOADS_IN_FLIGHT = 2  # parts uploading while the next one fills: bounds memory to 3 parts
+NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+DENIED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+PRECONDITION = ("412", "PreconditionFailed", "ConditionalRequestConflict")
+T = TypeVar("T")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InputError(uri, "has no bucket", "write it as s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def make_client():
+    config = Config(
+        retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+        s3={"addressing_style": "path"} if _endpoint() else {},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=32,
+        connect_timeout=10,
+        read_timeout=120,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Storage(Storage):
+    def __init__(self, uri: str, options: StorageOptions):
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.options = options
+        self.client = make_client()
+
+    def _key(self, name: str) -> str:
+        check_plain_name(name, self.uri)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def call(self, what: str, fn: Callable[..., T], **kwargs) -> T:
+        """One S3 request with botocore's retries; failures become our error kinds."""
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in NOT_FOUND:
+                raise FileNotFoundError(f"{self.uri}: {what}") from None
+            if code == "NoSuchBucket":
+                raise InputError(f"s3://{self.bucket}", "bucket does not exist",
+                                 "create the bucket or fix the URI") from None
+            if code in DENIED:
+                raise InputError(f"{self.uri} ({what})", f"access denied ({code})",
+                                 "check the AWS credentials and the bucket policy") from None
+            if code in PRECONDITION:
+                raise FileExistsError(f"{self.uri}: {what}") from None
+            raise TransientStorageError(f"{self.uri}: {what}: {code}: {exc.response['Error'].get('Message', '')}") \
+                from None
+        except (BotoConnectionError, BotoCoreError) as exc:
+            raise TransientStorageError(f"{self.uri}: {what}: {type(exc).__name__}: {exc}") from None
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.size(name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def size(self, name: str) -> int:
+        key = self._key(name)
+        return self.call(f"HEAD {key}", self.client.head_object, Key=key)["ContentLength"]
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        key = self._key(name)
+        what = f"GET {key} bytes {offset}-{offset + length - 1}"
+        response = self.call(what, self.client.get_object, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
+        try:
+            data = response["Body"].read()
+        except (BotoCoreError, OSError) as exc:
+            raise TransientStorageError(f"{self.uri}: {what}: {type(exc).__name__}: {exc}") from None
+        if len(data) != length:
+            raise InputError(self.describe(name), f"expected {length} bytes at offset {offset}, got {len(data)}",
+                             "the object changed or was truncated while being read; restore it and re-run")
+        return data
+
+    def list_names(self) -> list[str]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        names = []
+        token: dict = {}
+        while True:
+            page = self.call(f"LIST {prefix}", self.client.list_objects_v2, Prefix=prefix, Delimiter="/", **token)
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(n for n in names if n)
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def open_writer(self, name: str) -> ObjectWriter:
+        return _MultipartWriter(self, self._key(name))
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        self.call(f"DELETE {key}", self.client.delete_object, Key=key)
+
+    def open_uploads(self) -> list[tuple[str, str]]:
+        """(key, upload id) of multipart uploads under the prefix, neither completed nor aborted."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        page = self.call(f"LIST uploads {prefix}", self.client.list_multipart_uploads, Prefix=prefix)
+        return [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+
+    def discard_incomplete(self) -> None:
+        for key, upload_id in self.open_uploads():
+            self.call(f"ABORT upload {key}", self.client.abort_multipart_upload, Key=key, UploadId=upload_id)
+
+
+class _MultipartWriter(ObjectWriter):
+    """Bytes are cut into parts of options.part_size and uploaded while the next part fills.
+    An object smaller than one part is sent as one PUT. Nothing is visible until commit, and
+    abort() removes the upload so that no parts are left dangling (and billed)."""
+
+    def __init__(self, storage: S3Storage, key: str):
+        self._s3, self._key = storage, key
+        self._part_size = storage.options.part_size
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._part_size:
+            part = bytes(self._buffer[:self._part_size])
+            del self._buffer[:self._part_size]
+            self._send_part(part)
+
+    def _send_part(self, data: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._s3.call(f"CREATE upload {self._key}", self._s3.client.create_multipart_upload,
+                                            Key=self._key)["UploadId"]
+            self._pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT)
+        number = len(self._parts) + 1
+        if number > MAX_PARTS:
+            raise InputError(self._s3.uri, f"{self._key} needs more than {MAX_PARTS} parts",
+                             "raise --part-size-mb")
+        # Backpressure: wait for the oldest in-flight part before queueing another.
+        if len(self._parts) >= UPLOADS_IN_FLIGHT:
+            self._parts[-UPLOADS_IN_FLIGHT].result()
+        self._parts.append(self._pool.submit(self._upload_part, number, data))
+
+    def _upload_part(self, number: int, data: bytes) -> dict:
+        response = self._s3.call(f"PUT part {number} of {self._key}", self._s3.client.upload_part, Key=self._key,
+                                 UploadId=self._upload_id, PartNumber=number, Body=data)
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def commit(self, exclusive: bool = False) -> None:
+        condition = {"IfNoneMatch": "*"} if exclusive else {}
+        if self._upload_id is None:
+            self._s3.call(f"PUT {self._key}", self._s3.client.put_object, Key=self._key, Body=bytes(self._buffer),
+                          **condition)
+        else:
+            if self._buffer:
+                self._send_part(bytes(self._buffer))
+            parts = [f.result() for f in self._parts]
+            self._s3.call(f"COMPLETE upload {self._key}", self._s3.client.complete_multipart_upload, Key=self._key,
+                          UploadId=self._upload_id, MultipartUpload={"Parts": parts}, **condition)
+            self._pool.shutdown()
+        self._buffer.clear()
+        self._done = True
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._buffer.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._upload_id is not None:
+            self._s3.call(f"ABORT upload {self._key}", self._s3.client.abort_multipart_upload, Key=self._key,
+                          UploadId=self._upload_id)

@@ -1,0 +1,83 @@
+"""The s3:// backend against a real S3 server: ranged reads, multipart writes, aborts, conditional create."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from merge_core.adapter import load_adapter
+from merge_core.checkpoint import load_base
+from merge_core.errors import InputError
+from merge_core.plan import plan_merge
+from merge_core.s3_storage import MIN_PART_BYTES
+from merge_core.shard_merge import merge_shard
+from merge_core.storage import StorageOptions, open_storage
+from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
+from tests.reference import MEDIUM, make_adapter, make_base
+
+SMALL_PARTS = StorageOptions(part_size=MIN_PART_BYTES)
+
+
+def test_ranged_reads_listing_and_single_put(s3):
+    storage = open_storage(f"s3://{BUCKET}/basic", SMALL_PARTS)
+    storage.write_bytes("a.bin", bytes(range(256)) * 4)
+    assert storage.size("a.bin") == 1024 and storage.exists("a.bin") and not storage.exists("b.bin")
+    assert storage.read_range("a.bin", 250, 10) == bytes([250, 251, 252, 253, 254, 255, 0, 1, 2, 3])
+    assert storage.list_names() == ["a.bin"]
+    with pytest.raises(FileNotFoundError):
+        storage.size("missing.bin")
+    assert open_uploads(s3, "basic") == []
+
+
+def test_multipart_upload_in_several_parts(s3):
+    storage = open_storage(f"s3://{BUCKET}/multi", SMALL_PARTS)
+    payload = os.urandom(3 * MIN_PART_BYTES + 12345)
+    with storage.open_writer("big.bin") as writer:
+        for start in range(0, len(payload), 1_000_000):
+            writer.write(payload[start:start + 1_000_000])
+        assert open_uploads(s3, "multi") == ["multi/big.bin"], "parts go up while the object is written"
+        assert list_keys(s3, "multi") == [], "nothing is visible before commit"
+        writer.commit()
+    head = s3.client().head_object(Bucket=BUCKET, Key="multi/big.bin")
+    assert head["ContentLength"] == len(payload) and head["ETag"].strip('"').endswith("-4")
+    assert storage.read_range("big.bin", MIN_PART_BYTES - 5, 10) == payload[MIN_PART_BYTES - 5:MIN_PART_BYTES + 5]
+    assert open_uploads(s3, "multi") == []
+
+
+def test_abort_leaves_no_upload_and_no_object(s3):
+    storage = open_storage(f"s3://{BUCKET}/aborted", SMALL_PARTS)
+    with pytest.raises(RuntimeError):
+        with storage.open_writer("x.bin") as writer:
+            writer.write(os.urandom(2 * MIN_PART_BYTES + 1))
+            raise RuntimeError("worker failed")
+    assert open_uploads(s3, "aborted") == [] and list_keys(s3, "aborted") == []
+
+
+def test_exclusive_create_refuses_an_existing_object(s3):
+    storage = open_storage(f"s3://{BUCKET}/exclusive")
+    storage.write_bytes("index.json", b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        storage.write_bytes("index.json", b"second", exclusive=True)
+    assert storage.read_bytes("index.json") == b"first"
+
+
+def test_unknown_bucket_is_bad_input(s3):
+    with pytest.raises(InputError, match="s3://no-such-bucket: bucket does not exist"):
+        open_storage("s3://no-such-bucket/x").list_names()
+
+
+def test_failure_in_the_middle_of_a_shard_upload_aborts_it(s3, tmp_path):
+    """The base shard is cut short after planning: the worker fails after uploading parts."""
+    base = make_base(str(tmp_path / "base"), max_shard_size="50MB", **MEDIUM)
+    adapter = make_adapter(str(tmp_path / "adapter"), sizes=MEDIUM)
+    base_uri = upload_dir(s3, base, "cut/base")
+    plan = plan_merge(load_base(open_storage(base_uri)), [load_adapter(open_storage(adapter))], [1.0])
+    (task,) = plan.tasks
+    assert task.shard.size > 4 * MIN_PART_BYTES
+    cut = open(os.path.join(base, "model.safetensors"), "rb").read()[:3 * MIN_PART_BYTES]
+    s3.client().put_object(Bucket=BUCKET, Key="cut/base/model.safetensors", Body=cut)
+
+    with pytest.raises(InputError, match="the object changed or was truncated while being read"):
+        merge_shard(task, base_uri, [adapter], f"s3://{BUCKET}/cut/out", "cpu", SMALL_PARTS)
+    assert open_uploads(s3, "cut/out") == [] and list_keys(s3, "cut/out") == []
