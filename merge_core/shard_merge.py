@@ -1,8 +1,10 @@
 """Merge one base shard: stream it from storage, fuse the planned tensors, stream the result out.
 
 This is the whole of a worker's job, with no scheduler in sight: the Ray task in jobs/ only
-calls merge_shard(). The worker never holds more than one fused tensor (plus its adapter
-factors) or one copy chunk; untouched tensors are copied byte for byte in chunks.
+calls merge_shard(). Reads run ahead on a thread pool (prefetch), uploads run behind on the
+writer's, and this thread fuses and hashes in between. The worker holds a bounded window of
+read-ahead bytes plus one fused tensor's working set, never the whole shard; untouched
+tensors are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 
 from merge_core.adapter import WEIGHTS_NAME
 from merge_core.fuse import fuse, tensor_from_bytes, tensor_to_bytes
-from merge_core.plan import FuseTarget, ShardTask, Update
+from merge_core.plan import FuseTarget, ShardTask
+from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.shard_writer import ShardStreamWriter
-from merge_core.storage import COPY_CHUNK_BYTES, Storage, StorageOptions, open_storage
+from merge_core.storage import Storage, StorageOptions, open_storage
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class ShardResult:
     base_sha256: str
     tensors: int
     fused: int
-    read_seconds: float
+    read_wait_seconds: float  # time spent waiting for reads the read-ahead had not finished
     fuse_seconds: float
     write_seconds: float
     seconds: float
@@ -39,43 +42,60 @@ class ShardResult:
     node: str
 
 
-@dataclass(frozen=True)
-class _Copy:
-    start: int  # data-relative byte range of consecutive untouched tensors
-    end: int
+_HEADER, _COPY = "header", "copy"
 
 
-def _segments(task: ShardTask) -> Iterator[_Copy | FuseTarget]:
-    """The shard in file order: runs of untouched tensors coalesced into one copy each."""
+def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Iterator[Item[FuseTarget | str]]:
+    """The shard in file order: the header; runs of untouched tensors, in chunks; each tensor to
+    fuse, with its adapter factors. Every base byte is read exactly once, in order, so the
+    base's sha256 comes for free."""
+    header = task.shard.header
+    yield Item(_HEADER, (Read(base, task.name, 0, header.data_start),))
     targets = {t.tensor: t for t in task.targets}
-    run: _Copy | None = None
-    for info in task.shard.header.tensors:
+    run_start = None
+    for info in header.tensors:
         target = targets.get(info.name)
         if target is None:
-            run = _Copy(run.start if run else info.start, info.end)
+            run_start = info.start if run_start is None else run_start
             continue
-        if run:
-            yield run
-            run = None
-        yield target
-    if run:
-        yield run
+        if run_start is not None:
+            yield from _copy_items(base, task.name, header.data_start + run_start, info.start - run_start)
+            run_start = None
+        factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
+                        for u in target.updates for f in (u.a, u.b))
+        yield Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))
+    if run_start is not None:
+        end = header.tensors[-1].end
+        yield from _copy_items(base, task.name, header.data_start + run_start, end - run_start)
 
 
-def _read_factor(storage: Storage, update: Update, side: str) -> torch.Tensor:
-    info = update.a if side == "A" else update.b
-    data = storage.read_range(WEIGHTS_NAME, update.data_start + info.start, info.nbytes)
-    return tensor_from_bytes(data, info.dtype, info.shape)
+def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[Item[str]]:
+    for start in range(offset, offset + length, DEFAULT_CHUNK_BYTES):
+        yield Item(_COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
-class _Timer:
+def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.device) -> memoryview:
+    info = task.shard.header.tensor(target.tensor)
+    weight = tensor_from_bytes(data[0], info.dtype, info.shape).to(device)
+    factors = []
+    for index, update in enumerate(target.updates):
+        a_bytes, b_bytes = data[1 + 2 * index], data[2 + 2 * index]
+        factors.append((tensor_from_bytes(a_bytes, update.a.dtype, update.a.shape).to(device),
+                        tensor_from_bytes(b_bytes, update.b.dtype, update.b.shape).to(device), update.scale))
+    return tensor_to_bytes(fuse(weight, factors))
+
+
+class _Laps:
+    """Wall time split into buckets: each lap() charges the time since the previous one."""
+
     def __init__(self) -> None:
-        self.read = self.fuse = self.write = 0.0
+        self.seconds = {"wait": 0.0, "fuse": 0.0, "write": 0.0}
+        self._mark = time.perf_counter()
 
-    def add(self, field: str, since: float) -> float:
+    def lap(self, bucket: str) -> None:
         now = time.perf_counter()
-        setattr(self, field, getattr(self, field) + now - since)
-        return now
+        self.seconds[bucket] += now - self._mark
+        self._mark = now
 
 
 def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
@@ -85,44 +105,33 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
     adapters = [open_storage(u, options) for u in adapter_uris]
     header = task.shard.header
     torch_device = torch.device(device)
-    timer = _Timer()
     base_sha = hashlib.sha256()
+    hasher = Behind("hash-base")
 
-    t = time.perf_counter()
-    base_sha.update(base.read_range(task.name, 0, header.data_start))
-    t = timer.add("read", t)
     stream = ShardStreamWriter(output.open_writer(task.name),
                                [(i.name, i.dtype, i.shape) for i in header.tensors], header.metadata)
     try:
         if [(i.start, i.end) for i in stream.layout] != [(i.start, i.end) for i in header.tensors]:
             raise RuntimeError(f"{task.name}: output layout differs from the base layout")
-        t = timer.add("write", t)
-        for segment in _segments(task):
-            if isinstance(segment, _Copy):
-                for chunk in base.iter_range(task.name, header.data_start + segment.start,
-                                             segment.end - segment.start, COPY_CHUNK_BYTES):
-                    base_sha.update(chunk)
-                    t = timer.add("read", t)
-                    stream.write_data(chunk)
-                    t = timer.add("write", t)
-                continue
-            info = header.tensor(segment.tensor)
-            raw = base.read_range(task.name, header.data_start + info.start, info.nbytes)
-            base_sha.update(raw)
-            factors = [(_read_factor(adapters[u.adapter], u, "A"), _read_factor(adapters[u.adapter], u, "B"), u.scale)
-                       for u in segment.updates]
-            t = timer.add("read", t)
-            weight = tensor_from_bytes(raw, info.dtype, info.shape).to(torch_device)
-            merged = tensor_to_bytes(fuse(weight, [(a.to(torch_device), b.to(torch_device), s)
-                                                   for a, b, s in factors]))
-            t = timer.add("fuse", t)
-            stream.write_tensor(info, merged)
-            t = timer.add("write", t)
+        laps = _Laps()
+        for tag, data in read_ahead(list(_items(task, base, adapters))):
+            laps.lap("wait")
+            hasher.submit(base_sha.update, data[0])
+            if isinstance(tag, FuseTarget):
+                merged = _fuse_target(task, tag, data, torch_device)
+                laps.lap("fuse")
+                stream.write_tensor(header.tensor(tag.tensor), merged)
+            elif tag is _COPY:
+                stream.write_data(data[0])
+            laps.lap("write")  # the base's own header is only hashed: the output has its own
         size, sha = stream.commit()
-        timer.add("write", t)
+        hasher.drain()
+        laps.lap("write")
     except BaseException:
         stream.abort()
         raise
+    finally:
+        hasher.close()
     return ShardResult(task.name, size, sha, base_sha.hexdigest(), len(header.tensors), len(task.targets),
-                       timer.read, timer.fuse, timer.write, time.perf_counter() - started, str(torch_device),
-                       socket.gethostname())
+                       laps.seconds["wait"], laps.seconds["fuse"], laps.seconds["write"],
+                       time.perf_counter() - started, str(torch_device), socket.gethostname())

@@ -1,8 +1,9 @@
 """A safetensors file written as a stream: header first, then each tensor's bytes in order.
 
 The layout is fixed up front from the tensors' dtypes and shapes, so nothing is buffered or
-rewritten; the writer checks that exactly the promised bytes arrive, hashes them on the way,
-and publishes the file only when every tensor is complete.
+rewritten; the writer checks that exactly the promised bytes arrive, hashes and writes them on
+a thread of its own (behind the caller), and publishes the file only when every tensor is
+complete.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Mapping, Sequence
 
+from merge_core.pipeline import Behind
 from merge_core.safetensors_format import TensorInfo, encode_header
 from merge_core.storage import ObjectWriter
 
@@ -19,6 +21,7 @@ class ShardStreamWriter:
                  metadata: Mapping[str, str] | None):
         header, self.layout = encode_header(tensors, metadata)
         self._writer = writer
+        self._behind = Behind("write")
         self._sha = hashlib.sha256()
         self._size = 0
         self._data_written = 0  # bytes of tensor data so far
@@ -26,9 +29,12 @@ class ShardStreamWriter:
         self.data_start = len(header)
 
     def _emit(self, data: bytes | memoryview) -> None:
+        self._behind.submit(self._write_and_hash, data)
+        self._size += len(data)
+
+    def _write_and_hash(self, data: bytes | memoryview) -> None:
         self._writer.write(data)
         self._sha.update(data)
-        self._size += len(data)
 
     def write_data(self, data: bytes | memoryview) -> None:
         """Raw tensor bytes, continuing where the previous call stopped (may span tensors)."""
@@ -50,8 +56,11 @@ class ShardStreamWriter:
         end = self.layout[-1].end if self.layout else 0
         if self._data_written != end:
             raise RuntimeError(f"shard incomplete: {self._data_written} of {end} data bytes written")
+        self._behind.drain()
+        self._behind.close()
         self._writer.commit()
         return self._size, self._sha.hexdigest()
 
     def abort(self) -> None:
+        self._behind.close()
         self._writer.abort()

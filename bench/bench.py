@@ -1,0 +1,152 @@
+"""Side-by-side benchmark: lora-merge against PEFT and a plain copy of the same checkpoint.
+
+    .venv/bin/python -m bench.bench                      # ~4.5 GB Llama-shaped bf16, local disk
+    .venv/bin/python -m bench.bench --size-gb 1 --rounds 3
+    .venv/bin/python -m bench.bench --storage s3         # S3→S3 on a local SeaweedFS, vs boto3 copy
+
+Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
+`sync`, so every method pays for getting its bytes to disk. Reported: median wall time, peak
+memory (PSS) of the whole process tree, throughput in GB/s of checkpoint bytes, and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+
+from bench.checkpoint import build
+from bench.proctree import Measured, measure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV_BIN = os.path.dirname(sys.executable)
+
+PEFT_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out, device = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.save_pretrained(out, max_shard_size="1GB")
+"""
+
+BOTO3_COPY_SCRIPT = """
+import os, sys, tempfile, boto3
+from botocore.config import Config
+src, dst = sys.argv[1:3]
+client = boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+def split(uri):
+    bucket, _, prefix = uri[5:].partition("/")
+    return bucket, prefix.strip("/")
+(sb, sp), (db, dp) = split(src), split(dst)
+keys = [o["Key"] for o in client.list_objects_v2(Bucket=sb, Prefix=sp + "/")["Contents"]]
+with tempfile.TemporaryDirectory() as tmp:
+    for key in keys:
+        local = os.path.join(tmp, os.path.basename(key))
+        client.download_file(sb, key, local)
+        client.upload_file(local, db, dp + "/" + os.path.basename(key))
+        os.unlink(local)
+"""
+
+
+def _sh(command: list[str]) -> list[str]:
+    return ["sh", "-c", " ".join(f"'{c}'" for c in command) + " && sync"]
+
+
+def methods(args, base: str, adapter: str, out: str) -> dict[str, list[str]]:
+    lora_merge = [os.path.join(VENV_BIN, "lora-merge"), "merge", "--base", base, "--adapter", adapter,
+                  "--output", out, "--device", args.device]
+    if args.storage == "s3":
+        return {"boto3 copy": [sys.executable, "-c", BOTO3_COPY_SCRIPT, base, out],
+                "lora-merge": lora_merge + ["--overwrite"]}
+    return {"copy (cp -r)": _sh(["cp", "-r", base, out]),
+            "PEFT": _sh([sys.executable, "-c", PEFT_SCRIPT, base, adapter, out, args.device]),
+            "lora-merge": _sh(lora_merge)}
+
+
+def clear(out: str, storage: str) -> None:
+    if storage == "s3":
+        from merge_core.storage import open_storage
+        output = open_storage(out)
+        for name in output.list_names():
+            output.delete(name)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def checkpoint_bytes(base: str) -> int:
+    return sum(os.path.getsize(os.path.join(base, n)) for n in os.listdir(base) if n.endswith(".safetensors"))
+
+
+def table(results: dict[str, list[Measured]], nbytes: int, reference: str) -> str:
+    rows = []
+    med = {name: statistics.median(m.seconds for m in runs) for name, runs in results.items()}
+    peak = {name: statistics.median(m.peak_bytes for m in runs) for name, runs in results.items()}
+    rows.append(f"| method | median wall s | peak memory GB | GB/s | wall vs lora-merge | memory vs lora-merge |")
+    rows.append("|---|---:|---:|---:|---:|---:|")
+    for name in results:
+        rows.append(f"| {name} | {med[name]:.1f} | {peak[name] / 1e9:.2f} | {nbytes / med[name] / 1e9:.2f} | "
+                    f"{med['lora-merge'] / med[name]:.2f}x | {peak['lora-merge'] / peak[name]:.2f}x |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gb", type=float, default=4.5)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--shard-gb", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--storage", default="local", choices=("local", "s3"))
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-merge-bench"))
+    parser.add_argument("--json", help="also write the raw measurements here")
+    args = parser.parse_args(argv)
+
+    base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
+                          hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
+    nbytes = checkpoint_bytes(base)
+    server = None
+    out = os.path.join(args.workdir, "out")
+    if args.storage == "s3":
+        from infra import s3_server
+        from tests.conftest import BUCKET, upload_dir
+        server = s3_server.start(os.path.join(args.workdir, "s3"))
+        os.environ.update(server.env())
+        server.create_bucket(BUCKET)
+        base, adapter = upload_dir(server, base, "bench/base"), upload_dir(server, adapter, "bench/adapter")
+        out = f"s3://{BUCKET}/bench/out"
+    try:
+        results: dict[str, list[Measured]] = {}
+        for round_number in range(args.rounds):
+            for name, command in methods(args, base, adapter, out).items():
+                clear(out, args.storage)
+                measured = measure(command)
+                if measured.returncode != 0:
+                    print(measured.output[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{name} failed with exit {measured.returncode}")
+                results.setdefault(name, []).append(measured)
+                print(f"round {round_number + 1}: {name}: {measured.seconds:.1f} s, "
+                      f"peak {measured.peak_bytes / 1e9:.2f} GB", file=sys.stderr)
+        clear(out, args.storage)
+    finally:
+        if server:
+            s3_server.stop(server)
+    print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16, hidden {args.hidden}, {args.shard_gb:g} GB shards, "
+          f"LoRA r=16 on every linear layer; storage {args.storage}; device {args.device}; "
+          f"{args.rounds} rounds; machine: {platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
+    print(table(results, nbytes, "lora-merge"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: [vars(m) | {"output": ""} for m in v] for k, v in results.items()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

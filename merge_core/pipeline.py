@@ -1,0 +1,140 @@
+"""The worker's pipeline: reads run ahead of the fuse, hashing and writing run behind it.
+
+Read ahead: byte ranges fetched several at a time, handed over in order, memory bounded.
+A shard is consumed in file order, but object stores give their bandwidth to many requests in
+flight, not to one long one. Each item (a run of untouched tensors, or a tensor to fuse with
+its adapter factors) is cut into ranged reads of at most `chunk` bytes; reads are issued ahead
+of the consumer until `ahead_bytes` are outstanding, so while one tensor is fused or written
+the next ones are already arriving.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
+
+from merge_core.storage import Storage
+
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+DEFAULT_AHEAD_BYTES = 128 * 1024 * 1024
+DEFAULT_THREADS = 6
+
+Tag = TypeVar("Tag")
+
+
+@dataclass(frozen=True)
+class Read:
+    storage: Storage
+    name: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Item(Generic[Tag]):
+    tag: Tag  # what the consumer needs to know about this item
+    reads: tuple[Read, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.length for r in self.reads)
+
+
+class _Pending:
+    def __init__(self, item: Item, parts: list[list[Future]]):
+        self.item = item
+        self.parts = parts  # per read, the futures of its chunks
+
+    def result(self) -> list[bytes | bytearray]:
+        out: list[bytes | bytearray] = []
+        for futures in self.parts:
+            if len(futures) == 1:
+                out.append(futures[0].result())
+                continue
+            buffer = bytearray()
+            for future in futures:
+                buffer += future.result()
+            out.append(buffer)
+        return out
+
+
+def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahead_bytes: int = DEFAULT_AHEAD_BYTES,
+               threads: int = DEFAULT_THREADS) -> Iterator[tuple[Tag, list[bytes | bytearray]]]:
+    """Yield (tag, [bytes of each read]) for every item, in order.
+
+    At least one item is always in flight, so an item larger than `ahead_bytes` still goes.
+    """
+    with ThreadPoolExecutor(threads, thread_name_prefix="read-ahead") as pool:
+        window: deque[_Pending] = deque()
+        in_flight = 0
+        upcoming = iter(items)
+        next_item = next(upcoming, None)
+        try:
+            while window or next_item is not None:
+                while next_item is not None and (not window or in_flight + next_item.nbytes <= ahead_bytes):
+                    parts = [[pool.submit(r.storage.read_range, r.name, start, min(chunk, r.offset + r.length - start))
+                              for start in range(r.offset, r.offset + r.length, chunk)] or
+                             [pool.submit(lambda: b"")] for r in next_item.reads]
+                    window.append(_Pending(next_item, parts))
+                    in_flight += next_item.nbytes
+                    next_item = next(upcoming, None)
+                pending = window.popleft()
+                data = pending.result()
+                in_flight -= pending.item.nbytes
+                yield pending.item.tag, data
+        finally:
+            for pending in window:
+                for futures in pending.parts:
+                    for future in futures:
+                        future.cancel()
+
+
+class Behind:
+    """Runs calls one at a time, in submission order, on a thread of its own.
+
+    hashlib and file writes release the GIL, so hashing and writing proceed while the caller
+    reads and fuses the next tensor. At most `max_bytes` of submitted data wait at once (but
+    always at least one call), which bounds the memory it holds. After a failure the calls
+    still queued are skipped, and the next submit() or drain() raises it.
+    """
+
+    def __init__(self, name: str, max_bytes: int = DEFAULT_AHEAD_BYTES):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._max = max_bytes
+        self._queued = 0
+        self._room = threading.Condition()
+        self._last: Future | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview) -> None:
+        size = len(data)
+        with self._room:
+            self._room.wait_for(lambda: self._queued == 0 or self._queued + size <= self._max)
+            self._queued += size
+        if self._error is not None:
+            raise self._error
+        self._last = self._pool.submit(self._run, fn, data, size)
+
+    def _run(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview, size: int) -> None:
+        try:
+            if self._error is None:
+                fn(data)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            with self._room:
+                self._queued -= size
+                self._room.notify_all()
+
+    def drain(self) -> None:
+        """Wait for every call (they run in order: the last one finishing means all did)."""
+        if self._last is not None:
+            self._last.result()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
