@@ -14,14 +14,23 @@ from merge_core.manifest import tool_version
 from merge_core.storage import DEFAULT_PART_BYTES, StorageOptions
 
 EXIT_OK, EXIT_INPUT, EXIT_RUNTIME, EXIT_VALIDATION = 0, 2, 3, 4
+EXIT_CODES = """exit codes: 0 done; 2 bad input (one line naming the file or tensor and the fix; nothing
+written); 3 runtime failure after retries (no index written); 4 validation failed (no index
+written; the problems are listed)"""
 
-MERGE_EXAMPLES = """examples:
+EXAMPLES = {
+    "merge": """examples:
   lora-merge merge --base ./Llama-3.1-8B --adapter ./my-lora --output ./merged
+  lora-merge merge --base s3://models/llama --adapter s3://loras/a --output s3://models/llama-a
   lora-merge merge --base ./base --adapter ./a --adapter ./b --weight 0.7 --weight 0.3 --output ./merged
-  lora-merge merge --base ./base --adapter ./a --output ./merged --overwrite --ray-address auto
-
-exit codes: 0 merged, 2 bad input (nothing written), 3 runtime failure after retries
-(no index written), 4 the merged output failed validation (no index written)"""
+  lora-merge merge --base ./base --adapter ./a --output ./merged --overwrite --ray-address auto""",
+    "verify": """examples:
+  lora-merge verify --base ./Llama-3.1-8B --adapter ./my-lora --merged ./merged
+  lora-merge verify --base s3://models/llama --adapter s3://loras/a --merged s3://models/llama-a""",
+    "plan": """examples:
+  lora-merge plan --base ./Llama-3.1-8B --adapter ./my-lora
+  lora-merge plan --base s3://models/llama-405b --adapter s3://loras/a --json""",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,53 +38,108 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="URI",
+                        help="base checkpoint: a directory or s3://bucket/prefix holding model.safetensors or "
+                             "model.safetensors.index.json with its shards")
+    parser.add_argument("--adapter", required=True, action="append", metavar="URI", dest="adapters",
+                        help="PEFT adapter directory or prefix; repeat to merge several")
+    parser.add_argument("--weight", action="append", type=float, metavar="W", dest="weights", default=[],
+                        help="weight of the adapter in the same position (default 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to fuse: cuda needs GPUs in the cluster; auto uses them when present")
+    parser.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_BYTES // 2**20, metavar="MB",
+                        help="multipart upload part size for s3:// output (default %(default)s, at least 5)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-merge", description="Merge LoRA adapters into a large checkpoint, shard by shard, "
-                     "on a Ray cluster.")
+                     "on a Ray cluster.", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lora-merge {tool_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    merge = commands.add_parser("merge", help="fuse adapters into a base checkpoint and publish the result",
-                                epilog=MERGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    merge.add_argument("--base", required=True, metavar="URI",
-                       help="base checkpoint directory (model.safetensors or an index with shards)")
-    merge.add_argument("--adapter", required=True, action="append", metavar="URI", dest="adapters",
-                       help="PEFT adapter directory; repeat to merge several")
-    merge.add_argument("--weight", action="append", type=float, metavar="W", dest="weights", default=[],
-                       help="weight of the adapter in the same position (default 1)")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary, epilog=f"{EXAMPLES[name]}\n\n{EXIT_CODES}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        _inputs(sub)
+        return sub
+
+    merge = command("merge", "fuse adapters into a base checkpoint and publish the result")
     merge.add_argument("--output", required=True, metavar="URI", help="where to write the merged checkpoint")
-    merge.add_argument("--overwrite", action="store_true", help="replace a model already at --output")
-    merge.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where to fuse: cuda needs GPUs in the cluster; auto uses them when present")
+    merge.add_argument("--overwrite", action="store_true", help="replace whatever is at --output")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="publish even if fusing produced NaN/Inf values the base did not have")
+    merge.add_argument("--no-validate", dest="validate", action="store_false",
+                       help="skip the read-back of shards and the checks before the index is written")
     merge.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
-    merge.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_BYTES // 2**20, metavar="MB",
-                       help="multipart upload part size for s3:// output (default %(default)s, at least 5)")
     merge.add_argument("--report", metavar="FILE", help="also write the run's summary as JSON to FILE")
-    merge.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+    verify = command("verify", "re-check a merged model against its base and adapters, byte for byte")
+    verify.add_argument("--merged", required=True, metavar="URI", help="the merged model to check")
+    verify.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    verify.add_argument("--report", metavar="FILE", help="also write the result as JSON to FILE")
+
+    plan = command("plan", "show what a merge would read, fuse and write; reads headers only, writes nothing")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
-def _summary_lines(summary) -> list[str]:
-    return [
-        f"merged {summary.fused_tensors} tensors in {summary.shards} shards into {summary.output}",
-        f"wrote {summary.bytes_written / 1e9:.2f} GB in {summary.seconds:.1f} s "
-        f"({summary.gb_per_second:.2f} GB/s) on {len(summary.nodes)} node(s), device {summary.device}",
-    ]
+def _write_report(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
 
 
-def _merge(args: argparse.Namespace) -> int:
+def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
     from jobs.driver import MergeOptions, run_merge  # imports Ray: only for commands that need it
+    from jobs.progress import summary_table
 
-    summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, output=args.output,
-                                     weights=args.weights, overwrite=args.overwrite, device=args.device,
-                                     ray_address=args.ray_address,
-                                     storage=StorageOptions(part_size=args.part_size_mb * 2**20)))
-    print("\n".join(_summary_lines(summary)))
-    if args.report:
-        report = {k: v for k, v in vars(summary).items() if k != "manifest"}
-        report["gb_per_second"] = summary.gb_per_second
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
+    summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, weights=args.weights,
+                                     device=args.device, ray_address=args.ray_address, storage=storage,
+                                     output=args.output, overwrite=args.overwrite,
+                                     allow_nonfinite=args.allow_nonfinite, validate=args.validate))
+    print(summary_table([
+        ("output", summary.output),
+        ("shards", f"{summary.shards} ({summary.tensors} tensors)"),
+        ("fused tensors", str(summary.fused_tensors)),
+        ("read", f"{summary.bytes_read / 1e9:.3f} GB"),
+        ("written", f"{summary.bytes_written / 1e9:.3f} GB"),
+        ("wall time", f"{summary.seconds:.1f} s ({summary.gb_per_second:.2f} GB/s written)"),
+        ("nodes", f"{len(summary.nodes)}, device {summary.device}"),
+        ("retries", str(summary.retries)),
+        ("validated", "yes: headers, index, sha256 read-back, NaN/Inf, float64 spot check"
+         if summary.validated else "no (--no-validate)"),
+    ]))
+    report = {k: v for k, v in vars(summary).items() if k != "manifest"}
+    _write_report(args.report, report | {"gb_per_second": summary.gb_per_second,
+                                         "timings": summary.manifest.get("timings", {})})
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace, storage: StorageOptions) -> int:
+    from jobs.verify_job import VerifyOptions, run_verify
+
+    summary = run_verify(VerifyOptions(base=args.base, adapters=args.adapters, weights=args.weights,
+                                       device=args.device, ray_address=args.ray_address, storage=storage,
+                                       merged=args.merged))
+    print(f"verified {summary.merged}: {summary.shards} shards, {summary.tensors_checked} tensors, "
+          f"{summary.bytes_checked / 1e9:.3f} GB re-read; no problems")
+    _write_report(args.report, vars(summary))
+    return EXIT_OK
+
+
+def _plan(args: argparse.Namespace, storage: StorageOptions) -> int:
+    from jobs.plan_view import run_plan
+    from jobs.driver import MergeInputs
+
+    text, data = run_plan(MergeInputs(base=args.base, adapters=args.adapters, weights=args.weights,
+                                      device=args.device, storage=storage))
+    print(json.dumps(data, indent=2) if args.json else text)
+    return EXIT_OK
+
+
+COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,12 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     try:
-        return _merge(args)
+        return COMMANDS[args.command](args, StorageOptions(part_size=args.part_size_mb * 2**20))
     except BaseException as exc:  # every failure leaves as one line and an exit code
-        code, message = _classify(exc)
+        failure = exc
         if args.debug:
             traceback.print_exception(exc)
+    code, message = _classify(failure)
     print(f"error: {message}", file=sys.stderr)
+    if isinstance(failure, ValidationError):  # then one indented line per problem
+        for problem in failure.problems:
+            print(f"  {problem}", file=sys.stderr)
+        _write_report(getattr(args, "report", None), {"problems": failure.problems})
     return code
 
 
@@ -101,11 +170,11 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return 130, "interrupted"
     if isinstance(exc, SystemExit):
         raise exc
-    return EXIT_RUNTIME, f"{type(exc).__name__}: {_first_line(exc)}"  # after Ray's retries
+    return EXIT_RUNTIME, f"{type(exc).__name__}: {_first_line(exc)}"  # after the driver's retries
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
     return text[-1] if text else repr(exc)
 
 

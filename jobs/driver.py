@@ -1,4 +1,4 @@
-"""The driver: check every input up front, plan, run one Ray task per shard, then publish."""
+"""The merge driver: check every input up front, plan, run one Ray task per shard, then publish."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from typing import Sequence
 
 import ray
 
-from jobs.scheduling import Lane, free_lane, plan_lanes
+from jobs.progress import Progress
+from jobs.runner import run_over_lanes
+from jobs.scheduling import plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
-from merge_core.checkpoint import INDEX_NAME, load_base
+from merge_core.checkpoint import INDEX_NAME, BaseCheckpoint, load_base
 from merge_core.errors import InputError
 from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
-from merge_core.shard_merge import ShardResult
 from merge_core.s3_storage import MAX_PARTS, MIN_PART_BYTES
+from merge_core.shard_merge import ShardResult
 from merge_core.storage import Storage, StorageOptions, open_storage, sha256_of
 
 log = logging.getLogger("lora_merge")
@@ -27,15 +29,29 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class MergeOptions:
+class MergeInputs:
     base: str
     adapters: Sequence[str]
-    output: str
     weights: Sequence[float] = ()
-    overwrite: bool = False
     device: str = "auto"
     ray_address: str | None = None
     storage: StorageOptions = StorageOptions()
+
+
+@dataclass(frozen=True)
+class MergeOptions(MergeInputs):
+    output: str = ""
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    validate: bool = True
+
+
+@dataclass(frozen=True)
+class Prepared:
+    base: BaseCheckpoint
+    adapters: tuple[LoraAdapter, ...]
+    weights: tuple[float, ...]
+    plan: MergePlan
 
 
 @dataclass
@@ -48,6 +64,8 @@ class MergeSummary:
     bytes_written: int
     seconds: float
     device: str
+    retries: int = 0
+    validated: bool = True
     nodes: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict, repr=False)
 
@@ -56,23 +74,35 @@ class MergeSummary:
         return self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
 
 
+def prepare(inputs: MergeInputs) -> Prepared:
+    """Read and check every input, and plan: everything that can be refused is refused here."""
+    if inputs.device not in DEVICES:
+        raise InputError("--device", f"unknown device {inputs.device!r}", f"use one of {', '.join(DEVICES)}")
+    if not inputs.adapters:
+        raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
+    weights = tuple(inputs.weights) or (1.0,) * len(inputs.adapters)
+    base = load_base(open_storage(inputs.base, inputs.storage))
+    adapters = tuple(load_adapter(open_storage(uri, inputs.storage)) for uri in inputs.adapters)
+    return Prepared(base, adapters, weights, plan_merge(base, adapters, weights))
+
+
 def _check_output(base: Storage, output: Storage, plan: MergePlan, options: MergeOptions) -> None:
     if output.uri.rstrip("/") == base.uri.rstrip("/"):
         raise InputError(output.uri, "the output is the base checkpoint itself", "choose another --output")
-    part_size = options.storage.part_size
-    if part_size < MIN_PART_BYTES:
-        raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
-                         "use --part-size-mb 5 or more")
-    largest = max(t.shard.size for t in plan.tasks)
-    if largest > part_size * MAX_PARTS:
-        raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
-                         f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
-    overwrite = options.overwrite
+    if output.uri.startswith("s3://"):
+        part_size = options.storage.part_size
+        if part_size < MIN_PART_BYTES:
+            raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
+                             "use --part-size-mb 5 or more")
+        largest = max(t.shard.size for t in plan.tasks)
+        if largest > part_size * MAX_PARTS:
+            raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
+                             f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
     names = output.list_names()
-    if INDEX_NAME in names and not overwrite:
+    if INDEX_NAME in names and not options.overwrite:
         raise InputError(output.describe(INDEX_NAME), "the output already holds a model",
                          "pass --overwrite to replace it, or choose another --output")
-    if names and not overwrite:
+    if names and not options.overwrite:
         raise InputError(output.uri, f"the output is not empty ({len(names)} files) and holds no complete model",
                          "pass --overwrite to replace what is there, or choose an empty --output")
 
@@ -87,7 +117,7 @@ def _clear_output(output: Storage) -> None:
     output.discard_incomplete()
 
 
-def _connect(address: str | None) -> None:
+def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
@@ -102,66 +132,56 @@ def _adapter_files(adapter: LoraAdapter, options: StorageOptions) -> list[dict]:
     return [{"name": n, "size": storage.size(n), "sha256": sha256_of(storage, n)} for n in (CONFIG_NAME, WEIGHTS_NAME)]
 
 
-def _run_tasks(plan: MergePlan, options: MergeOptions, lanes: list[Lane]) -> list[ShardResult]:
-    queue = list(plan.tasks)
-    pending: dict[ray.ObjectRef, Lane] = {}
-    results: list[ShardResult] = []
-    try:
-        while queue or pending:
-            lane = free_lane(lanes)
-            if queue and lane:
-                ref = merge_shard_task.options(**lane.options).remote(
-                    queue.pop(0), plan.base_uri, plan.adapter_uris, options.output, options.device, options.storage)
-                pending[ref] = lane
-                lane.running += 1
-                continue
-            done, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(done[0]).running -= 1
-            result = ray.get(done[0])
-            results.append(result)
-            log.info("[%d/%d] %s: %.1f MB, %d tensors fused, %.2f s on node %s (%s)", len(results), len(plan.tasks),
-                     result.name, result.size / 1e6, result.fused, result.seconds, result.node[:8], result.device)
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-    return results
+def _describe(result: ShardResult) -> str:
+    return (f"{result.fused} tensors fused, {result.seconds:.2f} s on node {result.node[:8]} ({result.device}), "
+            f"fuse {result.fuse_seconds:.2f} s, waiting on reads {result.read_wait_seconds:.2f} s")
 
 
 def run_merge(options: MergeOptions) -> MergeSummary:
     started = time.perf_counter()
-    if options.device not in DEVICES:
-        raise InputError("--device", f"unknown device {options.device!r}", f"use one of {', '.join(DEVICES)}")
-    if not options.adapters:
-        raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
-    weights = list(options.weights) or [1.0] * len(options.adapters)
-    base_storage, output = open_storage(options.base, options.storage), open_storage(options.output, options.storage)
-    base = load_base(base_storage)
-    adapters = [load_adapter(open_storage(uri, options.storage)) for uri in options.adapters]
-    plan = plan_merge(base, adapters, weights)
+    prepared = prepare(options)
+    plan = prepared.plan
+    base_storage = open_storage(options.base, options.storage)
+    output = open_storage(options.output, options.storage)
     _check_output(base_storage, output, plan, options)
-    records = [adapter_record(a, w, _adapter_files(a, options.storage)) for a, w in zip(adapters, weights)]
+    records = [adapter_record(a, w, _adapter_files(a, options.storage))
+               for a, w in zip(prepared.adapters, prepared.weights)]
     planned = time.perf_counter()
 
-    _connect(options.ray_address)
+    connect(options.ray_address)
     lanes = plan_lanes(ray.nodes(), options.device)
     if options.overwrite:
         _clear_output(output)
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, output.uri)
+    progress = Progress(len(plan.tasks), plan.write_bytes)
+    memory = {t.name: t.memory_bytes for t in plan.tasks}
+
+    def submit(task, lane_options):
+        return merge_shard_task.options(**lane_options, memory=memory[task.name]).remote(
+            task, plan.base_uri, plan.adapter_uris, output.uri, options.device, options.storage,
+            options.allow_nonfinite, options.validate)
+
     try:
-        results = _run_tasks(plan, options, lanes)
+        outcome = run_over_lanes(plan.tasks, lanes, submit, lambda t: t.name,
+                                 lambda t, r: progress.shard_done(r.name, r.size, _describe(r)), progress)
     except BaseException:
         # Writers abort their own uploads; a worker that was killed could not.
         output.discard_incomplete()
         raise
+    finally:
+        progress.close()
+    results = outcome.results
     merged = time.perf_counter()
 
     timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
-    cluster = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes()), "lanes": {lane.name: lane.slots for lane in lanes}}
-    manifest = ray.get(finalize_task.remote(plan, output.uri, options.storage, base.extra_files, base.index_metadata, records,
-                                            results, timings, cluster))
+    cluster = {"resources": ray.cluster_resources(), "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+               "lanes": {lane.name: lane.slots for lane in lanes}}
+    manifest = ray.get(finalize_task.remote(plan, output.uri, options.storage, prepared.base.extra_files,
+                                            prepared.base.index_metadata, records, results, timings, cluster,
+                                            outcome.retries, options.validate))
     seconds = time.perf_counter() - started
     return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,
                         plan.read_bytes, sum(r.size for r in results), seconds,
-                        ",".join(sorted({r.device for r in results})), sorted({r.node for r in results}), manifest)
+                        ",".join(sorted({r.device for r in results})), sum(outcome.retries.values()),
+                        options.validate, sorted({r.node for r in results}), manifest)

@@ -1,8 +1,8 @@
-"""The Ray tasks: one per base shard, and the final one that publishes. Each returns a small value.
+"""The Ray tasks: one per base shard (merge or verify), and the final one that publishes.
 
-Tensors never travel through Ray's object store: tasks read and write storage themselves.
-Only transient failures are retried (storage, network, a dead worker); an InputError is
-raised straight back to the driver.
+Each returns a small value; tensors never travel through Ray's object store, tasks read and
+write storage themselves. max_retries=0: retries are the driver's (jobs/runner.py), which
+tells transient failures from bad input.
 """
 
 from __future__ import annotations
@@ -13,38 +13,45 @@ from typing import Mapping, Sequence
 
 import ray
 
-from merge_core.errors import TransientStorageError
-from merge_core.finalize import build_index, check_shards, copy_extra_files, publish
+from merge_core.finalize import build_index, copy_extra_files, publish, validate_merge
 from merge_core.fuse import resolve_device
 from merge_core.manifest import build_manifest
 from merge_core.plan import MergePlan, ShardTask
+from merge_core.report import build_report
 from merge_core.shard_merge import ShardResult, merge_shard
 from merge_core.storage import StorageOptions, open_storage
-
-TASK_RETRIES = 3
-RETRYABLE = [TransientStorageError, ConnectionError, TimeoutError]
+from merge_core.validate import ShardVerdict, verify_shard
 
 
-@ray.remote(max_retries=TASK_RETRIES, retry_exceptions=RETRYABLE)
+@ray.remote(max_retries=0)
 def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
-                     device: str, options: StorageOptions) -> ShardResult:
+                     device: str, options: StorageOptions, allow_nonfinite: bool, validate: bool) -> ShardResult:
     gpu_assigned = bool(ray.get_gpu_ids())
-    result = merge_shard(task, base_uri, adapter_uris, output_uri, resolve_device(device, gpu_assigned), options)
+    result = merge_shard(task, base_uri, adapter_uris, output_uri, resolve_device(device, gpu_assigned), options,
+                         allow_nonfinite=allow_nonfinite, read_back=validate)
     # The Ray node id, not the host name: simulated nodes share a host.
     return dataclasses.replace(result, node=ray.get_runtime_context().get_node_id())
 
 
-@ray.remote(max_retries=TASK_RETRIES, retry_exceptions=RETRYABLE)
+@ray.remote(max_retries=0)
+def verify_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], merged_uri: str,
+                      options: StorageOptions, expected_size: int | None, expected_sha256: str | None) -> ShardVerdict:
+    return verify_shard(task, open_storage(base_uri, options), [open_storage(u, options) for u in adapter_uris],
+                        open_storage(merged_uri, options), expected_size, expected_sha256)
+
+
+@ray.remote(max_retries=0)
 def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, extra_files: Sequence[str],
                   base_index_metadata: Mapping[str, object], adapter_records: Sequence[Mapping[str, object]],
                   results: Sequence[ShardResult], timings: Mapping[str, float],
-                  cluster: Mapping[str, object]) -> dict:
+                  cluster: Mapping[str, object], retries: Mapping[str, int], validate: bool) -> dict:
     started = time.perf_counter()
-    output = open_storage(output_uri, options)
-    check_shards(plan, results, output)
-    copied = copy_extra_files(open_storage(plan.base_uri, options), output, extra_files)
+    output, base = open_storage(output_uri, options), open_storage(plan.base_uri, options)
     index, total_size = build_index(plan, base_index_metadata)
+    if validate:
+        validate_merge(plan, results, index, base, [open_storage(u, options) for u in plan.adapter_uris], output)
+    copied = copy_extra_files(base, output, extra_files)
     timings = dict(timings) | {"finalize_seconds": time.perf_counter() - started}
-    manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster)
-    publish(output, index, manifest)
+    manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster, retries)
+    publish(output, index, manifest, build_report(plan, results))
     return manifest

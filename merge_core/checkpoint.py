@@ -18,6 +18,7 @@ from merge_core.storage import Storage, check_plain_name
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "merge_manifest.json"
+REPORT_NAME = "merge_report.parquet"
 # Files that hold weights in some format: never copied verbatim, or the output would ship
 # unmerged weights beside the merged ones.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -128,5 +129,5 @@ def load_base(storage: Storage) -> BaseCheckpoint:
             raise InputError(storage.describe(shard_name), f"tensor {tensor} is in the weight_map but not in the shard",
                              "restore the shard or regenerate the index")
 
-    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n != MANIFEST_NAME)
+    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in (MANIFEST_NAME, REPORT_NAME))
     return BaseCheckpoint(storage.uri, shards, metadata, extra, weight_map)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class InputError(Exception):
     """Bad input: the user must change a file or a flag. Never retried (exit 2)."""
@@ -21,12 +23,12 @@ class TransientStorageError(Exception):
 
 
 class ValidationError(Exception):
-    """The merged output does not match what was planned (exit 4)."""
+    """The merged output is not what the inputs make (exit 4). Carries every problem found."""
 
-    def __init__(self, subject: str, what: str):
-        super().__init__(subject, what)
-        self.subject = subject
-        self.what = what
+    def __init__(self, problems: Sequence[str]):
+        super().__init__(list(problems))
+        self.problems = list(problems)
 
     def __str__(self) -> str:
-        return f"{self.subject}: {self.what}"
+        more = len(self.problems) - 1
+        return self.problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else "")

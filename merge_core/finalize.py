@@ -1,4 +1,4 @@
-"""Publish a merged checkpoint: check the shards, copy the other files, write the index last.
+"""Publish a merged checkpoint: validate the shards, copy the other files, write the index last.
 
 The index is the commit marker: until it exists the output is not a model, whatever else is
 there. It is created exclusively, so two jobs racing on one output cannot both publish.
@@ -9,26 +9,12 @@ from __future__ import annotations
 import json
 from typing import Mapping, Sequence
 
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
+from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.errors import ValidationError
 from merge_core.plan import MergePlan
 from merge_core.shard_merge import ShardResult
 from merge_core.storage import Storage, copy_object
-
-
-def check_shards(plan: MergePlan, results: Sequence[ShardResult], output: Storage) -> None:
-    """Every planned shard was reported, and storage holds exactly the bytes each worker wrote."""
-    reported = {r.name: r for r in results}
-    for task in plan.tasks:
-        result = reported.get(task.name)
-        if result is None:
-            raise ValidationError(output.describe(task.name), "no worker reported this shard")
-        if not output.exists(task.name):
-            raise ValidationError(output.describe(task.name), "missing from the output")
-        stored = output.size(task.name)
-        if stored != result.size:
-            raise ValidationError(output.describe(task.name),
-                                  f"storage holds {stored} bytes but the worker wrote {result.size}")
+from merge_core.validate import check_headers, check_index, spot_check
 
 
 def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[dict, int]:
@@ -36,6 +22,23 @@ def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[d
     total_size = sum(info.nbytes for task in plan.tasks for info in task.shard.header.tensors)
     metadata = dict(base_metadata) | {"total_size": total_size}
     return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, total_size
+
+
+def validate_merge(plan: MergePlan, results: Sequence[ShardResult], index: Mapping[str, object], base: Storage,
+                   adapters: Sequence[Storage], output: Storage) -> None:
+    """The final task's checks; raises ValidationError listing every problem found."""
+    reported = {r.name: r for r in results}
+    problems = [f"{output.describe(t.name)}: no worker reported this shard" for t in plan.tasks
+                if t.name not in reported]
+    for task in plan.tasks:
+        if task.name in reported and output.exists(task.name) and output.size(task.name) != reported[task.name].size:
+            problems.append(f"{output.describe(task.name)}: storage holds {output.size(task.name)} bytes but the "
+                            f"worker wrote {reported[task.name].size}")
+    header_problems, headers = check_headers(plan, output)
+    problems += header_problems + check_index(plan, index, headers)
+    problems += spot_check(plan, base, adapters, output, headers)
+    if problems:
+        raise ValidationError(problems)
 
 
 def copy_extra_files(base: Storage, output: Storage, names: Sequence[str]) -> list[dict]:
@@ -46,10 +49,11 @@ def copy_extra_files(base: Storage, output: Storage, names: Sequence[str]) -> li
     return copied
 
 
-def publish(output: Storage, index: Mapping[str, object], manifest: Mapping[str, object]) -> None:
+def publish(output: Storage, index: Mapping[str, object], manifest: Mapping[str, object], report: bytes) -> None:
     # Uploads abandoned by killed (and retried) workers would otherwise linger, and be billed.
     output.discard_incomplete()
     output.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    output.write_bytes(REPORT_NAME, report)
     try:
         output.write_bytes(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), exclusive=True)
     except FileExistsError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -56,17 +57,36 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return (b @ a).mul_(scale)
 
 
-def fuse(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+@dataclass(frozen=True)
+class FuseStats:
+    """What one fuse did to one tensor, for the report: ‖ΔW‖, max |ΔW|, ‖W‖ (float32 ΔW, before rounding)."""
+    delta_norm: float
+    delta_max: float
+    weight_norm: float
+    nonfinite_introduced: int  # NaN/Inf elements in W' beyond those already in W
+
+
+def fuse(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+         ) -> tuple[torch.Tensor, FuseStats]:
     """W' = W + Σ (B @ A)·scale, accumulated in float32 and rounded once to W's dtype.
 
     A float64 base keeps float64 throughout, as PEFT casts the adapter to the base's dtype.
+    ΔW + W is computed in place in ΔW's buffer (IEEE addition commutes, so the bits are those of
+    PEFT's W += ΔW): the working set is W, W in float32, ΔW and the result.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     with exact_float32_matmul():
-        acc = weight.to(compute, copy=True)
+        base = weight.to(compute)
+        delta = None
         for a, b, scale in deltas:
-            acc += lora_delta(a.to(acc.device, compute), b.to(acc.device, compute), scale)
-        return acc.to(weight.dtype)
+            term = lora_delta(a.to(base.device, compute), b.to(base.device, compute), scale)
+            delta = term if delta is None else delta.add_(term)
+        stats = (delta.norm().item(), delta.abs().max().item() if delta.numel() else 0.0, base.norm().item())
+        merged = delta.add_(base).to(weight.dtype)
+    introduced = 0
+    if not bool(merged.isfinite().all()):
+        introduced = int((~merged.isfinite()).sum()) - int((~weight.isfinite()).sum())
+    return merged, FuseStats(*stats, max(introduced, 0))
 
 
 def resolve_device(requested: str, gpu_assigned: bool) -> str:

@@ -18,7 +18,8 @@ from typing import Iterator, Sequence
 import torch
 
 from merge_core.adapter import WEIGHTS_NAME
-from merge_core.fuse import fuse, tensor_from_bytes, tensor_to_bytes
+from merge_core.errors import ValidationError
+from merge_core.fuse import FuseStats, fuse, tensor_from_bytes, tensor_to_bytes
 from merge_core.plan import FuseTarget, ShardTask
 from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.shard_writer import ShardStreamWriter
@@ -40,6 +41,7 @@ class ShardResult:
     seconds: float
     device: str
     node: str
+    fused_stats: tuple[tuple[str, FuseStats], ...] = ()  # per fused tensor, in file order
 
 
 _HEADER, _COPY = "header", "copy"
@@ -74,7 +76,8 @@ def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[
         yield Item(_COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
-def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.device) -> memoryview:
+def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.device
+                 ) -> tuple[memoryview, FuseStats]:
     info = task.shard.header.tensor(target.tensor)
     weight = tensor_from_bytes(data[0], info.dtype, info.shape).to(device)
     factors = []
@@ -82,7 +85,22 @@ def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.
         a_bytes, b_bytes = data[1 + 2 * index], data[2 + 2 * index]
         factors.append((tensor_from_bytes(a_bytes, update.a.dtype, update.a.shape).to(device),
                         tensor_from_bytes(b_bytes, update.b.dtype, update.b.shape).to(device), update.scale))
-    return tensor_to_bytes(fuse(weight, factors))
+    merged, stats = fuse(weight, factors)
+    return tensor_to_bytes(merged), stats
+
+
+def check_stored(storage: Storage, name: str, size: int, sha256: str) -> None:
+    """Read the published object back: storage must hold exactly the bytes that were hashed."""
+    stored = storage.size(name)
+    if stored != size:
+        raise ValidationError([f"{storage.describe(name)}: storage holds {stored} bytes, the worker wrote {size}"])
+    digest = hashlib.sha256()
+    for _, (data,) in read_ahead([Item(None, (Read(storage, name, start, min(DEFAULT_CHUNK_BYTES, size - start)),))
+                                  for start in range(0, size, DEFAULT_CHUNK_BYTES)]):
+        digest.update(data)
+    if digest.hexdigest() != sha256:
+        raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest.hexdigest()}, "
+                               f"the worker wrote {sha256}"])
 
 
 class _Laps:
@@ -99,7 +117,10 @@ class _Laps:
 
 
 def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
-                device: str = "cpu", options: StorageOptions = StorageOptions()) -> ShardResult:
+                device: str = "cpu", options: StorageOptions = StorageOptions(), allow_nonfinite: bool = False,
+                read_back: bool = True) -> ShardResult:
+    """Write the merged shard. With read_back, the published bytes are read again and hashed.
+    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless allow_nonfinite."""
     started = time.perf_counter()
     base, output = open_storage(base_uri, options), open_storage(output_uri, options)
     adapters = [open_storage(u, options) for u in adapter_uris]
@@ -107,6 +128,7 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
     torch_device = torch.device(device)
     base_sha = hashlib.sha256()
     hasher = Behind("hash-base")
+    fused_stats: list[tuple[str, FuseStats]] = []
 
     stream = ShardStreamWriter(output.open_writer(task.name),
                                [(i.name, i.dtype, i.shape) for i in header.tensors], header.metadata)
@@ -118,7 +140,12 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
             laps.lap("wait")
             hasher.submit(base_sha.update, data[0])
             if isinstance(tag, FuseTarget):
-                merged = _fuse_target(task, tag, data, torch_device)
+                merged, stats = _fuse_target(task, tag, data, torch_device)
+                if stats.nonfinite_introduced and not allow_nonfinite:
+                    raise ValidationError([f"{base.describe(task.name)}: tensor {tag.tensor}: fusing produced "
+                                           f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
+                                           "(check the adapter, or pass --allow-nonfinite)"])
+                fused_stats.append((tag.tensor, stats))
                 laps.lap("fuse")
                 stream.write_tensor(header.tensor(tag.tensor), merged)
             elif tag is _COPY:
@@ -127,6 +154,9 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
         size, sha = stream.commit()
         hasher.drain()
         laps.lap("write")
+        if read_back:
+            check_stored(output, task.name, size, sha)
+            laps.lap("wait")
     except BaseException:
         stream.abort()
         raise
@@ -134,4 +164,4 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
         hasher.close()
     return ShardResult(task.name, size, sha, base_sha.hexdigest(), len(header.tensors), len(task.targets),
                        laps.seconds["wait"], laps.seconds["fuse"], laps.seconds["write"],
-                       time.perf_counter() - started, str(torch_device), socket.gethostname())
+                       time.perf_counter() - started, str(torch_device), socket.gethostname(), tuple(fused_stats))

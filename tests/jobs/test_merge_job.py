@@ -6,7 +6,10 @@ import hashlib
 import json
 import os
 
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
+import pyarrow.parquet as pq
+import pytest
+
+from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
 from tests.jobs.conftest import run_cli
 from tests.reference import assert_bit_identical, load_checkpoint
 
@@ -45,8 +48,23 @@ def test_merge_on_a_local_ray_equals_peft_and_publishes_a_complete_checkpoint(mo
                                                                 "tokenizer_config.json"}
 
     summary = json.load(open(report))
-    assert summary["fused_tensors"] == 14 and summary["shards"] == len(shards)
-    assert f"merged 14 tensors in {len(shards)} shards into {out}" in run.stdout
+    assert summary["fused_tensors"] == 14 and summary["shards"] == len(shards) and summary["retries"] == 0
+    table = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in run.stdout.splitlines()
+             if row.startswith("|")}
+    assert table["output"] == out and table["fused tensors"] == "14" and table["validated"].startswith("yes")
+
+    rows = pq.read_table(os.path.join(out, REPORT_NAME)).to_pylist()
+    assert sorted(r["name"] for r in rows) == sorted(base_index["weight_map"])
+    fused = [r for r in rows if r["fused"]]
+    assert len(fused) == 14 and all(r["adapters"] == [models.adapter] and r["delta_norm"] > 0 for r in fused)
+    merged, base = load_checkpoint(out), load_checkpoint(models.base)
+    for row in fused:
+        delta = merged[row["name"]].double() - base[row["name"]].double()
+        # The report's ΔW is before rounding: the stored difference is within bf16 rounding of it.
+        assert abs(delta.norm().item() - row["delta_norm"]) <= 0.02 * row["delta_norm"] + 1e-3
+        assert row["relative_change"] == pytest.approx(row["delta_norm"] / base[row["name"]].double().norm().item(),
+                                                       rel=1e-3)
+    assert all(r["delta_norm"] is None and r["scales"] == [] for r in rows if not r["fused"])
 
 
 def test_tasks_spread_over_a_two_node_cluster_with_a_logical_gpu(models, two_node_cluster, tmp_path):

@@ -25,7 +25,7 @@ def merge_without_ray(base: str, adapters: list[str], out: str) -> dict[str, tor
         merge_shard(task, base, adapters, out)
     assert sorted(os.listdir(out)) == sorted(t.name for t in plan.tasks), "only finished shards, no temp files"
     copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files)
-    publish(open_storage(out), build_index(plan, checkpoint.index_metadata)[0], {})
+    publish(open_storage(out), build_index(plan, checkpoint.index_metadata)[0], {}, b"")
     return load_checkpoint(out)
 
 

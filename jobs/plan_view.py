@@ -1,0 +1,47 @@
+"""`lora-merge plan`: what a merge would do, from headers alone. Writes nothing, starts no Ray."""
+
+from __future__ import annotations
+
+from jobs.driver import MergeInputs, prepare
+from merge_core.plan import MergePlan
+
+
+def plan_as_dict(plan: MergePlan, device: str) -> dict:
+    gpus = 1 if device == "cuda" else 0
+    return {
+        "base": plan.base_uri,
+        "adapters": list(plan.adapter_uris),
+        "tasks": len(plan.tasks),
+        "fused_tensors": plan.fused_tensor_count,
+        "read_bytes": plan.read_bytes,
+        "write_bytes": plan.write_bytes,
+        "shards": [{
+            "name": t.name,
+            "size": t.shard.size,
+            "tensors": len(t.shard.header.tensors),
+            "fused": {uri: [f.tensor for f in t.targets if any(u.adapter == i for u in f.updates)]
+                      for i, uri in enumerate(plan.adapter_uris)},
+            "read_bytes": t.read_bytes,
+            "resources": {"num_cpus": 1, "num_gpus": gpus, "memory": t.memory_bytes},
+        } for t in plan.tasks],
+    }
+
+
+def render_plan(plan: MergePlan, device: str) -> str:
+    data = plan_as_dict(plan, device)
+    lines = [f"base {data['base']}: {data['tasks']} shards, {data['fused_tensors']} tensors to fuse, "
+             f"read {data['read_bytes'] / 1e9:.2f} GB, write {data['write_bytes'] / 1e9:.2f} GB",
+             f"{'shard':<44} {'GB':>7} {'tensors':>7} {'fused':>5} {'memory GB':>9}  adapters touching it"]
+    for shard in data["shards"]:
+        touching = ", ".join(f"{uri} ({len(names)})" for uri, names in shard["fused"].items() if names) or "-"
+        lines.append(f"{shard['name']:<44} {shard['size'] / 1e9:7.2f} {shard['tensors']:7d} "
+                     f"{sum(len(v) for v in shard['fused'].values()):5d} "
+                     f"{shard['resources']['memory'] / 1e9:9.2f}  {touching}")
+    gpu = "1 GPU" if device == "cuda" else "a GPU where the cluster has them" if device == "auto" else "no GPU"
+    lines.append(f"each task asks Ray for 1 CPU, {gpu}, and the memory shown")
+    return "\n".join(lines)
+
+
+def run_plan(inputs: MergeInputs) -> tuple[str, dict]:
+    plan = prepare(inputs).plan
+    return render_plan(plan, inputs.device), plan_as_dict(plan, inputs.device)

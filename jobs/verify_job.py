@@ -1,0 +1,86 @@
+"""`lora-merge verify`: re-check an existing merged model against its base and adapters, on Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import ray
+
+from jobs.driver import MergeInputs, connect, prepare
+from jobs.progress import Progress
+from jobs.runner import run_over_lanes
+from jobs.scheduling import plan_lanes
+from jobs.tasks import verify_shard_task
+from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
+from merge_core.errors import InputError, ValidationError
+from merge_core.storage import open_storage
+from merge_core.validate import ShardVerdict, check_headers, check_index
+
+log = logging.getLogger("lora_merge")
+
+
+@dataclass(frozen=True)
+class VerifyOptions(MergeInputs):
+    merged: str = ""
+
+
+@dataclass
+class VerifySummary:
+    merged: str
+    shards: int
+    tensors_checked: int
+    bytes_checked: int
+    problems: list[str] = field(default_factory=list)
+
+
+def _read_json(storage, name: str) -> dict | None:
+    if not storage.exists(name):
+        return None
+    try:
+        return json.loads(storage.read_bytes(name))
+    except ValueError:
+        return None
+
+
+def run_verify(options: VerifyOptions) -> VerifySummary:
+    plan = prepare(options).plan
+    merged = open_storage(options.merged, options.storage)
+    index = _read_json(merged, INDEX_NAME)
+    if index is None:
+        raise InputError(merged.describe(INDEX_NAME), "missing or not JSON: this is not a complete merged model",
+                         "point --merged at the output of a finished lora-merge run")
+    manifest = _read_json(merged, MANIFEST_NAME)
+    recorded = {s["name"]: (s["size"], s["sha256"]) for s in (manifest or {}).get("output", {}).get("shards", [])}
+    problems = [] if manifest else [f"{merged.describe(MANIFEST_NAME)}: missing, so shard hashes cannot be checked"]
+    _, headers = check_headers(plan, merged)  # per-shard header problems come from the verify tasks
+    problems += check_index(plan, index, headers)
+
+    connect(options.ray_address)
+    lanes = plan_lanes(ray.nodes(), options.device if options.device != "cuda" else "auto")
+    progress = Progress(len(plan.tasks), plan.write_bytes)
+
+    def submit(task, lane_options):
+        size, sha = recorded.get(task.name, (None, None))
+        return verify_shard_task.options(**lane_options).remote(task, plan.base_uri, plan.adapter_uris, merged.uri,
+                                                               options.storage, size, sha)
+
+    def done(task, verdict: ShardVerdict):
+        progress.shard_done(verdict.name, verdict.size, f"{verdict.tensors_checked} tensors checked, "
+                            f"{len(verdict.problems)} problems")
+
+    try:
+        outcome = run_over_lanes(plan.tasks, lanes, submit, lambda t: t.name, done, progress)
+    finally:
+        progress.close()
+    verdicts = sorted(outcome.results, key=lambda v: v.name)
+    problems += [p for v in verdicts for p in v.problems]
+    if recorded and set(recorded) != {t.name for t in plan.tasks}:
+        problems.append(f"{merged.describe(MANIFEST_NAME)}: records shards {sorted(recorded)} but the base has "
+                        f"{sorted(t.name for t in plan.tasks)}")
+    summary = VerifySummary(merged.uri, len(plan.tasks), sum(v.tensors_checked for v in verdicts),
+                            sum(v.size for v in verdicts), problems)
+    if problems:
+        raise ValidationError(problems)
+    return summary

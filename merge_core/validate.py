@@ -1,0 +1,204 @@
+"""Checking a merged checkpoint against its base and adapters.
+
+Two depths. `check_merge` runs in the final task before the index is written: headers, the
+index, and a numeric spot check that recomputes sampled rows in float64 (workers have already
+read their published bytes back against their sha256, and checked for NaN/Inf). `verify_shard`
+is the full check behind `lora-merge verify`: every byte of a merged shard is re-read, hashed
+against the manifest, and compared tensor by tensor with a fresh merge of the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from merge_core.adapter import WEIGHTS_NAME
+from merge_core.checkpoint import read_shard_header
+from merge_core.errors import InputError
+from merge_core.fuse import TORCH_DTYPES, fuse, tensor_from_bytes
+from merge_core.pipeline import Item, Read, read_ahead
+from merge_core.plan import FuseTarget, MergePlan, ShardTask
+from merge_core.safetensors_format import DTYPE_BYTES, ShardHeader, TensorInfo
+from merge_core.storage import Storage
+
+SPOT_TENSORS = 8
+SPOT_ROWS = 4
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their (shared) float dtype lie between a and b."""
+    width = a.element_size()
+    va, vb = (t.contiguous().view(_SIGNED[width]).to(torch.int64) for t in (a, b))
+    magnitude = (1 << (8 * width - 1)) - 1
+    # Floats are sign-magnitude: map them onto a line where adjacent values differ by one.
+    oa, ob = (torch.where(v < 0, -(v & magnitude), v) for v in (va, vb))
+    return (oa - ob).abs()
+
+
+def describe_difference(name: str, stored: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when bit-identical, else how far apart they are."""
+    s, e = stored.reshape(-1), expected.reshape(-1)
+    if torch.equal(s.view(torch.uint8), e.view(torch.uint8)) if s.numel() else True:
+        return None
+    if not s.is_floating_point():
+        return f"tensor {name}: {int((s != e).sum())} of {s.numel()} elements differ"
+    ulps = ulp_distance(s, e)
+    differing = int((ulps > 0).sum())
+    abs_diff = (s.double() - e.double()).abs().nan_to_num(float("inf")).max().item()
+    return (f"tensor {name}: {differing} of {s.numel()} elements differ, max {int(ulps.max())} ulp, "
+            f"max |difference| {abs_diff:.3g}")
+
+
+def check_headers(plan: MergePlan, output: Storage) -> tuple[list[str], dict[str, ShardHeader]]:
+    """Every base tensor is in the output shard of the same name, with its dtype and shape."""
+    problems, headers = [], {}
+    for task in plan.tasks:
+        try:
+            header = headers[task.name] = read_shard_header(output, task.name)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        stored = {t.name: (t.dtype, t.shape) for t in header.tensors}
+        for info in task.shard.header.tensors:
+            if stored.get(info.name) != (info.dtype, info.shape):
+                found = stored.get(info.name)
+                problems.append(f"{output.describe(task.name)}: tensor {info.name} should be "
+                                f"{info.dtype}{list(info.shape)}, found {'nothing' if found is None else found}")
+        extra = sorted(set(stored) - set(task.shard.header.names))
+        if extra:
+            problems.append(f"{output.describe(task.name)}: unexpected tensors {extra[:5]}")
+    return problems, headers
+
+
+def check_index(plan: MergePlan, index: Mapping[str, object], headers: Mapping[str, ShardHeader]) -> list[str]:
+    expected_map = {info.name: t.name for t in plan.tasks for info in t.shard.header.tensors}
+    problems = []
+    if index.get("weight_map") != expected_map:
+        problems.append("model.safetensors.index.json: weight_map differs from the base's")
+    total = sum(t.nbytes for h in headers.values() for t in h.tensors)
+    if index.get("metadata", {}).get("total_size") != total:
+        problems.append(f"model.safetensors.index.json: total_size {index.get('metadata', {}).get('total_size')} "
+                        f"but the shards hold {total} tensor bytes")
+    return problems
+
+
+def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: int) -> torch.Tensor:
+    row_bytes = info.nbytes // info.shape[0]
+    raw = storage.read_range(name, data_start + info.start + row * row_bytes, row_bytes)
+    return tensor_from_bytes(raw, info.dtype, info.shape[1:])
+
+
+def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adapters: Sequence[Storage],
+              output: Storage, out_header: ShardHeader) -> str | None:
+    info = task.shard.header.tensor(target.tensor)
+    weight = _row(base, task.name, task.shard.header.data_start, info, row).double()
+    exact, bound = weight.clone(), weight.abs()
+    for u in target.updates:
+        adapter = adapters[u.adapter]
+        a = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + u.a.start, u.a.nbytes),
+                              u.a.dtype, u.a.shape).double()
+        b_row = _row(adapter, WEIGHTS_NAME, u.data_start, u.b, row).double()
+        exact += (b_row @ a) * u.scale
+        bound += (b_row.abs() @ a.abs()) * abs(u.scale)
+    stored = _row(output, task.name, out_header.data_start, out_header.tensor(target.tensor), row)
+    expected = exact.to(TORCH_DTYPES[info.dtype])
+    ulps = ulp_distance(stored, expected)
+    # A float32 product of rank r carries rounding error up to ~r·eps of Σ|terms|; that is the
+    # honest tolerance for float32 bases. Narrower dtypes must land within one ulp.
+    slack = (stored.double() - exact).abs() <= 4 * torch.finfo(torch.float32).eps * bound * max(u.a.shape[0] for u in
+                                                                                              target.updates)
+    wide = DTYPE_BYTES[info.dtype] >= 4
+    bad = (ulps > 1) & ~(slack if wide else torch.zeros_like(slack))
+    if bool(bad.any()):
+        return (f"{output.describe(task.name)}: tensor {target.tensor} row {row}: {int(bad.sum())} elements differ "
+                f"from the float64 recomputation by up to {int(ulps.max())} ulp")
+    return None
+
+
+def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], output: Storage,
+               headers: Mapping[str, ShardHeader], seed: int = 0) -> list[str]:
+    """Recompute sampled rows of sampled fused tensors in float64 and compare with what was stored."""
+    rng = random.Random(seed)
+    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers]
+    problems = []
+    for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
+        rows = task.shard.header.tensor(target.tensor).shape[0]
+        for row in rng.sample(range(rows), min(SPOT_ROWS, rows)):
+            problem = _spot_row(task, target, row, base, adapters, output, headers[task.name])
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+@dataclass(frozen=True)
+class ShardVerdict:
+    name: str
+    problems: tuple[str, ...]
+    sha256: str
+    size: int
+    tensors_checked: int
+
+
+def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], merged: Storage,
+                 expected_size: int | None, expected_sha256: str | None) -> ShardVerdict:
+    """Re-read every byte of one merged shard and compare it with a fresh merge of the base shard."""
+    where = merged.describe(task.name)
+    try:
+        header = read_shard_header(merged, task.name)
+    except (InputError, FileNotFoundError) as exc:
+        return ShardVerdict(task.name, (str(exc),), "", 0, 0)
+    problems = []
+    digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
+    base_header = task.shard.header
+    targets = {t.tensor: t for t in task.targets}
+    items = []
+    for info in header.tensors:  # in the merged file's order, so its bytes hash in sequence
+        reads = [Read(merged, task.name, header.data_start + info.start, info.nbytes)]
+        try:
+            base_info = base_header.tensor(info.name)
+        except KeyError:
+            problems.append(f"{where}: tensor {info.name} is not in the base shard")
+            items.append(Item((info, None), tuple(reads)))
+            continue
+        reads.append(Read(base, task.name, base_header.data_start + base_info.start, base_info.nbytes))
+        target = targets.get(info.name)
+        if target:
+            reads += [Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
+                      for u in target.updates for f in (u.a, u.b)]
+        items.append(Item((info, base_info), tuple(reads)))
+    checked = 0
+    for (info, base_info), data in read_ahead(items):
+        digest.update(data[0])
+        if base_info is None:
+            continue
+        if (info.dtype, info.shape) != (base_info.dtype, base_info.shape):
+            problems.append(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
+                            f"the base has {base_info.dtype}{list(base_info.shape)}")
+            continue
+        stored = tensor_from_bytes(data[0], info.dtype, info.shape)
+        expected = tensor_from_bytes(data[1], base_info.dtype, base_info.shape)
+        target = targets.get(info.name)
+        if target:
+            factors = [(tensor_from_bytes(data[2 + 2 * i], u.a.dtype, u.a.shape),
+                        tensor_from_bytes(data[3 + 2 * i], u.b.dtype, u.b.shape), u.scale)
+                       for i, u in enumerate(target.updates)]
+            expected = fuse(expected, factors)[0]
+        difference = describe_difference(info.name, stored, expected)
+        if difference:
+            problems.append(f"{where}: {difference}")
+        checked += 1
+    missing = sorted(set(base_header.names) - set(header.names))
+    if missing:
+        problems.append(f"{where}: {len(missing)} base tensors missing, e.g. {missing[:3]}")
+    size = merged.size(task.name)
+    sha = digest.hexdigest()
+    if expected_sha256 is not None and (sha != expected_sha256 or size != expected_size):
+        problems.append(f"{where}: sha256 {sha} ({size} bytes) differs from the manifest's {expected_sha256} "
+                        f"({expected_size} bytes)")
+    return ShardVerdict(task.name, tuple(problems), sha, size, checked)
+
