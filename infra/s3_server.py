@@ -123,6 +123,14 @@ def stop(server: S3Server, timeout: float = 20) -> None:
     os.killpg(server.pid, signal.SIGKILL)
 
 
+def restart(server: S3Server, pause: float = 0.0) -> S3Server:
+    """Stop the server, wait `pause` seconds, start it again on the same data and credentials."""
+    stop(server)
+    time.sleep(pause)
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    return start(server.data_dir, server.access_key, server.secret_key, port=port)
+
+
 def load(data_dir: str) -> S3Server:
     with open(os.path.join(os.path.abspath(data_dir), STATE_FILE)) as f:
         return S3Server(**json.load(f))

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = command("merge", "fuse adapters into a base checkpoint and publish the result")
     merge.add_argument("--output", required=True, metavar="URI", help="where to write the merged checkpoint")
     merge.add_argument("--overwrite", action="store_true", help="replace whatever is at --output")
+    merge.add_argument("--resume", action="store_true",
+                       help="finish an interrupted merge into --output, reusing every shard it proves complete")
     merge.add_argument("--allow-nonfinite", action="store_true",
                        help="publish even if fusing produced NaN/Inf values the base did not have")
     merge.add_argument("--no-validate", dest="validate", action="store_false",
@@ -97,7 +99,7 @@ def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
 
     summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, weights=args.weights,
                                      device=args.device, ray_address=args.ray_address, storage=storage,
-                                     output=args.output, overwrite=args.overwrite,
+                                     output=args.output, overwrite=args.overwrite, resume=args.resume,
                                      allow_nonfinite=args.allow_nonfinite, validate=args.validate))
     print(summary_table([
         ("output", summary.output),
@@ -108,6 +110,7 @@ def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
         ("wall time", f"{summary.seconds:.1f} s ({summary.gb_per_second:.2f} GB/s written)"),
         ("nodes", f"{len(summary.nodes)}, device {summary.device}"),
         ("retries", str(summary.retries)),
+        ("reused shards", f"{summary.reused} (--resume)" if args.resume else "0"),
         ("validated", "yes: headers, index, sha256 read-back, NaN/Inf, float64 spot check"
          if summary.validated else "no (--no-validate)"),
     ]))

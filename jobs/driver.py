@@ -16,6 +16,7 @@ from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
 from merge_core.checkpoint import INDEX_NAME, BaseCheckpoint, load_base
 from merge_core.errors import InputError
+from merge_core.journal import fingerprint, proven, read_journal, write_journal
 from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
 from merge_core.s3_storage import MAX_PARTS, MIN_PART_BYTES
@@ -42,6 +43,7 @@ class MergeInputs:
 class MergeOptions(MergeInputs):
     output: str = ""
     overwrite: bool = False
+    resume: bool = False
     allow_nonfinite: bool = False
     validate: bool = True
 
@@ -65,6 +67,7 @@ class MergeSummary:
     seconds: float
     device: str
     retries: int = 0
+    reused: int = 0
     validated: bool = True
     nodes: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict, repr=False)
@@ -98,13 +101,15 @@ def _check_output(base: Storage, output: Storage, plan: MergePlan, options: Merg
         if largest > part_size * MAX_PARTS:
             raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
                              f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
+    if options.overwrite and options.resume:
+        raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
     names = output.list_names()
     if INDEX_NAME in names and not options.overwrite:
         raise InputError(output.describe(INDEX_NAME), "the output already holds a model",
                          "pass --overwrite to replace it, or choose another --output")
-    if names and not options.overwrite:
-        raise InputError(output.uri, f"the output is not empty ({len(names)} files) and holds no complete model",
-                         "pass --overwrite to replace what is there, or choose an empty --output")
+    if names and not (options.overwrite or options.resume):
+        raise InputError(output.uri, f"the output holds an unfinished merge ({len(names)} files)",
+                         "pass --resume to finish it, --overwrite to start over, or choose an empty --output")
 
 
 def _clear_output(output: Storage) -> None:
@@ -146,32 +151,46 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     _check_output(base_storage, output, plan, options)
     records = [adapter_record(a, w, _adapter_files(a, options.storage))
                for a, w in zip(prepared.adapters, prepared.weights)]
+    journal_key = fingerprint(plan, [r["files"][1]["sha256"] for r in records],
+                              {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
+    reused = proven(output, read_journal(output, journal_key), plan) if options.resume else []
     planned = time.perf_counter()
 
     connect(options.ray_address)
     lanes = plan_lanes(ray.nodes(), options.device)
     if options.overwrite:
         _clear_output(output)
+    elif options.resume:
+        output.discard_incomplete()  # temp files and uploads of the interrupted run's unfinished shards
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, output.uri)
     progress = Progress(len(plan.tasks), plan.write_bytes)
+    for result in reused:
+        progress.shard_done(result.name, result.size, "reused from the unfinished run", reused=True)
     memory = {t.name: t.memory_bytes for t in plan.tasks}
+    done: list[ShardResult] = list(reused)
+
+    def finished(task, result: ShardResult) -> None:
+        done.append(result)
+        write_journal(output, journal_key, done)
+        progress.shard_done(result.name, result.size, _describe(result))
 
     def submit(task, lane_options):
         return merge_shard_task.options(**lane_options, memory=memory[task.name]).remote(
             task, plan.base_uri, plan.adapter_uris, output.uri, options.device, options.storage,
             options.allow_nonfinite, options.validate)
 
+    reused_names = [r.name for r in reused]
     try:
-        outcome = run_over_lanes(plan.tasks, lanes, submit, lambda t: t.name,
-                                 lambda t, r: progress.shard_done(r.name, r.size, _describe(r)), progress)
+        outcome = run_over_lanes([t for t in plan.tasks if t.name not in reused_names], lanes, submit,
+                                 lambda t: t.name, finished, progress)
     except BaseException:
         # Writers abort their own uploads; a worker that was killed could not.
         output.discard_incomplete()
         raise
     finally:
         progress.close()
-    results = outcome.results
+    results = done
     merged = time.perf_counter()
 
     timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
@@ -179,9 +198,9 @@ def run_merge(options: MergeOptions) -> MergeSummary:
                "lanes": {lane.name: lane.slots for lane in lanes}}
     manifest = ray.get(finalize_task.remote(plan, output.uri, options.storage, prepared.base.extra_files,
                                             prepared.base.index_metadata, records, results, timings, cluster,
-                                            outcome.retries, options.validate))
+                                            outcome.retries, reused_names, options.validate))
     seconds = time.perf_counter() - started
     return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,
                         plan.read_bytes, sum(r.size for r in results), seconds,
                         ",".join(sorted({r.device for r in results})), sum(outcome.retries.values()),
-                        options.validate, sorted({r.node for r in results}), manifest)
+                        len(reused), options.validate, sorted({r.node for r in results}), manifest)

@@ -44,7 +44,8 @@ def verify_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str
 def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, extra_files: Sequence[str],
                   base_index_metadata: Mapping[str, object], adapter_records: Sequence[Mapping[str, object]],
                   results: Sequence[ShardResult], timings: Mapping[str, float],
-                  cluster: Mapping[str, object], retries: Mapping[str, int], validate: bool) -> dict:
+                  cluster: Mapping[str, object], retries: Mapping[str, int], reused: Sequence[str],
+                  validate: bool) -> dict:
     started = time.perf_counter()
     output, base = open_storage(output_uri, options), open_storage(plan.base_uri, options)
     index, total_size = build_index(plan, base_index_metadata)
@@ -52,6 +53,6 @@ def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, ext
         validate_merge(plan, results, index, base, [open_storage(u, options) for u in plan.adapter_uris], output)
     copied = copy_extra_files(base, output, extra_files)
     timings = dict(timings) | {"finalize_seconds": time.perf_counter() - started}
-    manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster, retries)
+    manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster, retries, reused)
     publish(output, index, manifest, build_report(plan, results))
     return manifest

@@ -19,6 +19,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "merge_manifest.json"
 REPORT_NAME = "merge_report.parquet"
+JOURNAL_NAME = ".lora-merge-journal.json"  # an unfinished merge's record, for --resume
 # Files that hold weights in some format: never copied verbatim, or the output would ship
 # unmerged weights beside the merged ones.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -129,5 +130,5 @@ def load_base(storage: Storage) -> BaseCheckpoint:
             raise InputError(storage.describe(shard_name), f"tensor {tensor} is in the weight_map but not in the shard",
                              "restore the shard or regenerate the index")
 
-    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in (MANIFEST_NAME, REPORT_NAME))
+    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in (MANIFEST_NAME, REPORT_NAME, JOURNAL_NAME))
     return BaseCheckpoint(storage.uri, shards, metadata, extra, weight_map)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Mapping, Sequence
 
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
+from merge_core.checkpoint import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.errors import ValidationError
 from merge_core.plan import MergePlan
 from merge_core.shard_merge import ShardResult
@@ -59,3 +59,4 @@ def publish(output: Storage, index: Mapping[str, object], manifest: Mapping[str,
     except FileExistsError:
         raise RuntimeError(f"{output.describe(INDEX_NAME)}: another job published a model here while this one "
                            "ran; this run's output was not published") from None
+    output.delete(JOURNAL_NAME)  # the model is complete: nothing is left to resume

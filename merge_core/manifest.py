@@ -31,16 +31,16 @@ def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[
     }
 
 
-def shard_record(result: ShardResult, plan: MergePlan, retries: int = 0) -> dict:
+def shard_record(result: ShardResult, plan: MergePlan, retries: int = 0, reused: bool = False) -> dict:
     record = {k: v for k, v in dataclasses.asdict(result).items() if k != "fused_stats"}
     task = next(t for t in plan.tasks if t.name == result.name)
-    return record | {"fused_tensors": [f.tensor for f in task.targets], "retries": retries}
+    return record | {"fused_tensors": [f.tensor for f in task.targets], "retries": retries, "reused": reused}
 
 
 def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], results: Sequence[ShardResult],
                    copied_files: Sequence[Mapping[str, object]], total_size: int,
                    timings: Mapping[str, float], cluster: Mapping[str, object],
-                   retries: Mapping[str, int] | None = None) -> dict:
+                   retries: Mapping[str, int] | None = None, reused: Sequence[str] = ()) -> dict:
     by_name = {r.name: r for r in results}
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -54,10 +54,12 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
         "adapters": list(adapters),
         "output": {
             "total_size": total_size,
-            "shards": [shard_record(by_name[t.name], plan, (retries or {}).get(t.name, 0)) for t in plan.tasks],
+            "shards": [shard_record(by_name[t.name], plan, (retries or {}).get(t.name, 0), t.name in reused)
+                       for t in plan.tasks],
             "files": list(copied_files),
         },
         "fused_tensor_count": plan.fused_tensor_count,
+        "reused_shards": len(reused),
         "timings": dict(timings),
         "cluster": dict(cluster),
     }

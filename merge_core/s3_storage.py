@@ -42,8 +42,10 @@ def _endpoint() -> str | None:
 
 
 def make_client():
+    # AWS_MAX_ATTEMPTS / AWS_RETRY_MODE in the environment (or the profile) win over our default.
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", RETRY_ATTEMPTS))
     config = Config(
-        retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": attempts},
         s3={"addressing_style": "path"} if _endpoint() else {},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",

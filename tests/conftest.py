@@ -26,7 +26,7 @@ def s3(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    s3_server.stop(server)
+    s3_server.stop(s3_server.load(server.data_dir))  # the latest start, should a test have restarted it
 
 
 def upload_dir(server: s3_server.S3Server, local: str, prefix: str) -> str:
