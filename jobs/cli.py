@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finish an interrupted merge into --output, reusing every shard it proves complete")
     merge.add_argument("--allow-nonfinite", action="store_true",
                        help="publish even if fusing produced NaN/Inf values the base did not have")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="accept adapters stored only as adapter_model.bin, loaded with "
+                            "torch.load(weights_only=True) (never plain unpickling)")
     merge.add_argument("--no-validate", dest="validate", action="store_false",
                        help="skip the read-back of shards and the checks before the index is written")
     merge.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
@@ -100,7 +103,8 @@ def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
     summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, weights=args.weights,
                                      device=args.device, ray_address=args.ray_address, storage=storage,
                                      output=args.output, overwrite=args.overwrite, resume=args.resume,
-                                     allow_nonfinite=args.allow_nonfinite, validate=args.validate))
+                                     allow_nonfinite=args.allow_nonfinite, allow_pickle=args.allow_pickle,
+                                     validate=args.validate))
     print(summary_table([
         ("output", summary.output),
         ("shards", f"{summary.shards} ({summary.tensors} tensors)"),

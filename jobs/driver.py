@@ -13,7 +13,8 @@ from jobs.progress import Progress
 from jobs.runner import run_over_lanes
 from jobs.scheduling import plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
-from merge_core.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
+from merge_core.adapter import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter,
+                                scan_adapter, stage_pickled_adapter)
 from merge_core.checkpoint import INDEX_NAME, BaseCheckpoint, load_base
 from merge_core.errors import InputError
 from merge_core.journal import fingerprint, proven, read_journal, write_journal
@@ -27,6 +28,8 @@ log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
 # The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+# Where --allow-pickle puts converted adapters: under the output, so that every worker can read them.
+STAGING_DIR = ".lora-merge-staging"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class MergeOptions(MergeInputs):
     overwrite: bool = False
     resume: bool = False
     allow_nonfinite: bool = False
+    allow_pickle: bool = False
     validate: bool = True
 
 
@@ -77,30 +81,33 @@ class MergeSummary:
         return self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
 
 
-def prepare(inputs: MergeInputs) -> Prepared:
-    """Read and check every input, and plan: everything that can be refused is refused here."""
+def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
+    """Read and check every input, and plan: everything that can be refused is refused here.
+    With pickle_staging (a URI), pickle-only adapters are converted there (--allow-pickle)."""
     if inputs.device not in DEVICES:
         raise InputError("--device", f"unknown device {inputs.device!r}", f"use one of {', '.join(DEVICES)}")
     if not inputs.adapters:
         raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
     weights = tuple(inputs.weights) or (1.0,) * len(inputs.adapters)
     base = load_base(open_storage(inputs.base, inputs.storage))
-    adapters = tuple(load_adapter(open_storage(uri, inputs.storage)) for uri in inputs.adapters)
-    return Prepared(base, adapters, weights, plan_merge(base, adapters, weights))
+    adapters = []
+    for number, uri in enumerate(inputs.adapters):
+        storage = open_storage(uri, inputs.storage)
+        if pickle_staging and not storage.exists(WEIGHTS_NAME) and storage.exists(PICKLE_WEIGHTS_NAME):
+            staged = open_storage(f"{pickle_staging}/adapter-{number}", inputs.storage)
+            stage_pickled_adapter(storage, staged)
+            storage = staged
+        adapters.append(load_adapter(storage))
+    return Prepared(base, tuple(adapters), weights, plan_merge(base, adapters, weights))
 
 
-def _check_output(base: Storage, output: Storage, plan: MergePlan, options: MergeOptions) -> None:
-    if output.uri.rstrip("/") == base.uri.rstrip("/"):
+def _remove_staging(output: Storage, options: StorageOptions) -> None:
+    open_storage(f"{output.uri}/{STAGING_DIR}", options).remove_tree()
+
+
+def _check_output(output: Storage, options: MergeOptions) -> None:
+    if output.uri.rstrip("/") == open_storage(options.base).uri.rstrip("/"):
         raise InputError(output.uri, "the output is the base checkpoint itself", "choose another --output")
-    if output.uri.startswith("s3://"):
-        part_size = options.storage.part_size
-        if part_size < MIN_PART_BYTES:
-            raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
-                             "use --part-size-mb 5 or more")
-        largest = max(t.shard.size for t in plan.tasks)
-        if largest > part_size * MAX_PARTS:
-            raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
-                             f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
     if options.overwrite and options.resume:
         raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
     names = output.list_names()
@@ -110,6 +117,18 @@ def _check_output(base: Storage, output: Storage, plan: MergePlan, options: Merg
     if names and not (options.overwrite or options.resume):
         raise InputError(output.uri, f"the output holds an unfinished merge ({len(names)} files)",
                          "pass --resume to finish it, --overwrite to start over, or choose an empty --output")
+
+
+def _check_parts(output: Storage, plan: MergePlan, options: MergeOptions) -> None:
+    if output.uri.startswith("s3://"):
+        part_size = options.storage.part_size
+        if part_size < MIN_PART_BYTES:
+            raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
+                             "use --part-size-mb 5 or more")
+        largest = max(t.shard.size for t in plan.tasks)
+        if largest > part_size * MAX_PARTS:
+            raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
+                             f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
 
 
 def _clear_output(output: Storage) -> None:
@@ -134,7 +153,8 @@ def connect(address: str | None) -> None:
 
 def _adapter_files(adapter: LoraAdapter, options: StorageOptions) -> list[dict]:
     storage = open_storage(adapter.uri, options)
-    return [{"name": n, "size": storage.size(n), "sha256": sha256_of(storage, n)} for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    return [{"name": CONFIG_NAME, "size": storage.size(CONFIG_NAME), "sha256": sha256_of(storage, CONFIG_NAME)},
+            {"name": WEIGHTS_NAME, "size": storage.size(WEIGHTS_NAME), "sha256": scan_adapter(storage, adapter)}]
 
 
 def _describe(result: ShardResult) -> str:
@@ -144,13 +164,19 @@ def _describe(result: ShardResult) -> str:
 
 def run_merge(options: MergeOptions) -> MergeSummary:
     started = time.perf_counter()
-    prepared = prepare(options)
-    plan = prepared.plan
-    base_storage = open_storage(options.base, options.storage)
     output = open_storage(options.output, options.storage)
-    _check_output(base_storage, output, plan, options)
-    records = [adapter_record(a, w, _adapter_files(a, options.storage))
-               for a, w in zip(prepared.adapters, prepared.weights)]
+    _check_output(output, options)
+    staging = f"{output.uri}/{STAGING_DIR}" if options.allow_pickle else None
+    try:
+        prepared = prepare(options, staging)
+        plan = prepared.plan
+        _check_parts(output, plan, options)
+        records = [adapter_record(a, w, _adapter_files(a, options.storage)) | {"given_as": uri}
+                   for a, w, uri in zip(prepared.adapters, prepared.weights, options.adapters)]
+    except BaseException:
+        if staging:
+            _remove_staging(output, options.storage)
+        raise
     journal_key = fingerprint(plan, [r["files"][1]["sha256"] for r in records],
                               {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
     reused = proven(output, read_journal(output, journal_key), plan) if options.resume else []
@@ -199,6 +225,8 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     manifest = ray.get(finalize_task.remote(plan, output.uri, options.storage, prepared.base.extra_files,
                                             prepared.base.index_metadata, records, results, timings, cluster,
                                             outcome.retries, reused_names, options.validate))
+    if staging:
+        _remove_staging(output, options.storage)
     seconds = time.perf_counter() - started
     return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,
                         plan.read_bytes, sum(r.size for r in results), seconds,

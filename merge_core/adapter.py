@@ -7,13 +7,20 @@ one we cannot place is an error, never silently dropped.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import torch
+from safetensors.torch import save as save_safetensors
+
 from merge_core.checkpoint import read_json, read_shard_header
 from merge_core.errors import InputError
+from merge_core.fuse import tensor_from_bytes
+from merge_core.pipeline import Item, Read, read_ahead
 from merge_core.safetensors_format import FLOAT_DTYPES, ShardHeader, TensorInfo
 from merge_core.storage import Storage
 
@@ -138,13 +145,49 @@ def _pair_keys(header: ShardHeader, where: str) -> dict[str, dict[str, TensorInf
     return modules
 
 
+def scan_adapter(storage: Storage, adapter: LoraAdapter) -> str:
+    """Read the adapter's weights once, in order: every tensor must be finite. Returns the file's sha256."""
+    header = adapter.header
+    items = [Item(None, (Read(storage, WEIGHTS_NAME, 0, header.data_start),))]
+    items += [Item(info, (Read(storage, WEIGHTS_NAME, header.data_start + info.start, info.nbytes),))
+              for info in header.tensors]
+    digest = hashlib.sha256()
+    for info, (data,) in read_ahead(items):
+        digest.update(data)
+        if info is not None and not bool(tensor_from_bytes(data, info.dtype, info.shape).isfinite().all()):
+            raise InputError(f"{storage.describe(WEIGHTS_NAME)}: tensor {info.name}", "holds NaN or Inf values",
+                             "the adapter is broken; retrain it or export it again")
+    return digest.hexdigest()
+
+
+def stage_pickled_adapter(source: Storage, staging: Storage) -> None:
+    """Convert a pickle-only adapter (adapter_model.bin) to safetensors in `staging`.
+
+    Only with the user's explicit consent (--allow-pickle), and only through
+    torch.load(weights_only=True), which rebuilds tensors and plain containers and refuses
+    anything else: no code from the file runs."""
+    where = source.describe(PICKLE_WEIGHTS_NAME)
+    try:
+        state = torch.load(io.BytesIO(source.read_bytes(PICKLE_WEIGHTS_NAME)), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(where, f"is not a plain pickle of tensors ({type(exc).__name__})",
+                         "re-save the adapter with safe_serialization=True") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError(where, "does not hold a map of names to tensors", "re-save the adapter with PEFT")
+    staging.write_bytes(CONFIG_NAME, source.read_bytes(CONFIG_NAME))
+    staging.write_bytes(WEIGHTS_NAME, save_safetensors({k: v.contiguous().clone() for k, v in state.items()}))
+
+
 def load_adapter(storage: Storage) -> LoraAdapter:
     config = _check_config(read_json(storage, CONFIG_NAME, "point --adapter at a PEFT adapter directory"),
                            storage.describe(CONFIG_NAME))
     if not storage.exists(WEIGHTS_NAME):
         if storage.exists(PICKLE_WEIGHTS_NAME):
             raise InputError(storage.describe(PICKLE_WEIGHTS_NAME), "adapter is stored only as a pickle, "
-                             "which lora-merge never unpickles", "re-save the adapter with safe_serialization=True")
+                             "which lora-merge does not unpickle unasked",
+                             "re-save the adapter with safe_serialization=True, or pass --allow-pickle to load it "
+                             "with torch.load(weights_only=True)")
         raise InputError(storage.describe(WEIGHTS_NAME), "file not found",
                          "point --adapter at a PEFT adapter directory")
     where = storage.describe(WEIGHTS_NAME)

@@ -136,6 +136,17 @@ class S3Storage(Storage):
         key = self._key(name)
         self.call(f"DELETE {key}", self.client.delete_object, Key=key)
 
+    def remove_tree(self) -> None:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        token: dict = {}
+        while True:
+            page = self.call(f"LIST {prefix}", self.client.list_objects_v2, Prefix=prefix, **token)
+            for obj in page.get("Contents", []):
+                self.call(f"DELETE {obj['Key']}", self.client.delete_object, Key=obj["Key"])
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def open_uploads(self) -> list[tuple[str, str]]:
         """(key, upload id) of multipart uploads under the prefix, neither completed nor aborted."""
         prefix = f"{self.prefix}/" if self.prefix else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -81,6 +82,10 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    def remove_tree(self) -> None:
+        """Delete everything under the root, sub-prefixes included."""
 
     @abstractmethod
     def discard_incomplete(self) -> None:
@@ -177,6 +182,9 @@ class LocalStorage(Storage):
             os.unlink(self._path(name))
         except FileNotFoundError:
             pass
+
+    def remove_tree(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def discard_incomplete(self) -> None:
         if os.path.isdir(self.root):

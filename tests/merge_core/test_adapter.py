@@ -136,7 +136,7 @@ def test_pickle_only_adapter_is_never_unpickled(adapter_copy):
     os.unlink(adapter_copy / WEIGHTS)
     # A pickle that would run code if anything loaded it.
     (adapter_copy / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'touch /tmp/pwned-lora-merge'\ntR.")
-    assert "stored only as a pickle, which lora-merge never unpickles" in refused(adapter_copy)
+    assert "stored only as a pickle, which lora-merge does not unpickle unasked" in refused(adapter_copy)
     assert not os.path.exists("/tmp/pwned-lora-merge")
 
 
