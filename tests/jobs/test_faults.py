@@ -76,16 +76,21 @@ def test_worker_killed_mid_shard_is_retried_and_the_output_is_identical(many_sha
     assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
 
 
-def test_driver_killed_then_resume_reuses_proven_shards(many_shards, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
-    out = tmp_path / "out"
-    args = ("--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
-            "--ray-address", cluster.address)
+def interrupted_merge(models: Models, cluster, out, shards_done: int) -> tuple[str, ...]:
+    """Start a merge, kill its driver once `shards_done` shards are finished; returns its arguments."""
+    args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--ray-address", cluster.address)
     job = start_merge(*args)
-    wait_until(lambda: journal_shards(out) >= 4, what="four finished shards")
+    wait_until(lambda: journal_shards(out) >= shards_done, what=f"{shards_done} finished shards")
     job.kill()
     job.communicate()
     assert not (out / INDEX_NAME).exists()
+    return args
+
+
+def test_driver_killed_then_resume_reuses_proven_shards(many_shards, two_node_cluster, tmp_path):
+    cluster, _ = two_node_cluster
+    out = tmp_path / "out"
+    args = interrupted_merge(many_shards, cluster, out, 4)
     done_before = journal_shards(out)
 
     refused = run_cli("merge", *args)
@@ -104,12 +109,7 @@ def test_driver_killed_then_resume_reuses_proven_shards(many_shards, two_node_cl
 def test_resume_redoes_a_shard_whose_bytes_changed(many_shards, two_node_cluster, tmp_path):
     cluster, _ = two_node_cluster
     out = tmp_path / "out"
-    args = ("--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
-            "--ray-address", cluster.address)
-    job = start_merge(*args)
-    wait_until(lambda: journal_shards(out) >= 3, what="three finished shards")
-    job.kill()
-    job.communicate()
+    args = interrupted_merge(many_shards, cluster, out, 3)
     first = json.loads((out / JOURNAL_NAME).read_text())["shards"][0]["name"]
     with open(out / first, "r+b") as f:
         f.seek(-1, os.SEEK_END)
@@ -123,14 +123,10 @@ def test_resume_redoes_a_shard_whose_bytes_changed(many_shards, two_node_cluster
     assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
 
 
-def test_resume_refuses_a_journal_of_other_inputs(many_shards, models, two_node_cluster, tmp_path):
+def test_resume_refuses_a_journal_of_other_inputs(many_shards, two_node_cluster, tmp_path):
     cluster, _ = two_node_cluster
     out = tmp_path / "out"
-    job = start_merge("--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
-                      "--ray-address", cluster.address)
-    wait_until(lambda: journal_shards(out) >= 1, what="a finished shard")
-    job.kill()
-    job.communicate()
+    interrupted_merge(many_shards, cluster, out, 1)
     other = run_cli("merge", "--base", many_shards.base, "--adapter", many_shards.adapter, "--weight", "0.5",
                     "--output", str(out), "--ray-address", cluster.address, "--resume")
     assert other.returncode == 2
