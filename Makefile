@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on GPU machines install a CUDA build into .venv first and it is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 setup: $(VENV)/.installed
 
@@ -19,5 +19,9 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# A real merge end to end: local S3 server, generated model and adapter, local Ray, verify, load.
+demo: setup
+	$(PY) -m infra.demo
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .demo

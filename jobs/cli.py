@@ -169,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
+    cause = getattr(exc, "cause", None)  # what a Ray task raised, without Ray's remote traceback
+    if isinstance(cause, BaseException):
+        exc = cause
     if isinstance(exc, InputError):
         return EXIT_INPUT, str(exc)
     if isinstance(exc, ValidationError):

@@ -10,13 +10,13 @@ from typing import Sequence
 import ray
 
 from jobs.progress import Progress
-from jobs.runner import run_over_lanes
-from jobs.scheduling import plan_lanes
+from jobs.runner import get_with_retries, run_over_lanes
+from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.adapter import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter,
                                 scan_adapter, stage_pickled_adapter)
 from merge_core.checkpoint import INDEX_NAME, BaseCheckpoint, load_base
-from merge_core.errors import InputError
+from merge_core.errors import InputError, TransientStorageError
 from merge_core.journal import fingerprint, proven, read_journal, write_journal
 from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
@@ -106,8 +106,9 @@ def _remove_staging(output: Storage, options: StorageOptions) -> None:
 
 
 def _check_output(output: Storage, options: MergeOptions) -> None:
-    if output.uri.rstrip("/") == open_storage(options.base).uri.rstrip("/"):
-        raise InputError(output.uri, "the output is the base checkpoint itself", "choose another --output")
+    inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.base, *options.adapters)]
+    if output.uri.rstrip("/") in inputs:
+        raise InputError(output.uri, "the output is one of the inputs", "choose another --output")
     if options.overwrite and options.resume:
         raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
     names = output.list_names()
@@ -179,11 +180,13 @@ def run_merge(options: MergeOptions) -> MergeSummary:
         raise
     journal_key = fingerprint(plan, [r["files"][1]["sha256"] for r in records],
                               {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
-    reused = proven(output, read_journal(output, journal_key), plan) if options.resume else []
+    reused = (proven(output, open_storage(options.base, options.storage), read_journal(output, journal_key), plan)
+              if options.resume else [])
     planned = time.perf_counter()
 
     connect(options.ray_address)
     lanes = plan_lanes(ray.nodes(), options.device)
+    check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
     if options.overwrite:
         _clear_output(output)
     elif options.resume:
@@ -198,8 +201,11 @@ def run_merge(options: MergeOptions) -> MergeSummary:
 
     def finished(task, result: ShardResult) -> None:
         done.append(result)
-        write_journal(output, journal_key, done)
         progress.shard_done(result.name, result.size, _describe(result))
+        try:
+            write_journal(output, journal_key, done)
+        except (TransientStorageError, OSError) as exc:  # the journal only helps a later --resume
+            log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
         return merge_shard_task.options(**lane_options, memory=memory[task.name]).remote(
@@ -222,9 +228,9 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
     cluster = {"resources": ray.cluster_resources(), "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                "lanes": {lane.name: lane.slots for lane in lanes}}
-    manifest = ray.get(finalize_task.remote(plan, output.uri, options.storage, prepared.base.extra_files,
-                                            prepared.base.index_metadata, records, results, timings, cluster,
-                                            outcome.retries, reused_names, options.validate))
+    manifest = get_with_retries(lambda: finalize_task.remote(
+        plan, output.uri, options.storage, prepared.base.extra_files, prepared.base.index_metadata, records, results,
+        timings, cluster, outcome.retries, reused_names, options.validate), "the final task")
     if staging:
         _remove_staging(output, options.storage)
     seconds = time.perf_counter() - started

@@ -87,6 +87,20 @@ def run_over_lanes(jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[
     return outcome
 
 
+def get_with_retries(submit: Callable[[], ray.ObjectRef], name: str):
+    """Run one task to its result, retrying transient failures as shard tasks are."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return ray.get(submit())
+        except Exception as exc:
+            if not _is_transient(exc) or attempt == MAX_ATTEMPTS:
+                raise
+            log.warning("retrying %s (attempt %d): %s", name, attempt + 1, _one_line(exc))
+
+
 def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"

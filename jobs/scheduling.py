@@ -53,6 +53,14 @@ def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str) -> list[Lane]
     return lanes
 
 
+def check_fits(nodes: Sequence[Mapping[str, object]], task) -> None:
+    """A task asking more memory than any node has would wait forever: refuse it up front."""
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in nodes if n.get("Alive")), default=0)
+    if task.memory_bytes > largest:
+        raise InputError(task.name, f"merging it needs about {task.memory_bytes / 1e9:.1f} GB of worker memory; the "
+                         f"largest Ray node offers {largest / 1e9:.1f} GB", "add larger worker nodes to the cluster")
+
+
 def free_lane(lanes: Sequence[Lane]) -> Lane | None:
     """GPU lanes first: they come first in the list."""
     return next((lane for lane in lanes if lane.free), None)

@@ -35,9 +35,10 @@ def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str]
 
 @ray.remote(max_retries=0)
 def verify_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], merged_uri: str,
-                      options: StorageOptions, expected_size: int | None, expected_sha256: str | None) -> ShardVerdict:
+                      options: StorageOptions, expected_size: int | None, expected_sha256: str | None,
+                      fused_ulps: int) -> ShardVerdict:
     return verify_shard(task, open_storage(base_uri, options), [open_storage(u, options) for u in adapter_uris],
-                        open_storage(merged_uri, options), expected_size, expected_sha256)
+                        open_storage(merged_uri, options), expected_size, expected_sha256, fused_ulps)
 
 
 @ray.remote(max_retries=0)
@@ -54,5 +55,5 @@ def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, ext
     copied = copy_extra_files(base, output, extra_files)
     timings = dict(timings) | {"finalize_seconds": time.perf_counter() - started}
     manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster, retries, reused)
-    publish(output, index, manifest, build_report(plan, results))
+    publish(output, plan, index, manifest, build_report(plan, results))
     return manifest

@@ -33,7 +33,7 @@ REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
 # Config switches that change what a merge computes. Until lora-merge implements one, an
 # adapter that sets it is refused by name rather than merged as if it were plain LoRA.
 UNSUPPORTED_SWITCHES = (
-    "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "mica", "arrow_config",
+    "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "arrow_config",
     "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config", "layer_replication",
     "trainable_token_indices", "target_parameters", "modules_to_save",
 )
@@ -45,6 +45,11 @@ UNSUPPORTED_SUFFIXES = {
     ".lora_magnitude_vector": "DoRA",
     ".lora_magnitude_vector.weight": "DoRA",
 }
+# init_lora_weights values whose initialisation rewrites the base weight (W_res = W - B₀A₀, or a
+# quantisation residual). PEFT redoes that on load, so its merge is right; adding B·A to the
+# untouched base would not be. Adapters converted on save (path_initial_model_for_weight_conversion)
+# say init_lora_weights=true and merge as plain LoRA.
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _PAIR_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
@@ -79,8 +84,12 @@ def pattern_key(pattern_keys: Sequence[str], module: str) -> str | None:
     """The rank_pattern/alpha_pattern key that applies to a module, matched as PEFT matches it:
     the key, as a regex, must match the whole module name or a dotted suffix of it; first wins."""
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as exc:
+            raise InputError(CONFIG_NAME, f"pattern {key!r} in rank_pattern/alpha_pattern is not a valid regular "
+                             f"expression ({exc})", "fix the pattern") from None
     return None
 
 
@@ -116,6 +125,11 @@ def _check_config(config: object, where: str) -> Mapping[str, object]:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
             raise InputError(where, f"{pattern_name} is not a map of module patterns to positive numbers",
                              f"fix {pattern_name}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise InputError(where, f"init_lora_weights {init!r} rewrites the base weights when the adapter loads, so "
+                         "B·A alone is not the update", "save the adapter with path_initial_model_for_weight_"
+                         "conversion (PEFT converts it to plain LoRA), then merge that")
     enabled = [s for s in UNSUPPORTED_SWITCHES if config.get(s)]
     if enabled:
         raise InputError(where, f"uses {', '.join(enabled)}, which lora-merge does not merge yet",

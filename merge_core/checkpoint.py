@@ -20,6 +20,9 @@ SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "merge_manifest.json"
 REPORT_NAME = "merge_report.parquet"
 JOURNAL_NAME = ".lora-merge-journal.json"  # an unfinished merge's record, for --resume
+# A single-file model is written under this name and renamed when validated: loaders take a
+# model.safetensors they find even without the index, so it may not appear before it is checked.
+UNVALIDATED_SINGLE_NAME = ".model.safetensors.unvalidated"
 # Files that hold weights in some format: never copied verbatim, or the output would ship
 # unmerged weights beside the merged ones.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -41,6 +44,7 @@ class BaseCheckpoint:
     uri: str
     shards: tuple[Shard, ...]
     index_metadata: Mapping[str, object]
+    indexed: bool  # False for a single model.safetensors without an index
     extra_files: tuple[str, ...]  # config, tokenizer and other non-weight files, copied as they are
     weight_map: Mapping[str, str] = field(repr=False)
 
@@ -130,5 +134,6 @@ def load_base(storage: Storage) -> BaseCheckpoint:
             raise InputError(storage.describe(shard_name), f"tensor {tensor} is in the weight_map but not in the shard",
                              "restore the shard or regenerate the index")
 
-    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in (MANIFEST_NAME, REPORT_NAME, JOURNAL_NAME))
-    return BaseCheckpoint(storage.uri, shards, metadata, extra, weight_map)
+    own = {MANIFEST_NAME, REPORT_NAME, JOURNAL_NAME, *shard_names}
+    extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in own)
+    return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map)

@@ -31,8 +31,9 @@ def validate_merge(plan: MergePlan, results: Sequence[ShardResult], index: Mappi
     problems = [f"{output.describe(t.name)}: no worker reported this shard" for t in plan.tasks
                 if t.name not in reported]
     for task in plan.tasks:
-        if task.name in reported and output.exists(task.name) and output.size(task.name) != reported[task.name].size:
-            problems.append(f"{output.describe(task.name)}: storage holds {output.size(task.name)} bytes but the "
+        name = task.output_name
+        if task.name in reported and output.exists(name) and output.size(name) != reported[task.name].size:
+            problems.append(f"{output.describe(name)}: storage holds {output.size(name)} bytes but the "
                             f"worker wrote {reported[task.name].size}")
     header_problems, headers = check_headers(plan, output)
     problems += header_problems + check_index(plan, index, headers)
@@ -49,9 +50,13 @@ def copy_extra_files(base: Storage, output: Storage, names: Sequence[str]) -> li
     return copied
 
 
-def publish(output: Storage, index: Mapping[str, object], manifest: Mapping[str, object], report: bytes) -> None:
+def publish(output: Storage, plan: MergePlan, index: Mapping[str, object], manifest: Mapping[str, object],
+            report: bytes) -> None:
     # Uploads abandoned by killed (and retried) workers would otherwise linger, and be billed.
     output.discard_incomplete()
+    for task in plan.tasks:  # a single-file model takes its real name only now, validated
+        if task.output_name != task.name:
+            output.rename(task.output_name, task.name)
     output.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     output.write_bytes(REPORT_NAME, report)
     try:
@@ -59,4 +64,7 @@ def publish(output: Storage, index: Mapping[str, object], manifest: Mapping[str,
     except FileExistsError:
         raise RuntimeError(f"{output.describe(INDEX_NAME)}: another job published a model here while this one "
                            "ran; this run's output was not published") from None
-    output.delete(JOURNAL_NAME)  # the model is complete: nothing is left to resume
+    try:
+        output.delete(JOURNAL_NAME)  # the model is complete: nothing is left to resume
+    except Exception:  # published is published; a stale journal is only clutter
+        pass

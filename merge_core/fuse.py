@@ -21,6 +21,8 @@ TORCH_DTYPES = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+if hasattr(torch, "float8_e8m0fnu"):
+    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]) -> torch.Tensor:

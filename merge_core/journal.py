@@ -18,7 +18,7 @@ from merge_core.errors import InputError, ValidationError
 from merge_core.fuse import FuseStats
 from merge_core.manifest import tool_version
 from merge_core.plan import MergePlan
-from merge_core.shard_merge import ShardResult, check_stored
+from merge_core.shard_merge import ShardResult, check_stored, stored_sha256
 from merge_core.storage import Storage
 
 
@@ -26,6 +26,7 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
     """Identifies the merge: base layout, adapters' bytes, what is fused with which scale, settings."""
     described = {
         "tool": tool_version(),
+        "base_uri": plan.base_uri,
         "base": [(t.name, t.shard.size, [(i.name, i.dtype, i.shape, i.start) for i in t.shard.header.tensors])
                  for t in plan.tasks],
         "adapters": list(adapter_sha256),
@@ -63,15 +64,17 @@ def read_journal(storage: Storage, print_: str) -> list[ShardResult]:
     return results
 
 
-def proven(storage: Storage, results: Sequence[ShardResult], plan: MergePlan) -> list[ShardResult]:
-    """The journal's shards that storage still holds byte for byte."""
-    planned = {t.name for t in plan.tasks}
+def proven(storage: Storage, base: Storage, results: Sequence[ShardResult], plan: MergePlan) -> list[ShardResult]:
+    """The journal's shards that storage still holds byte for byte, merged from the base as it is now."""
+    tasks = {t.name: t for t in plan.tasks}
     kept = []
     for result in results:
-        if result.name not in planned:
+        if result.name not in tasks:
             continue
         try:
-            check_stored(storage, result.name, result.size, result.sha256)
+            check_stored(storage, tasks[result.name].output_name, result.size, result.sha256)
+            if stored_sha256(base, result.name, tasks[result.name].shard.size) != result.base_sha256:
+                continue  # the base changed since: this shard was merged from other bytes
         except (ValidationError, FileNotFoundError):
             continue
         kept.append(result)

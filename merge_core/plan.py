@@ -6,18 +6,20 @@ any byte is written: a task only ever meets I/O failures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 from merge_core.adapter import WEIGHTS_NAME, LoraAdapter
-from merge_core.checkpoint import BaseCheckpoint, Shard
+from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
 from merge_core.errors import InputError
 from merge_core.safetensors_format import FLOAT_DTYPES, TensorInfo
 
-# Bytes a worker holds per element of the tensor it fuses: the base tensor, the float32
-# accumulator, the float32 delta and the rounded result (at most 2 + 4 + 4 + 4 for bf16/f32).
-FUSE_BYTES_PER_ELEMENT = 14
-FIXED_WORKER_BYTES = 512 * 1024 * 1024  # interpreter, torch, I/O buffers
+# Bytes a worker holds per element of the tensor it fuses: the base tensor's bytes as read (and
+# their chunks), W in float32, ΔW, |ΔW| for the report, the rounded result and its copy on its
+# way out (about 2 + 2 + 4 + 4 + 4 + 2 + 2 for bf16; float32 bases stay within the same sum).
+FUSE_BYTES_PER_ELEMENT = 20
+FIXED_WORKER_BYTES = 768 * 1024 * 1024  # interpreter, torch, read-ahead and write-behind windows
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class FuseTarget:
 class ShardTask:
     shard: Shard
     targets: tuple[FuseTarget, ...]
+    output_name: str  # where the worker writes it; renamed to `name` at publication if different
 
     @property
     def name(self) -> str:
@@ -100,6 +103,8 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     if len(weights) != len(adapters):
         raise InputError("--weight", f"{len(weights)} weight(s) for {len(adapters)} adapter(s)",
                          "give one --weight per --adapter, or none")
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError("--weight", f"weights {list(weights)} are not all finite numbers", "give finite weights")
     updates: dict[str, list[Update]] = {}
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         for pair in adapter.pairs:
@@ -112,5 +117,6 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     for shard in base.shards:
         targets = tuple(FuseTarget(t.name, tuple(updates[t.name])) for t in shard.header.tensors
                         if t.name in updates)
-        tasks.append(ShardTask(shard, targets))
+        unvalidated = UNVALIDATED_SINGLE_NAME if not base.indexed else shard.name
+        tasks.append(ShardTask(shard, targets, unvalidated))
     return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks))

@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
 from merge_core.errors import InputError, TransientStorageError
 from merge_core.storage import ObjectWriter, Storage, StorageOptions, check_plain_name
@@ -89,6 +90,10 @@ class S3Storage(Storage):
                 raise FileExistsError(f"{self.uri}: {what}") from None
             raise TransientStorageError(f"{self.uri}: {what}: {code}: {exc.response['Error'].get('Message', '')}") \
                 from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise InputError(self.uri, "no usable AWS credentials found",
+                             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role") \
+                from None
         except (BotoConnectionError, BotoCoreError) as exc:
             raise TransientStorageError(f"{self.uri}: {what}: {type(exc).__name__}: {exc}") from None
 
@@ -136,6 +141,17 @@ class S3Storage(Storage):
         key = self._key(name)
         self.call(f"DELETE {key}", self.client.delete_object, Key=key)
 
+    def rename(self, old: str, new: str) -> None:
+        """S3 has no rename: a server-side copy (multipart above 5 GB, done by boto3), then a delete."""
+        source, target = self._key(old), self._key(new)
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, target)
+        except ClientError as exc:
+            raise TransientStorageError(f"{self.uri}: COPY {source} to {target}: {_code(exc)}") from None
+        except (BotoConnectionError, BotoCoreError) as exc:
+            raise TransientStorageError(f"{self.uri}: COPY {source} to {target}: {type(exc).__name__}") from None
+        self.delete(old)
+
     def remove_tree(self) -> None:
         prefix = f"{self.prefix}/" if self.prefix else ""
         token: dict = {}
@@ -148,10 +164,17 @@ class S3Storage(Storage):
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def open_uploads(self) -> list[tuple[str, str]]:
-        """(key, upload id) of multipart uploads under the prefix, neither completed nor aborted."""
+        """(key, upload id) of unfinished multipart uploads of objects directly under the prefix
+        (not deeper: other jobs may be writing below it)."""
         prefix = f"{self.prefix}/" if self.prefix else ""
-        page = self.call(f"LIST uploads {prefix}", self.client.list_multipart_uploads, Prefix=prefix)
-        return [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        uploads, markers = [], {}
+        while True:
+            page = self.call(f"LIST uploads {prefix}", self.client.list_multipart_uploads, Prefix=prefix, **markers)
+            uploads += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])
+                        if "/" not in u["Key"][len(prefix):]]
+            if not page.get("IsTruncated"):
+                return uploads
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def discard_incomplete(self) -> None:
         for key, upload_id in self.open_uploads():

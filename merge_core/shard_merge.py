@@ -89,17 +89,23 @@ def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.
     return tensor_to_bytes(merged), stats
 
 
+def stored_sha256(storage: Storage, name: str, size: int) -> str:
+    """sha256 of the first `size` bytes of an object, read with read-ahead."""
+    digest = hashlib.sha256()
+    for _, (data,) in read_ahead([Item(None, (Read(storage, name, start, min(DEFAULT_CHUNK_BYTES, size - start)),))
+                                  for start in range(0, size, DEFAULT_CHUNK_BYTES)]):
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def check_stored(storage: Storage, name: str, size: int, sha256: str) -> None:
     """Read the published object back: storage must hold exactly the bytes that were hashed."""
     stored = storage.size(name)
     if stored != size:
         raise ValidationError([f"{storage.describe(name)}: storage holds {stored} bytes, the worker wrote {size}"])
-    digest = hashlib.sha256()
-    for _, (data,) in read_ahead([Item(None, (Read(storage, name, start, min(DEFAULT_CHUNK_BYTES, size - start)),))
-                                  for start in range(0, size, DEFAULT_CHUNK_BYTES)]):
-        digest.update(data)
-    if digest.hexdigest() != sha256:
-        raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest.hexdigest()}, "
+    digest = stored_sha256(storage, name, size)
+    if digest != sha256:
+        raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest}, "
                                f"the worker wrote {sha256}"])
 
 
@@ -130,7 +136,7 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
     hasher = Behind("hash-base")
     fused_stats: list[tuple[str, FuseStats]] = []
 
-    stream = ShardStreamWriter(output.open_writer(task.name),
+    stream = ShardStreamWriter(output.open_writer(task.output_name),
                                [(i.name, i.dtype, i.shape) for i in header.tensors], header.metadata)
     try:
         if [(i.start, i.end) for i in stream.layout] != [(i.start, i.end) for i in header.tensors]:
@@ -155,10 +161,13 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
         hasher.drain()
         laps.lap("write")
         if read_back:
-            check_stored(output, task.name, size, sha)
+            check_stored(output, task.output_name, size, sha)
             laps.lap("wait")
     except BaseException:
-        stream.abort()
+        try:
+            stream.abort()
+        except Exception:  # the failure that brought us here is the one to report
+            pass
         raise
     finally:
         hasher.close()

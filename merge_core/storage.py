@@ -29,7 +29,7 @@ class StorageOptions:
 
 def check_plain_name(name: str, where: str) -> str:
     """Object names come from index files we do not trust: keep every access inside the root."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or ".." in name or "\0" in name:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
         raise InputError(where, f"file name {name!r} is not a plain file name",
                          "an index may only name files in its own directory; fix the weight_map")
     return name
@@ -84,6 +84,10 @@ class Storage(ABC):
     def delete(self, name: str) -> None: ...
 
     @abstractmethod
+    def rename(self, old: str, new: str) -> None:
+        """Give an object another name, replacing whatever had it."""
+
+    @abstractmethod
     def remove_tree(self) -> None:
         """Delete everything under the root, sub-prefixes included."""
 
@@ -107,6 +111,14 @@ class Storage(ABC):
             writer.commit(exclusive=exclusive)
 
 
+def _fsync_directory(path: str) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class _LocalWriter(ObjectWriter):
     def __init__(self, final_path: str):
         self._final = final_path
@@ -123,12 +135,22 @@ class _LocalWriter(ObjectWriter):
         os.fsync(self._file.fileno())
         self._file.close()
         if exclusive:
-            # link() refuses an existing name atomically, unlike rename().
-            os.link(self._temp, self._final)
-            os.unlink(self._temp)
+            self._claim()
         else:
             os.replace(self._temp, self._final)
+        _fsync_directory(os.path.dirname(self._final))  # the rename is durable once the entry is
         self._done = True
+
+    def _claim(self) -> None:
+        """Publish under a name that must not exist yet, atomically where the filesystem allows."""
+        try:
+            os.link(self._temp, self._final)  # refuses an existing name, unlike rename()
+            os.unlink(self._temp)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some FUSE or SMB mounts): claim the name, then replace it
+            os.close(os.open(self._final, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(self._temp, self._final)
 
     def abort(self) -> None:
         if self._done:
@@ -143,7 +165,7 @@ class _LocalWriter(ObjectWriter):
 
 class LocalStorage(Storage):
     def __init__(self, root: str):
-        self.root = os.path.abspath(os.path.expanduser(root))
+        self.root = os.path.realpath(os.path.expanduser(root))
         self.uri = self.root
 
     def _path(self, name: str) -> str:
@@ -185,6 +207,10 @@ class LocalStorage(Storage):
 
     def remove_tree(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def rename(self, old: str, new: str) -> None:
+        os.replace(self._path(old), self._path(new))
+        _fsync_directory(self.root)
 
     def discard_incomplete(self) -> None:
         if os.path.isdir(self.root):

@@ -78,3 +78,20 @@ def test_lanes_use_gpus_and_cpu_only_nodes():
     assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "auto")] == [("gpu", 2), ("cpu@abababab", 2)]
     assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "cuda")] == [("gpu", 2)]
     assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "cpu")] == [("cpu", 10)]
+
+
+def test_output_that_is_an_input_is_refused(models, tmp_path):
+    line = one_error_line(run_cli("merge", "--base", models.base, "--adapter", models.adapter,
+                                  "--output", models.adapter + "/", "--overwrite"))
+    assert line == (f"error: {models.adapter}: the output is one of the inputs (choose another --output)")
+    assert os.path.exists(os.path.join(models.adapter, "adapter_model.safetensors"))
+
+
+def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever():
+    from types import SimpleNamespace
+
+    from jobs.scheduling import check_fits
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 4e9}}]
+    check_fits(nodes, SimpleNamespace(name="model-00001-of-00002.safetensors", memory_bytes=3e9))
+    with pytest.raises(InputError, match="needs about 5.0 GB of worker memory; the largest Ray node offers 4.0 GB"):
+        check_fits(nodes, SimpleNamespace(name="model-00001-of-00002.safetensors", memory_bytes=5e9))

@@ -10,6 +10,7 @@ import shutil
 import struct
 import time
 
+import pytest
 import torch
 
 from jobs.progress import Progress
@@ -44,16 +45,21 @@ def test_verify_passes_a_good_merge_and_names_the_tensor_a_flipped_byte_hit(mode
     assert any("differs from the manifest's" in p for p in problems)
 
 
-def test_a_merge_that_produces_inf_exits_4_and_publishes_nothing(two_node_cluster, tmp_path):
+@pytest.mark.parametrize("layout", ["sharded", "single file"])
+def test_a_merge_that_produces_inf_exits_4_and_publishes_nothing(two_node_cluster, tmp_path, layout):
     cluster, _ = two_node_cluster
-    base = make_base(str(tmp_path / "base"), dtype=torch.float16)
+    base = make_base(str(tmp_path / "base"), dtype=torch.float16,
+                     max_shard_size="60KB" if layout == "sharded" else "50MB")
     adapter = make_adapter(str(tmp_path / "adapter"), target_modules=["o_proj"], b_std=1e8)
     out = tmp_path / "out"
     run = run_cli("merge", "--base", base, "--adapter", adapter, "--output", str(out), "--ray-address",
                   cluster.address)
     assert run.returncode == 4, run.stderr
     assert "self_attn.o_proj.weight: fusing produced" in run.stderr and "--allow-nonfinite" in run.stderr
-    assert not (out / INDEX_NAME).exists() and not [n for n in os.listdir(out) if n.startswith(".")]
+    assert "Traceback" not in run.stderr and "ray::" not in run.stderr, "the worker's error, not Ray's wrapping"
+    assert not (out / INDEX_NAME).exists() and not (out / "model.safetensors").exists(), \
+        "nothing a loader would pick up"
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")]
     run = run_cli("merge", "--base", base, "--adapter", adapter, "--output", str(out), "--ray-address",
                   cluster.address, "--overwrite", "--allow-nonfinite")
     assert run.returncode == 0, run.stderr

@@ -163,3 +163,26 @@ def test_delta_shape_that_does_not_fit(tmp_path, adapter_copy):
     with pytest.raises(InputError, match=r"delta shape \[40, 64\] does not fit model.layers.0.self_attn.q_proj.weight "
                                          r"of shape \[64, 64\]"):
         plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(str(adapter_copy)))], [1.0])
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_inits_that_rewrite_the_base_are_refused(adapter_copy, init):
+    edit_config(adapter_copy, init_lora_weights=init)
+    assert f"init_lora_weights {init!r} rewrites the base weights" in refused(adapter_copy)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_inits_that_leave_the_base_alone_merge_as_plain_lora(adapter_copy, init):
+    edit_config(adapter_copy, init_lora_weights=init)
+    assert len(load_adapter(LocalStorage(str(adapter_copy))).pairs) == 4
+
+
+def test_invalid_pattern_regex_is_bad_input(adapter_copy):
+    edit_config(adapter_copy, rank_pattern={"q_proj(": 8})
+    assert "is not a valid regular expression" in refused(adapter_copy)
+
+
+def test_weights_must_be_finite(tmp_path, adapter_dir):
+    base = make_base(str(tmp_path / "base"))
+    with pytest.raises(InputError, match="--weight: weights \\[nan\\] are not all finite numbers"):
+        plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter_dir))], [float("nan")])

@@ -23,9 +23,9 @@ def merge_without_ray(base: str, adapters: list[str], out: str) -> dict[str, tor
     plan = plan_merge(checkpoint, [load_adapter(open_storage(a)) for a in adapters], [1.0] * len(adapters))
     for task in plan.tasks:
         merge_shard(task, base, adapters, out)
-    assert sorted(os.listdir(out)) == sorted(t.name for t in plan.tasks), "only finished shards, no temp files"
+    assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
     copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files)
-    publish(open_storage(out), build_index(plan, checkpoint.index_metadata)[0], {}, b"")
+    publish(open_storage(out), plan, build_index(plan, checkpoint.index_metadata)[0], {}, b"")
     return load_checkpoint(out)
 
 

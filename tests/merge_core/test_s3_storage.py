@@ -81,3 +81,21 @@ def test_failure_in_the_middle_of_a_shard_upload_aborts_it(s3, tmp_path):
     with pytest.raises(InputError, match="the object changed or was truncated while being read"):
         merge_shard(task, base_uri, [adapter], f"s3://{BUCKET}/cut/out", "cpu", SMALL_PARTS)
     assert open_uploads(s3, "cut/out") == [] and list_keys(s3, "cut/out") == []
+
+
+def test_discarding_incomplete_uploads_spares_deeper_prefixes(s3):
+    client = s3.client()
+    mine = client.create_multipart_upload(Bucket=BUCKET, Key="nest/out/shard.safetensors")
+    theirs = client.create_multipart_upload(Bucket=BUCKET, Key="nest/out/other-job/shard.safetensors")
+    open_storage(f"s3://{BUCKET}/nest/out").discard_incomplete()
+    assert open_uploads(s3, "nest/out") == ["nest/out/other-job/shard.safetensors"]
+    client.abort_multipart_upload(Bucket=BUCKET, Key="nest/out/other-job/shard.safetensors",
+                                  UploadId=theirs["UploadId"])
+    assert mine["UploadId"]
+
+
+def test_rename_is_a_server_side_copy_then_delete(s3):
+    storage = open_storage(f"s3://{BUCKET}/renamed")
+    storage.write_bytes(".staged", b"payload")
+    storage.rename(".staged", "model.safetensors")
+    assert storage.list_names() == ["model.safetensors"] and storage.read_bytes("model.safetensors") == b"payload"
