@@ -38,19 +38,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _inputs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, metavar="URI",
+def _inputs(parser: argparse.ArgumentParser, from_config: bool = False) -> None:
+    """The options every command shares. With from_config, nothing is required or defaulted here:
+    values come from --config, then from the flags, then from MERGE_DEFAULTS."""
+    required, unset = not from_config, from_config
+    parser.add_argument("--base", required=required, metavar="URI",
                         help="base checkpoint: a directory or s3://bucket/prefix holding model.safetensors or "
                              "model.safetensors.index.json with its shards")
-    parser.add_argument("--adapter", required=True, action="append", metavar="URI", dest="adapters",
+    parser.add_argument("--adapter", required=required, action="append", metavar="URI", dest="adapters",
                         help="PEFT adapter directory or prefix; repeat to merge several")
-    parser.add_argument("--weight", action="append", type=float, metavar="W", dest="weights", default=[],
+    parser.add_argument("--weight", action="append", type=float, metavar="W", dest="weights",
+                        default=None if unset else [],
                         help="weight of the adapter in the same position (default 1)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None if unset else "auto",
                         help="where to fuse: cuda needs GPUs in the cluster; auto uses them when present")
-    parser.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_BYTES // 2**20, metavar="MB",
-                        help="multipart upload part size for s3:// output (default %(default)s, at least 5)")
+    parser.add_argument("--part-size-mb", type=int, default=None if unset else DEFAULT_PART_BYTES // 2**20,
+                        metavar="MB", help=f"multipart upload part size for s3:// output (default "
+                        f"{DEFAULT_PART_BYTES // 2**20}, at least 5)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per log line, for cluster log collectors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,25 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lora-merge {tool_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
+    def command(name: str, summary: str, from_config: bool = False) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary, epilog=f"{EXAMPLES[name]}\n\n{EXIT_CODES}",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        _inputs(sub)
+        _inputs(sub, from_config)
         return sub
 
-    merge = command("merge", "fuse adapters into a base checkpoint and publish the result")
-    merge.add_argument("--output", required=True, metavar="URI", help="where to write the merged checkpoint")
-    merge.add_argument("--overwrite", action="store_true", help="replace whatever is at --output")
-    merge.add_argument("--resume", action="store_true",
+    merge = command("merge", "fuse adapters into a base checkpoint and publish the result", from_config=True)
+    merge.add_argument("--config", metavar="FILE", help="take options from this YAML job spec (local or s3://); "
+                       "flags given here override it")
+    merge.add_argument("--output", metavar="URI", help="where to write the merged checkpoint")
+    flag = {"action": "store_true", "default": None}
+    merge.add_argument("--overwrite", **flag, help="replace whatever is at --output")
+    merge.add_argument("--resume", **flag,
                        help="finish an interrupted merge into --output, reusing every shard it proves complete")
-    merge.add_argument("--allow-nonfinite", action="store_true",
+    merge.add_argument("--allow-nonfinite", **flag,
                        help="publish even if fusing produced NaN/Inf values the base did not have")
-    merge.add_argument("--allow-pickle", action="store_true",
+    merge.add_argument("--allow-pickle", **flag,
                        help="accept adapters stored only as adapter_model.bin, loaded with "
                             "torch.load(weights_only=True) (never plain unpickling)")
-    merge.add_argument("--no-validate", dest="validate", action="store_false",
+    merge.add_argument("--no-validate", dest="validate", action="store_false", default=None,
                        help="skip the read-back of shards and the checks before the index is written")
     merge.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    merge.add_argument("--task-cpus", type=int, metavar="N", help="CPUs each shard task asks for (default 1)")
     merge.add_argument("--report", metavar="FILE", help="also write the run's summary as JSON to FILE")
 
     verify = command("verify", "re-check a merged model against its base and adapters, byte for byte")
@@ -96,6 +107,28 @@ def _write_report(path: str | None, report: dict) -> None:
             json.dump(report, f, indent=2, default=str)
 
 
+MERGE_DEFAULTS = {"weights": [], "device": "auto", "part_size_mb": DEFAULT_PART_BYTES // 2**20, "ray_address": None,
+                  "overwrite": False, "resume": False, "allow_nonfinite": False, "allow_pickle": False,
+                  "validate": True, "report": None, "task_cpus": 1, "task_resources": {}}
+
+
+def resolve_merge_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults, then the --config file, then the flags given on the command line."""
+    from jobs.job_config import load_job_config
+
+    values = dict(MERGE_DEFAULTS)
+    if args.config:
+        values.update(load_job_config(args.config))
+    given = {k: v for k, v in vars(args).items() if v is not None and k in {*MERGE_DEFAULTS, "base", "output"}}
+    if args.adapters is not None:  # adapters on the command line replace the file's, weights with them
+        given |= {"adapters": args.adapters, "weights": args.weights or []}
+    values.update(given)
+    for key, flag in (("base", "--base"), ("adapters", "--adapter"), ("output", "--output")):
+        if not values.get(key):
+            raise InputError(flag, "is required", f"pass {flag}, or set {key} in the --config file")
+    return argparse.Namespace(**(vars(args) | values))
+
+
 def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
     from jobs.driver import MergeOptions, run_merge  # imports Ray: only for commands that need it
     from jobs.progress import summary_table
@@ -104,7 +137,8 @@ def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
                                      device=args.device, ray_address=args.ray_address, storage=storage,
                                      output=args.output, overwrite=args.overwrite, resume=args.resume,
                                      allow_nonfinite=args.allow_nonfinite, allow_pickle=args.allow_pickle,
-                                     validate=args.validate))
+                                     validate=args.validate, task_cpus=args.task_cpus,
+                                     task_resources=args.task_resources))
     print(summary_table([
         ("output", summary.output),
         ("shards", f"{summary.shards} ({summary.tensors} tensors)"),
@@ -149,22 +183,42 @@ def _plan(args: argparse.Namespace, storage: StorageOptions) -> int:
 COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan}
 
 
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        return json.dumps(entry | getattr(record, "fields", {}))
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLines() if args.log_format == "json" else logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if args.debug else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    _configure_logging(args)
     try:
+        if args.command == "merge":
+            args = resolve_merge_args(args)
         return COMMANDS[args.command](args, StorageOptions(part_size=args.part_size_mb * 2**20))
     except BaseException as exc:  # every failure leaves as one line and an exit code
         failure = exc
         if args.debug:
             traceback.print_exception(exc)
     code, message = _classify(failure)
-    print(f"error: {message}", file=sys.stderr)
-    if isinstance(failure, ValidationError):  # then one indented line per problem
-        for problem in failure.problems:
+    problems = failure.problems if isinstance(failure, ValidationError) else []
+    if args.log_format == "json":
+        logging.getLogger("lora_merge").error(message, extra={"fields": {"exit_code": code, "problems": problems}})
+    else:
+        print(f"error: {message}", file=sys.stderr)
+        for problem in problems:  # one indented line per problem
             print(f"  {problem}", file=sys.stderr)
-        _write_report(getattr(args, "report", None), {"problems": failure.problems})
+    if problems:
+        _write_report(getattr(args, "report", None), {"problems": problems})
     return code
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ray
 
@@ -50,6 +50,8 @@ class MergeOptions(MergeInputs):
     allow_nonfinite: bool = False
     allow_pickle: bool = False
     validate: bool = True
+    task_cpus: int = 1
+    task_resources: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        # "local": a new Ray for this job, never silently a cluster that `ray start` left on this machine.
+        ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  logging_level=logging.WARNING)
 
 
@@ -185,7 +188,7 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     planned = time.perf_counter()
 
     connect(options.ray_address)
-    lanes = plan_lanes(ray.nodes(), options.device)
+    lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus)
     check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
     if options.overwrite:
         _clear_output(output)
@@ -208,7 +211,8 @@ def run_merge(options: MergeOptions) -> MergeSummary:
             log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
-        return merge_shard_task.options(**lane_options, memory=memory[task.name]).remote(
+        return merge_shard_task.options(**lane_options, memory=memory[task.name],
+                                        resources=dict(options.task_resources) or None).remote(
             task, plan.base_uri, plan.adapter_uris, output.uri, options.device, options.storage,
             options.allow_nonfinite, options.validate)
 

@@ -28,8 +28,8 @@ class Lane:
         return self.running < self.slots
 
 
-def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str) -> list[Lane]:
-    """Lanes for the alive nodes of `ray.nodes()`."""
+def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str, task_cpus: int = 1) -> list[Lane]:
+    """Lanes for the alive nodes of `ray.nodes()`, each task taking `task_cpus` CPUs."""
     alive = [n for n in nodes if n.get("Alive")]
     resources = [n.get("Resources", {}) for n in alive]
     gpus = int(sum(r.get("GPU", 0) for r in resources))
@@ -41,15 +41,15 @@ def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str) -> list[Lane]
         if not cpus:
             raise InputError("--ray-address", "the Ray cluster has no CPUs to run tasks on",
                              "add worker nodes with CPUs to the cluster")
-        return [Lane("cpu", {"num_cpus": 1, "num_gpus": 0}, cpus)]
-    lanes = [Lane("gpu", {"num_cpus": 1, "num_gpus": 1}, gpus)]
+        return [Lane("cpu", {"num_cpus": task_cpus, "num_gpus": 0}, max(1, cpus // task_cpus))]
+    lanes = [Lane("gpu", {"num_cpus": task_cpus, "num_gpus": 1}, gpus)]
     if device == "auto":
         for node, res in zip(alive, resources):
-            if not res.get("GPU") and res.get("CPU", 0) >= 1:
+            if not res.get("GPU") and res.get("CPU", 0) >= task_cpus:
                 strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
-                lanes.append(Lane(f"cpu@{node['NodeID'][:8]}", {"num_cpus": 1, "num_gpus": 0,
+                lanes.append(Lane(f"cpu@{node['NodeID'][:8]}", {"num_cpus": task_cpus, "num_gpus": 0,
                                                                 "scheduling_strategy": strategy},
-                                  int(res["CPU"])))
+                                  int(res["CPU"]) // task_cpus))
     return lanes
 
 

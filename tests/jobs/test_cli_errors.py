@@ -62,7 +62,9 @@ def test_leftover_partial_output_is_refused(models, tmp_path):
 
 def test_usage_errors_are_exit_2_too(models):
     line = one_error_line(run_cli("merge", "--base", models.base))
-    assert "the following arguments are required: --adapter, --output" in line
+    assert line == "error: --adapter: is required (pass --adapter, or set adapters in the --config file)"
+    line = one_error_line(run_cli("verify", "--base", models.base))
+    assert "the following arguments are required: --adapter, --merged" in line
 
 
 def test_device_cuda_on_a_cluster_without_gpus_is_refused_up_front():
@@ -95,3 +97,15 @@ def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever():
     check_fits(nodes, SimpleNamespace(name="model-00001-of-00002.safetensors", memory_bytes=3e9))
     with pytest.raises(InputError, match="needs about 5.0 GB of worker memory; the largest Ray node offers 4.0 GB"):
         check_fits(nodes, SimpleNamespace(name="model-00001-of-00002.safetensors", memory_bytes=5e9))
+
+
+def test_only_transient_failures_are_retried():
+    from ray import exceptions as ray_errors
+
+    from jobs.runner import _is_transient
+    from merge_core.errors import TransientStorageError, ValidationError
+    assert _is_transient(TransientStorageError("s3://b/p: GET: SlowDown"))
+    assert _is_transient(ConnectionError("reset")) and _is_transient(ray_errors.WorkerCrashedError())
+    assert not _is_transient(InputError("x", "bad header", "re-save it"))
+    assert not _is_transient(ValidationError(["x: sha256 differs"]))
+    assert not _is_transient(RuntimeError("a bug"))

@@ -1,0 +1,102 @@
+"""Job specs (--config) and submission through Ray Jobs to a running cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jobs.cli import main
+from tests.jobs.conftest import LORA_MERGE, run_cli
+from tests.reference import assert_bit_identical, load_checkpoint
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def write_spec(path, **values) -> str:
+    import yaml
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_a_job_spec_supplies_every_option_and_flags_override_it(models, two_node_cluster, tmp_path):
+    cluster, _ = two_node_cluster
+    spec = write_spec(tmp_path / "job.yaml", base=models.base, adapters=[{"uri": models.adapter, "weight": 1.0}],
+                      output=str(tmp_path / "from-spec"), ray_address=cluster.address, device="cpu",
+                      report=str(tmp_path / "report.json"))
+    run = run_cli("merge", "--config", spec, "--output", str(tmp_path / "from-flag"))
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "from-spec").exists(), "the flag overrode the file"
+    assert_bit_identical(load_checkpoint(str(tmp_path / "from-flag")), models.reference)
+    assert (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"base": "x", "adapter": ["y"], "output": "z"}, "unknown key(s) adapter (known keys: base, adapters,"),
+    ({"base": "x", "adapters": ["y"], "output": "z", "overwrite": "yes"}, "overwrite is 'yes', not true or false"),
+    ({"base": "x", "adapters": [{"uri": "y", "weight": "heavy"}], "output": "z"}, "weight 'heavy' of y is not a"),
+    ({"adapters": ["y"], "output": "z"}, "error: --base: is required (pass --base, or set base in the --config"),
+])
+def test_bad_job_specs_are_refused_with_one_line(tmp_path, capsys, spec, message):
+    code = main(["merge", "--config", write_spec(tmp_path / "job.yaml", **spec)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_logs_for_cluster_collectors(tmp_path, capsys):
+    import json
+    code = main(["merge", "--base", str(tmp_path / "none"), "--adapter", "a", "--output", "o", "--log-format",
+                 "json"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    entry = json.loads(line)
+    assert code == 2 and entry["level"] == "error" and entry["exit_code"] == 2
+    assert "no model.safetensors.index.json or model.safetensors found" in entry["message"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_a_merge_on_a_running_cluster(models, s3, tmp_path):
+    """`ray start --head`, `ray job submit --working-dir . -- lora-merge merge --config job.yaml`, check, stop."""
+    gcs_port, dashboard_port = free_port(), free_port()
+    # Ray 2.60 starts clusters with token authentication; its CLI sends the token in this mode.
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
+    # Ports of its own for every agent: the other test clusters hold Ray's default ones.
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}",
+                             "--object-store-memory=100000000", "--include-dashboard=true"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(1)
+        spec = write_spec(tmp_path / "job.yaml", base=models.base, adapters=[models.adapter],
+                          output=str(tmp_path / "merged"), ray_address="auto")
+        for _ in range(15):  # the head's job agent comes up a little after its API answers
+            submit = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", REPO, "--",
+                                     "lora-merge", "merge", "--config", spec, "--log-format", "json"],
+                                    env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            if "No available agent to submit job" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout
+        assert_bit_identical(load_checkpoint(str(tmp_path / "merged")), models.reference)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
