@@ -196,6 +196,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    for chatty in ("botocore", "boto3", "s3transfer", "urllib3"):  # where credentials were found, etc.
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.debug else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

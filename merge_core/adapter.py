@@ -33,13 +33,12 @@ REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
 # Config switches that change what a merge computes. Until lora-merge implements one, an
 # adapter that sets it is refused by name rather than merged as if it were plain LoRA.
 UNSUPPORTED_SWITCHES = (
-    "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "arrow_config",
+    "use_dora", "use_qalora", "use_bdlora", "arrow_config",
     "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config", "layer_replication",
     "trainable_token_indices", "target_parameters", "modules_to_save",
 )
 # Saved-key suffixes of LoRA tensor kinds that lora-merge does not merge yet.
 UNSUPPORTED_SUFFIXES = {
-    ".lora_B.bias": "lora_bias",
     ".lora_embedding_A": "embedding LoRA",
     ".lora_embedding_B": "embedding LoRA",
     ".lora_magnitude_vector": "DoRA",
@@ -50,7 +49,7 @@ UNSUPPORTED_SUFFIXES = {
 # untouched base would not be. Adapters converted on save (path_initial_model_for_weight_conversion)
 # say init_lora_weights=true and merge as plain LoRA.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-_PAIR_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+_PAIR_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A\.weight|B\.weight|B\.bias)$")
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,13 @@ class LoraPair:
     b: TensorInfo
     rank: int
     scale: float
+    transpose: bool = False  # fan_in_fan_out: ΔW is (B @ A)ᵀ
+    bias: TensorInfo | None = None  # lora_bias: lora_B's bias, added (scaled) to the base bias
 
     @property
     def delta_shape(self) -> tuple[int, int]:
-        return (self.b.shape[0], self.a.shape[1])
+        out_in = (self.b.shape[0], self.a.shape[1])
+        return out_in[::-1] if self.transpose else out_in
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,11 @@ def _pair_keys(header: ShardHeader, where: str) -> dict[str, dict[str, TensorInf
         if not match:
             raise InputError(f"{where}: tensor {key}", "is not a LoRA lora_A/lora_B weight",
                              "remove it from the adapter or re-save the adapter with PEFT")
-        if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
-            raise InputError(f"{where}: tensor {key}", f"is {info.dtype}{list(info.shape)}, not a 2-D float matrix",
-                             "re-save the adapter with PEFT")
-        modules.setdefault(match["module"], {})[match["side"]] = info
+        dims = 1 if match["side"] == "B.bias" else 2
+        if info.dtype not in FLOAT_DTYPES or len(info.shape) != dims:
+            raise InputError(f"{where}: tensor {key}", f"is {info.dtype}{list(info.shape)}, not a {dims}-D float "
+                             "tensor", "re-save the adapter with PEFT")
+        modules.setdefault(match["module"], {})[match["side"][0] if dims == 2 else "bias"] = info
     return modules
 
 
@@ -211,6 +214,7 @@ def load_adapter(storage: Storage) -> LoraAdapter:
 
     pairs = []
     for module, sides in sorted(_pair_keys(header, where).items()):
+        bias = sides.pop("bias", None)
         if set(sides) != {"A", "B"}:
             lacking = "lora_B" if "A" in sides else "lora_A"
             raise InputError(f"{where}: module {module}", f"has no {lacking} weight", "re-save the adapter with PEFT")
@@ -222,5 +226,9 @@ def load_adapter(storage: Storage) -> LoraAdapter:
         if a.shape[0] != rank:
             raise InputError(f"{where}: module {module}", f"tensors have rank {a.shape[0]} but the config gives "
                              f"{rank} (r/rank_pattern)", "fix r or rank_pattern in adapter_config.json")
-        pairs.append(LoraPair(module, f"{module}.weight", a, b, rank, scale))
+        if bias is not None and bias.shape != (b.shape[0],):
+            raise InputError(f"{where}: tensor {bias.name}", f"shape {list(bias.shape)} does not match lora_B's "
+                             f"{b.shape[0]} outputs", "re-save the adapter with PEFT")
+        pairs.append(LoraPair(module, f"{module}.weight", a, b, rank, scale, bool(config.get("fan_in_fan_out")),
+                              bias))
     return LoraAdapter(storage.uri, config, header, tuple(pairs))

@@ -54,9 +54,11 @@ def exact_float32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous[1])
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW = (B @ A) · scale: the same operations, in the same order, as PEFT."""
-    return (b @ a).mul_(scale)
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool = False) -> torch.Tensor:
+    """ΔW = (B @ A)[ᵀ] · scale: the same operations, in the same order, as PEFT. The transpose is
+    for fan_in_fan_out layers (GPT-2's Conv1D), whose weights are stored in×out."""
+    product = b @ a
+    return (product.T if transpose else product).mul_(scale)
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,11 @@ class FuseStats:
     nonfinite_introduced: int  # NaN/Inf elements in W' beyond those already in W
 
 
-def fuse(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
-         ) -> tuple[torch.Tensor, FuseStats]:
-    """W' = W + Σ (B @ A)·scale, accumulated in float32 and rounded once to W's dtype.
+Factor = tuple[torch.Tensor | None, torch.Tensor, float, bool]  # A (None for a bias), B, scale, transpose
+
+
+def fuse(weight: torch.Tensor, deltas: Sequence[Factor]) -> tuple[torch.Tensor, FuseStats]:
+    """W' = W + Σ (B @ A)[ᵀ]·scale, accumulated in float32 and rounded once to W's dtype.
 
     A float64 base keeps float64 throughout, as PEFT casts the adapter to the base's dtype.
     ΔW + W is computed in place in ΔW's buffer (IEEE addition commutes, so the bits are those of
@@ -80,8 +84,10 @@ def fuse(weight: torch.Tensor, deltas: Sequence[tuple[torch.Tensor, torch.Tensor
     with exact_float32_matmul():
         base = weight.to(compute)
         delta = None
-        for a, b, scale in deltas:
-            term = lora_delta(a.to(base.device, compute), b.to(base.device, compute), scale)
+        for a, b, scale, transpose in deltas:
+            b = b.to(base.device, compute)
+            # A bias update (lora_bias) is lora_B's bias times the scale, as PEFT adds it.
+            term = b.mul(scale) if a is None else lora_delta(a.to(base.device, compute), b, scale, transpose)
             delta = term if delta is None else delta.add_(term)
         stats = (delta.norm().item(), delta.abs().max().item() if delta.numel() else 0.0, base.norm().item())
         merged = delta.add_(base).to(weight.dtype)

@@ -24,12 +24,19 @@ FIXED_WORKER_BYTES = 768 * 1024 * 1024  # interpreter, torch, read-ahead and wri
 
 @dataclass(frozen=True)
 class Update:
-    """One adapter's contribution to one base tensor: += scale · (B @ A)."""
+    """One adapter's contribution to one base tensor: += scale · (B @ A), or, for a bias
+    (lora_bias), += scale · b with `a` None and `b` the lora_B bias."""
     adapter: int  # index into the plan's adapter URIs
     data_start: int  # where the adapter file's tensor data begins
-    a: TensorInfo
+    a: TensorInfo | None
     b: TensorInfo
     scale: float  # the adapter's LoRA scale times its --weight
+    transpose: bool = False  # fan_in_fan_out: the base stores this weight in×out
+
+    @property
+    def factors(self) -> tuple[TensorInfo, ...]:
+        """The adapter tensors it reads, in the order the fuse takes them."""
+        return (self.b,) if self.a is None else (self.a, self.b)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class ShardTask:
 
     @property
     def adapter_bytes(self) -> int:
-        return sum(u.a.nbytes + u.b.nbytes for t in self.targets for u in t.updates)
+        return sum(f.nbytes for t in self.targets for u in t.updates for f in u.factors)
 
     @property
     def read_bytes(self) -> int:
@@ -83,7 +90,7 @@ class MergePlan:
         return sum(t.shard.size for t in self.tasks)
 
 
-def _check_target(base: BaseCheckpoint, adapter: LoraAdapter, target: str, delta_shape: tuple[int, int],
+def _check_target(base: BaseCheckpoint, adapter: LoraAdapter, target: str, delta_shape: tuple[int, ...],
                   subject: str) -> None:
     shard_name = base.weight_map.get(target)
     if shard_name is None:
@@ -111,7 +118,13 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
             subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {pair.a.name}"
             _check_target(base, adapter, pair.target, pair.delta_shape, subject)
             updates.setdefault(pair.target, []).append(Update(index, adapter.header.data_start, pair.a, pair.b,
-                                                              pair.scale * weight))
+                                                              pair.scale * weight, pair.transpose))
+            if pair.bias is not None:
+                bias_target = f"{pair.module}.bias"
+                _check_target(base, adapter, bias_target, tuple(pair.bias.shape),
+                              f"{adapter.uri}/{WEIGHTS_NAME}: tensor {pair.bias.name}")
+                updates.setdefault(bias_target, []).append(Update(index, adapter.header.data_start, None, pair.bias,
+                                                                  pair.scale * weight))
 
     tasks = []
     for shard in base.shards:

@@ -19,7 +19,7 @@ import torch
 
 from merge_core.adapter import WEIGHTS_NAME
 from merge_core.errors import ValidationError
-from merge_core.fuse import FuseStats, fuse, tensor_from_bytes, tensor_to_bytes
+from merge_core.fuse import Factor, FuseStats, fuse, tensor_from_bytes, tensor_to_bytes
 from merge_core.plan import FuseTarget, ShardTask
 from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.shard_writer import ShardStreamWriter
@@ -64,7 +64,7 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
             yield from _copy_items(base, task.name, header.data_start + run_start, info.start - run_start)
             run_start = None
         factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
-                        for u in target.updates for f in (u.a, u.b))
+                        for u in target.updates for f in u.factors)
         yield Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))
     if run_start is not None:
         end = header.tensors[-1].end
@@ -76,16 +76,21 @@ def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[
         yield Item(_COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
+def update_factors(target: FuseTarget, factor_bytes: Sequence, device: torch.device) -> list[Factor]:
+    """The fuse's factors from the bytes read for a target's updates (each update's `factors`, in turn)."""
+    remaining = iter(factor_bytes)
+    factors: list[Factor] = []
+    for u in target.updates:
+        tensors = [tensor_from_bytes(next(remaining), f.dtype, f.shape).to(device) for f in u.factors]
+        factors.append((None if u.a is None else tensors[0], tensors[-1], u.scale, u.transpose))
+    return factors
+
+
 def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.device
                  ) -> tuple[memoryview, FuseStats]:
     info = task.shard.header.tensor(target.tensor)
     weight = tensor_from_bytes(data[0], info.dtype, info.shape).to(device)
-    factors = []
-    for index, update in enumerate(target.updates):
-        a_bytes, b_bytes = data[1 + 2 * index], data[2 + 2 * index]
-        factors.append((tensor_from_bytes(a_bytes, update.a.dtype, update.a.shape).to(device),
-                        tensor_from_bytes(b_bytes, update.b.dtype, update.b.shape).to(device), update.scale))
-    merged, stats = fuse(weight, factors)
+    merged, stats = fuse(weight, update_factors(target, data[1:], device))
     return tensor_to_bytes(merged), stats
 
 

@@ -20,6 +20,7 @@ from merge_core.adapter import WEIGHTS_NAME
 from merge_core.checkpoint import read_shard_header
 from merge_core.errors import InputError
 from merge_core.fuse import TORCH_DTYPES, fuse, tensor_from_bytes
+from merge_core.shard_merge import update_factors
 from merge_core.pipeline import Item, Read, read_ahead
 from merge_core.plan import FuseTarget, MergePlan, ShardTask
 from merge_core.safetensors_format import ShardHeader, TensorInfo
@@ -102,17 +103,27 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
     exact, bound = weight.clone(), weight.abs()
     for u in target.updates:
         adapter = adapters[u.adapter]
+        if u.a is None:  # a bias: element `row` of lora_B's bias, scaled
+            b_elem = _row(adapter, WEIGHTS_NAME, u.data_start, u.b, row).double()
+            exact += b_elem * u.scale
+            bound += b_elem.abs() * abs(u.scale)
+            continue
         a = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + u.a.start, u.a.nbytes),
                               u.a.dtype, u.a.shape).double()
-        b_row = _row(adapter, WEIGHTS_NAME, u.data_start, u.b, row).double()
-        exact += (b_row @ a) * u.scale
-        bound += (b_row.abs() @ a.abs()) * abs(u.scale)
+        if u.transpose:  # row `row` of (B @ A)ᵀ is B @ A[:, row]
+            b = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + u.b.start, u.b.nbytes),
+                                  u.b.dtype, u.b.shape).double()
+            left, right = a[:, row], b.T
+        else:
+            left, right = _row(adapter, WEIGHTS_NAME, u.data_start, u.b, row).double(), a
+        exact += (left @ right) * u.scale
+        bound += (left.abs() @ right.abs()) * abs(u.scale)
     stored = _row(output, task.output_name, out_header.data_start, out_header.tensor(target.tensor), row)
     ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[info.dtype]))
     # The merge evaluates W + Σ scale·(B·A) in float32, then rounds once. Evaluating a rank-r sum
     # in float32 may err by about r·eps32·Σ|terms|, which matters where W and ΔW nearly cancel;
     # rounding then adds up to one unit of the stored value. Within that, the merge was right.
-    rank = max(u.a.shape[0] for u in target.updates)
+    rank = max(u.a.shape[0] if u.a is not None else 1 for u in target.updates)
     finfo = torch.finfo(stored.dtype)
     magnitude = stored.double().abs()
     unit = torch.where(magnitude > 0, 2.0 ** torch.floor(torch.log2(magnitude.clamp_min(finfo.tiny))) * finfo.eps,
@@ -176,7 +187,7 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         target = targets.get(info.name)
         if target:
             reads += [Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
-                      for u in target.updates for f in (u.a, u.b)]
+                      for u in target.updates for f in u.factors]
         items.append(Item((info, base_info), tuple(reads)))
     checked = 0
     for (info, base_info), data in read_ahead(items):
@@ -191,10 +202,7 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         expected = tensor_from_bytes(data[1], base_info.dtype, base_info.shape)
         target = targets.get(info.name)
         if target:
-            factors = [(tensor_from_bytes(data[2 + 2 * i], u.a.dtype, u.a.shape),
-                        tensor_from_bytes(data[3 + 2 * i], u.b.dtype, u.b.shape), u.scale)
-                       for i, u in enumerate(target.updates)]
-            expected = fuse(expected, factors)[0]
+            expected = fuse(expected, update_factors(target, data[2:], torch.device("cpu")))[0]
         difference = describe_difference(info.name, stored, expected, fused_ulps if target else 0)
         if difference:
             problems.append(f"{where}: {difference}")

@@ -15,8 +15,10 @@ MEDIUM = dict(hidden_size=512, intermediate_size=1024, vocab_size=8192)
 
 
 def model_class(family: str):
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-    return {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    return {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "gpt2": (GPT2Config, GPT2LMHeadModel)}[family]
 
 
 def make_base(path: str, family: str = "llama", dtype: torch.dtype = torch.bfloat16,

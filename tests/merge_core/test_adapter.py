@@ -122,9 +122,9 @@ def test_unknown_tensor_kind(adapter_copy):
 
 
 def test_unsupported_tensor_kind_named(adapter_copy):
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
-    edit_tensors(adapter_copy, lambda t: t.update({key: torch.ones(64)}))
-    assert "lora_bias tensors are not merged by lora-merge yet" in refused(adapter_copy)
+    key = "base_model.model.model.embed_tokens.lora_embedding_A"
+    edit_tensors(adapter_copy, lambda t: t.update({key: torch.ones(8, 96)}))
+    assert "embedding LoRA tensors are not merged by lora-merge yet" in refused(adapter_copy)
 
 
 def test_empty_adapter(adapter_copy):
@@ -186,3 +186,11 @@ def test_weights_must_be_finite(tmp_path, adapter_dir):
     base = make_base(str(tmp_path / "base"))
     with pytest.raises(InputError, match="--weight: weights \\[nan\\] are not all finite numbers"):
         plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter_dir))], [float("nan")])
+
+
+def test_lora_bias_on_a_layer_without_a_bias_is_refused(tmp_path):
+    base = make_base(str(tmp_path / "base"))  # Llama: no bias on q_proj
+    adapter = make_adapter(str(tmp_path / "adapter"), target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(InputError, match="targets model.layers.0.self_attn.q_proj.bias, which the base checkpoint "
+                                         "does not have"):
+        plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])

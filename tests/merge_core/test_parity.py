@@ -39,6 +39,14 @@ CASES = {
     "llama-rank-alpha-patterns": dict(family="llama", dtype=torch.bfloat16, lora=dict(
         r=8, lora_alpha=16, rank_pattern={"q_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
         alpha_pattern={"v_proj": 3, "model.layers.0.mlp.up_proj": 5})),
+    "gpt2-fan-in-fan-out": dict(family="gpt2", dtype=torch.bfloat16, lora=dict(
+        target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "gpt2-fan-in-fan-out-fp32": dict(family="gpt2", dtype=torch.float32, lora=dict(
+        target_modules=["c_attn"], fan_in_fan_out=True, use_rslora=True)),
+    "qwen2-lora-bias": dict(family="qwen2", dtype=torch.bfloat16, lora=dict(
+        target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)),
+    "qwen2-lora-bias-fp16-rslora": dict(family="qwen2", dtype=torch.float16, lora=dict(
+        target_modules=["v_proj"], lora_bias=True, use_rslora=True, r=4, lora_alpha=6)),
     "qwen2-partial-targets": dict(family="qwen2", dtype=torch.bfloat16, lora=dict(
         target_modules=["q_proj", "down_proj"], layers_to_transform=[1])),
 }
@@ -54,7 +62,8 @@ def test_merge_equals_peft_bit_for_bit(tmp_path, case):
 
     assert_bit_identical(ours, reference)
     changed = changed_tensors(load_checkpoint(base), ours)
-    adapted = {p.target for p in load_adapter(open_storage(adapter)).pairs}
+    pairs = load_adapter(open_storage(adapter)).pairs
+    adapted = {p.target for p in pairs} | {f"{p.module}.bias" for p in pairs if p.bias is not None}
     assert changed and set(changed) <= adapted, "the merge changed exactly the adapted tensors"
 
 

@@ -173,3 +173,22 @@ def test_ulp_distance_counts_representable_steps():
     assert ulp_distance(a, steps).tolist() == [1, 1, 1, 1]
     assert ulp_distance(torch.tensor([-0.0]), torch.tensor([0.0])).tolist() == [0]
     assert ulp_distance(a, a).tolist() == [0, 0, 0, 0]
+
+
+def test_checks_pass_a_fan_in_fan_out_merge_and_catch_a_wrong_one(tmp_path):
+    """GPT-2's Conv1D stores weights in×out: the spot check and verify follow the transpose."""
+    base = make_base(str(tmp_path / "base"), "gpt2")
+    adapter = make_adapter(str(tmp_path / "adapter"), "gpt2", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
+    out = str(tmp_path / "out")
+    results = [merge_shard(t, base, [adapter], out) for t in plan.tasks]
+    validate_merge(plan, results, build_index(plan, {})[0], LocalStorage(base), [LocalStorage(adapter)],
+                   LocalStorage(out))
+    for task, result in zip(plan.tasks, results):
+        verdict = verify_shard(task, LocalStorage(base), [LocalStorage(adapter)], LocalStorage(out), result.size,
+                               result.sha256)
+        assert verdict.problems == ()
+    name = "transformer.h.0.attn.c_attn.weight"
+    rewrite_shard(out, shard_with(plan, name), lambda t: t.update({name: t[name].T.contiguous().reshape(t[name].shape)}))
+    _, headers = check_headers(plan, LocalStorage(out))
+    assert spot_check(plan, LocalStorage(base), [LocalStorage(adapter)], LocalStorage(out), headers)
