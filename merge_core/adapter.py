@@ -77,10 +77,6 @@ class LoraAdapter:
     header: ShardHeader
     pairs: tuple[LoraPair, ...]
 
-    @property
-    def weights_name(self) -> str:
-        return WEIGHTS_NAME
-
 
 def pattern_key(pattern_keys: Sequence[str], module: str) -> str | None:
     """The rank_pattern/alpha_pattern key that applies to a module, matched as PEFT matches it:

@@ -12,7 +12,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from merge_core.errors import InputError
 
@@ -169,7 +169,3 @@ def encode_header(tensors: Sequence[tuple[str, str, Sequence[int]]],
     raw = json.dumps(body, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, infos
-
-
-def total_tensor_bytes(headers: Iterable[ShardHeader]) -> int:
-    return sum(t.nbytes for h in headers for t in h.tensors)
