@@ -22,7 +22,8 @@ from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
 from merge_core.s3_storage import MAX_PARTS, MIN_PART_BYTES
 from merge_core.shard_merge import ShardResult
-from merge_core.storage import Storage, StorageOptions, open_storage, sha256_of
+from merge_core.pipeline import sha256_of
+from merge_core.storage import Storage, StorageOptions, open_storage
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
@@ -157,7 +158,8 @@ def connect(address: str | None) -> None:
 
 def _adapter_files(adapter: LoraAdapter, options: StorageOptions) -> list[dict]:
     storage = open_storage(adapter.uri, options)
-    return [{"name": CONFIG_NAME, "size": storage.size(CONFIG_NAME), "sha256": sha256_of(storage, CONFIG_NAME)},
+    config_size = storage.size(CONFIG_NAME)
+    return [{"name": CONFIG_NAME, "size": config_size, "sha256": sha256_of(storage, CONFIG_NAME, config_size)},
             {"name": WEIGHTS_NAME, "size": storage.size(WEIGHTS_NAME), "sha256": scan_adapter(storage, adapter)}]
 
 

@@ -18,7 +18,8 @@ from merge_core.errors import InputError, ValidationError
 from merge_core.fuse import FuseStats
 from merge_core.manifest import tool_version
 from merge_core.plan import MergePlan
-from merge_core.shard_merge import ShardResult, check_stored, stored_sha256
+from merge_core.pipeline import sha256_of
+from merge_core.shard_merge import ShardResult, check_stored
 from merge_core.storage import Storage
 
 
@@ -73,7 +74,7 @@ def proven(storage: Storage, base: Storage, results: Sequence[ShardResult], plan
             continue
         try:
             check_stored(storage, tasks[result.name].output_name, result.size, result.sha256)
-            if stored_sha256(base, result.name, tasks[result.name].shard.size) != result.base_sha256:
+            if sha256_of(base, result.name, tasks[result.name].shard.size) != result.base_sha256:
                 continue  # the base changed since: this shard was merged from other bytes
         except (ValidationError, FileNotFoundError):
             continue

@@ -11,6 +11,7 @@ the next ones are already arriving.
 from __future__ import annotations
 
 from collections import deque
+import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,15 @@ def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahe
                 for futures in pending.parts:
                     for future in futures:
                         future.cancel()
+
+
+def sha256_of(storage: Storage, name: str, size: int) -> str:
+    """sha256 of the first `size` bytes of an object, read with read-ahead."""
+    digest = hashlib.sha256()
+    for _, (data,) in read_ahead([Item(None, (Read(storage, name, start, min(DEFAULT_CHUNK_BYTES, size - start)),))
+                                  for start in range(0, size, DEFAULT_CHUNK_BYTES)]):
+        digest.update(data)
+    return digest.hexdigest()
 
 
 class Behind:

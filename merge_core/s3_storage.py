@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -123,16 +123,20 @@ class S3Storage(Storage):
                              "the object changed or was truncated while being read; restore it and re-run")
         return data
 
-    def list_names(self) -> list[str]:
+    def _keys(self, **listing) -> Iterator[str]:
+        """Every key under the prefix, page by page (with Delimiter="/", only direct children)."""
         prefix = f"{self.prefix}/" if self.prefix else ""
-        names = []
         token: dict = {}
         while True:
-            page = self.call(f"LIST {prefix}", self.client.list_objects_v2, Prefix=prefix, Delimiter="/", **token)
-            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            page = self.call(f"LIST {prefix}", self.client.list_objects_v2, Prefix=prefix, **listing, **token)
+            yield from (o["Key"] for o in page.get("Contents", []))
             if not page.get("IsTruncated"):
-                return sorted(n for n in names if n)
+                return
             token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def list_names(self) -> list[str]:
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(key[skip:] for key in self._keys(Delimiter="/") if key[skip:])
 
     def open_writer(self, name: str) -> ObjectWriter:
         return _MultipartWriter(self, self._key(name))
@@ -153,15 +157,8 @@ class S3Storage(Storage):
         self.delete(old)
 
     def remove_tree(self) -> None:
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        token: dict = {}
-        while True:
-            page = self.call(f"LIST {prefix}", self.client.list_objects_v2, Prefix=prefix, **token)
-            for obj in page.get("Contents", []):
-                self.call(f"DELETE {obj['Key']}", self.client.delete_object, Key=obj["Key"])
-            if not page.get("IsTruncated"):
-                return
-            token = {"ContinuationToken": page["NextContinuationToken"]}
+        for key in list(self._keys()):
+            self.call(f"DELETE {key}", self.client.delete_object, Key=key)
 
     def open_uploads(self) -> list[tuple[str, str]]:
         """(key, upload id) of unfinished multipart uploads of objects directly under the prefix

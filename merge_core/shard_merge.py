@@ -21,7 +21,7 @@ from merge_core.adapter import WEIGHTS_NAME
 from merge_core.errors import ValidationError
 from merge_core.fuse import Factor, FuseStats, fuse, tensor_from_bytes, tensor_to_bytes
 from merge_core.plan import FuseTarget, ShardTask
-from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
+from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead, sha256_of
 from merge_core.shard_writer import ShardStreamWriter
 from merge_core.storage import Storage, StorageOptions, open_storage
 
@@ -94,21 +94,12 @@ def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.
     return tensor_to_bytes(merged), stats
 
 
-def stored_sha256(storage: Storage, name: str, size: int) -> str:
-    """sha256 of the first `size` bytes of an object, read with read-ahead."""
-    digest = hashlib.sha256()
-    for _, (data,) in read_ahead([Item(None, (Read(storage, name, start, min(DEFAULT_CHUNK_BYTES, size - start)),))
-                                  for start in range(0, size, DEFAULT_CHUNK_BYTES)]):
-        digest.update(data)
-    return digest.hexdigest()
-
-
 def check_stored(storage: Storage, name: str, size: int, sha256: str) -> None:
     """Read the published object back: storage must hold exactly the bytes that were hashed."""
     stored = storage.size(name)
     if stored != size:
         raise ValidationError([f"{storage.describe(name)}: storage holds {stored} bytes, the worker wrote {size}"])
-    digest = stored_sha256(storage, name, size)
+    digest = sha256_of(storage, name, size)
     if digest != sha256:
         raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest}, "
                                f"the worker wrote {sha256}"])

@@ -240,9 +240,3 @@ def copy_object(src: Storage, dst: Storage, name: str) -> tuple[int, str]:
         writer.commit()
     return size, digest.hexdigest()
 
-
-def sha256_of(storage: Storage, name: str) -> str:
-    digest = hashlib.sha256()
-    for chunk in storage.iter_range(name, 0, storage.size(name)):
-        digest.update(chunk)
-    return digest.hexdigest()
