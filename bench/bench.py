@@ -88,7 +88,7 @@ def table(results: dict[str, list[Measured]], nbytes: int, reference: str) -> st
     rows = []
     med = {name: statistics.median(m.seconds for m in runs) for name, runs in results.items()}
     peak = {name: statistics.median(m.peak_bytes for m in runs) for name, runs in results.items()}
-    rows.append(f"| method | median wall s | peak memory GB | GB/s | wall vs lora-merge | memory vs lora-merge |")
+    rows.append("| method | median wall s | peak memory GB | GB/s | wall vs lora-merge | memory vs lora-merge |")
     rows.append("|---|---:|---:|---:|---:|---:|")
     for name in results:
         rows.append(f"| {name} | {med[name]:.1f} | {peak[name] / 1e9:.2f} | {nbytes / med[name] / 1e9:.2f} | "

@@ -21,7 +21,7 @@ from merge_core.journal import fingerprint, proven, read_journal, write_journal
 from merge_core.manifest import adapter_record
 from merge_core.plan import MergePlan, plan_merge
 from merge_core.s3_storage import MAX_PARTS, MIN_PART_BYTES
-from merge_core.shard_merge import ShardResult
+from merge_core.shard_result import ShardResult
 from merge_core.pipeline import sha256_of
 from merge_core.storage import Storage, StorageOptions, open_storage
 

@@ -2,7 +2,8 @@
 
 Each returns a small value; tensors never travel through Ray's object store, tasks read and
 write storage themselves. max_retries=0: retries are the driver's (jobs/runner.py), which
-tells transient failures from bad input.
+tells transient failures from bad input. The tensor code (torch) is imported inside the tasks,
+so that the driver, which imports this module to submit them, never loads it.
 """
 
 from __future__ import annotations
@@ -13,22 +14,21 @@ from typing import Mapping, Sequence
 
 import ray
 
-from merge_core.finalize import build_index, copy_extra_files, publish, validate_merge
-from merge_core.fuse import resolve_device
-from merge_core.manifest import build_manifest
 from merge_core.plan import MergePlan, ShardTask
-from merge_core.report import build_report
-from merge_core.shard_merge import ShardResult, merge_shard
+from merge_core.shard_result import ShardResult
 from merge_core.storage import StorageOptions, open_storage
-from merge_core.validate import ShardVerdict, verify_shard
 
 
 @ray.remote(max_retries=0)
 def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
                      device: str, options: StorageOptions, allow_nonfinite: bool, validate: bool) -> ShardResult:
+    from merge_core.fuse import resolve_device
+    from merge_core.shard_merge import merge_shard
+
     gpu_assigned = bool(ray.get_gpu_ids())
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     result = merge_shard(task, base_uri, adapter_uris, output_uri, resolve_device(device, gpu_assigned), options,
-                         allow_nonfinite=allow_nonfinite, read_back=validate)
+                         allow_nonfinite=allow_nonfinite, read_back=validate, threads=max(1, cpus))
     # The Ray node id, not the host name: simulated nodes share a host.
     return dataclasses.replace(result, node=ray.get_runtime_context().get_node_id())
 
@@ -36,7 +36,9 @@ def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str]
 @ray.remote(max_retries=0)
 def verify_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], merged_uri: str,
                       options: StorageOptions, expected_size: int | None, expected_sha256: str | None,
-                      fused_ulps: int) -> ShardVerdict:
+                      fused_ulps: int):
+    from merge_core.validate import verify_shard
+
     return verify_shard(task, open_storage(base_uri, options), [open_storage(u, options) for u in adapter_uris],
                         open_storage(merged_uri, options), expected_size, expected_sha256, fused_ulps)
 
@@ -47,6 +49,10 @@ def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, ext
                   results: Sequence[ShardResult], timings: Mapping[str, float],
                   cluster: Mapping[str, object], retries: Mapping[str, int], reused: Sequence[str],
                   validate: bool) -> dict:
+    from merge_core.finalize import build_index, copy_extra_files, publish, validate_merge
+    from merge_core.manifest import build_manifest
+    from merge_core.report import build_report
+
     started = time.perf_counter()
     output, base = open_storage(output_uri, options), open_storage(plan.base_uri, options)
     index, total_size = build_index(plan, base_index_metadata)

@@ -14,60 +14,70 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import torch
-from safetensors.torch import save as save_safetensors
-
 from merge_core.checkpoint import read_json, read_shard_header
 from merge_core.errors import InputError
-from merge_core.fuse import tensor_from_bytes
 from merge_core.pipeline import Item, Read, read_ahead
-from merge_core.safetensors_format import FLOAT_DTYPES, ShardHeader, TensorInfo
+from merge_core.safetensors_format import FLOAT_DTYPES, ShardHeader, TensorInfo, count_nonfinite
 from merge_core.storage import Storage
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-SUPPORTED_PEFT_TYPES = ("LORA",)
-REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
-# Config switches that change what a merge computes. Until lora-merge implements one, an
-# adapter that sets it is refused by name rather than merged as if it were plain LoRA.
+SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "LOHA", "LOKR")
+# Config fields each supported type needs.
+REQUIRED_FIELDS = {"LORA": ("r", "lora_alpha"), "IA3": (), "LOHA": ("r", "alpha"), "LOKR": ("r", "alpha")}
+# Config switches that change what a merge computes in ways lora-merge does not reproduce: an
+# adapter that sets one is refused by name rather than merged as if it were plain LoRA.
 UNSUPPORTED_SWITCHES = (
-    "use_dora", "use_qalora", "use_bdlora", "arrow_config",
-    "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config", "layer_replication",
-    "trainable_token_indices", "target_parameters", "modules_to_save",
+    "use_qalora", "use_bdlora", "arrow_config", "alora_invocation_tokens", "velora_config", "monteclora_config",
+    "kasa_config", "layer_replication", "trainable_token_indices", "target_parameters", "ensure_weight_tying",
 )
-# Saved-key suffixes of LoRA tensor kinds that lora-merge does not merge yet.
-UNSUPPORTED_SUFFIXES = {
-    ".lora_embedding_A": "embedding LoRA",
-    ".lora_embedding_B": "embedding LoRA",
-    ".lora_magnitude_vector": "DoRA",
-    ".lora_magnitude_vector.weight": "DoRA",
-}
 # init_lora_weights values whose initialisation rewrites the base weight (W_res = W - B₀A₀, or a
 # quantisation residual). PEFT redoes that on load, so its merge is right; adding B·A to the
 # untouched base would not be. Adapters converted on save (path_initial_model_for_weight_conversion)
 # say init_lora_weights=true and merge as plain LoRA.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-_PAIR_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A\.weight|B\.weight|B\.bias)$")
+# The embedding layers PEFT saves whole when they are targeted or resized (EMBEDDING_LAYER_NAMES).
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+# Saved-key suffixes of each adapter type's tensors: suffix → role in its update.
+SUFFIXES = {
+    "LORA": {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_embedding_A": "emb_A",
+             "lora_embedding_B": "emb_B", "lora_magnitude_vector": "magnitude",
+             "lora_magnitude_vector.weight": "magnitude"},
+    "IA3": {"ia3_l": "l"},
+    "LOHA": {f"hada_{n}": n for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    "LOKR": {f"lokr_{n}": n for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+}
+_SUFFIX_RE = {kind: re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(k) for k in sorted(
+    table, key=len, reverse=True)) + ")$") for kind, table in SUFFIXES.items()}
+
+# What an update does to its base tensor W (ΔW in float32; dt is W's dtype):
+#   lora       W ← round(W + (B@A)[ᵀ]·s)           Linear, GPT-2 Conv1D (transposed), 1×1 conv
+#   conv       W ← round(W + conv(Aᵀ, B)ᵀ·s)        k×k convolutions
+#   embedding  W ← round(W + round(ΔW))             nn.Embedding: PEFT adds ΔW rounded to dt
+#   dora       W ← round(m/‖W+ΔW‖ · (W+ΔW))         DoRA on Linear/Conv1D/Embedding/conv
+#   bias       b ← round(b + s·lora_B.bias)          lora_bias
+#   loha/lokr  W ← round(W + ΔW)                    LyCORIS formulas
+#   ia3        W ← round(W · l)                      rows or columns; the bias with the rows
+#   replace    W ← round(T)                          modules_to_save, and embeddings PEFT saved whole
+KINDS = ("lora", "conv", "embedding", "dora", "bias", "loha", "lokr", "ia3", "replace")
 
 
 @dataclass(frozen=True)
-class LoraPair:
-    """One low-rank update: target += scale * B @ A."""
+class ModuleUpdate:
+    """One adapter's update of one base tensor."""
     module: str
     target: str  # the base tensor it updates
-    a: TensorInfo
-    b: TensorInfo
-    rank: int
-    scale: float
-    transpose: bool = False  # fan_in_fan_out: ΔW is (B @ A)ᵀ
-    bias: TensorInfo | None = None  # lora_bias: lora_B's bias, added (scaled) to the base bias
+    kind: str
+    factors: tuple[TensorInfo, ...]  # the adapter tensors it reads, in `roles` order
+    roles: tuple[str, ...]
+    scale: float = 1.0
+    transpose: bool = False  # W is stored in×out (fan_in_fan_out, embeddings): ΔW is transposed
+    rank: int = 0
 
-    @property
-    def delta_shape(self) -> tuple[int, int]:
-        out_in = (self.b.shape[0], self.a.shape[1])
-        return out_in[::-1] if self.transpose else out_in
+    def factor(self, role: str) -> TensorInfo:
+        return self.factors[self.roles.index(role)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,11 @@ class LoraAdapter:
     uri: str
     config: Mapping[str, object]
     header: ShardHeader
-    pairs: tuple[LoraPair, ...]
+    updates: tuple[ModuleUpdate, ...]
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config["peft_type"])
 
 
 def pattern_key(pattern_keys: Sequence[str], module: str) -> str | None:
@@ -92,28 +106,29 @@ def pattern_key(pattern_keys: Sequence[str], module: str) -> str | None:
 
 
 def lora_scale(config: Mapping[str, object], module: str) -> tuple[int, float]:
-    """(rank, scale) for one module, as PEFT's LoraLayer.update_layer computes them."""
+    """(rank, scale) for one module, as PEFT's update_layer computes them: alpha/r (LoRA's
+    lora_alpha, LoHa's and LoKr's alpha), or alpha/√r with rsLoRA."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r_key = pattern_key(list(rank_pattern), module)
     alpha_key = pattern_key(list(alpha_pattern), module)
     rank = rank_pattern[r_key] if r_key is not None else config["r"]
-    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config["lora_alpha"]
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", config.get("alpha"))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return int(rank), scale
 
 
 def _check_config(config: object, where: str) -> Mapping[str, object]:
-    if not isinstance(config, dict):
-        raise InputError(where, "is not a JSON object", "regenerate it with PEFT's save_pretrained")
-    missing = [f for f in REQUIRED_FIELDS if f not in config]
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise InputError(where, "is not a PEFT adapter config (no peft_type)", "regenerate it with PEFT's save_pretrained")
+    if config["peft_type"] not in SUPPORTED_PEFT_TYPES:
+        raise InputError(where, f"peft_type {config['peft_type']!r} is not supported",
+                         f"supported: {', '.join(SUPPORTED_PEFT_TYPES)}; merge other types with PEFT's merge_and_unload")
+    missing = [f for f in REQUIRED_FIELDS[config["peft_type"]] if f not in config]
     if missing:
         raise InputError(where, f"lacks required field(s) {', '.join(missing)}",
                          "regenerate it with PEFT's save_pretrained")
-    if config["peft_type"] not in SUPPORTED_PEFT_TYPES:
-        raise InputError(where, f"peft_type {config['peft_type']!r} is not supported",
-                         f"supported: {', '.join(SUPPORTED_PEFT_TYPES)}")
-    for name in ("r", "lora_alpha"):
+    for name in REQUIRED_FIELDS[config["peft_type"]]:
         value = config[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InputError(where, f"{name} is {value!r}, not a positive number", f"set {name} to a positive number")
@@ -135,27 +150,129 @@ def _check_config(config: object, where: str) -> Mapping[str, object]:
     return config
 
 
-def _pair_keys(header: ShardHeader, where: str) -> dict[str, dict[str, TensorInfo]]:
+def _group_keys(header: ShardHeader, peft_type: str, where: str
+                ) -> tuple[dict[str, dict[str, TensorInfo]], list[TensorInfo]]:
+    """Adapter tensors grouped by module and role; and the other tensors (whole-tensor copies)."""
     modules: dict[str, dict[str, TensorInfo]] = {}
+    others = []
     for info in header.tensors:
         key = info.name
         if not key.startswith(KEY_PREFIX):
             raise InputError(f"{where}: tensor {key}", f"key does not start with {KEY_PREFIX!r}",
                              "this is not a PEFT adapter file; save the adapter with PEFT's save_pretrained")
-        for suffix, kind in UNSUPPORTED_SUFFIXES.items():
-            if key.endswith(suffix):
-                raise InputError(f"{where}: tensor {key}", f"{kind} tensors are not merged by lora-merge yet",
-                                 "merge this adapter with PEFT's merge_and_unload for now")
-        match = _PAIR_SUFFIX.match(key[len(KEY_PREFIX):])
-        if not match:
-            raise InputError(f"{where}: tensor {key}", "is not a LoRA lora_A/lora_B weight",
-                             "remove it from the adapter or re-save the adapter with PEFT")
-        dims = 1 if match["side"] == "B.bias" else 2
-        if info.dtype not in FLOAT_DTYPES or len(info.shape) != dims:
-            raise InputError(f"{where}: tensor {key}", f"is {info.dtype}{list(info.shape)}, not a {dims}-D float "
-                             "tensor", "re-save the adapter with PEFT")
-        modules.setdefault(match["module"], {})[match["side"][0] if dims == 2 else "bias"] = info
-    return modules
+        if info.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{where}: tensor {key}", f"is {info.dtype}, not a float tensor",
+                             "re-save the adapter with PEFT")
+        match = _SUFFIX_RE[peft_type].match(key[len(KEY_PREFIX):])
+        if match is None:
+            others.append(info)
+            continue
+        modules.setdefault(match["module"], {})[SUFFIXES[peft_type][match["suffix"]]] = info
+    return modules, others
+
+
+def _module_in(module: str, names: object) -> bool:
+    """Whether `module` is one of `names` (a config list, matched as PEFT matches modules_to_save:
+    the name itself or a dotted suffix)."""
+    return isinstance(names, list) and any(module == n or module.endswith(f".{n}") for n in names)
+
+
+def _whole_tensor(info: TensorInfo, config: Mapping[str, object], lora_modules: set[str], where: str) -> ModuleUpdate:
+    """A tensor PEFT saved whole, which replaces the base's when the adapter loads: a
+    modules_to_save copy, or the embedding layer saved with a targeted or resized vocabulary."""
+    key = info.name[len(KEY_PREFIX):]
+    module, _, param = key.rpartition(".")
+    if module.endswith(".base_layer") and module[:-len(".base_layer")] in lora_modules:
+        module = module[:-len(".base_layer")]
+    elif not (_module_in(module, config.get("modules_to_save")) or module.rpartition(".")[2] in EMBEDDING_LAYERS):
+        raise InputError(f"{where}: tensor {info.name}", "is neither an adapter weight nor a module PEFT saves whole",
+                         "remove it from the adapter or re-save the adapter with PEFT")
+    return ModuleUpdate(module, f"{module}.{param}", "replace", (info,), ("tensor",))
+
+
+# Roles by the names of the saved tensors, for messages.
+_ROLE_KEYS = {role: suffix.removesuffix(".weight") for table in SUFFIXES.values() for suffix, role in table.items()}
+
+
+def _require(sides: Mapping[str, TensorInfo], roles: Sequence[str], module: str, where: str) -> tuple[TensorInfo, ...]:
+    lacking = [_ROLE_KEYS.get(r, r) for r in roles if r not in sides]
+    if lacking:
+        raise InputError(f"{where}: module {module}", f"has no {', '.join(lacking)} weight",
+                         "re-save the adapter with PEFT")
+    return tuple(sides[r] for r in roles)
+
+
+def _shape_error(module: str, what: str, where: str) -> InputError:
+    return InputError(f"{where}: module {module}", what, "re-save the adapter with PEFT")
+
+
+def _lora_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[str, object], where: str
+                  ) -> list[ModuleUpdate]:
+    rank, scale = lora_scale(config, module)
+    magnitude = sides.pop("magnitude", None)
+    bias = sides.pop("bias", None)
+    if "emb_A" in sides or "emb_B" in sides:
+        a, b = _require(sides, ("emb_A", "emb_B"), module, where)
+        kind, transpose = "embedding", True
+    else:
+        a, b = _require(sides, ("A", "B"), module, where)
+        conv = len(a.shape) > 2 and not (len(a.shape) == 4 and a.shape[2:] == (1, 1))
+        kind, transpose = ("conv" if conv else "lora"), bool(config.get("fan_in_fan_out")) and len(a.shape) == 2
+    if len(a.shape) < 2 or len(b.shape) != len(a.shape):
+        raise _shape_error(module, f"lora_A {list(a.shape)} and lora_B {list(b.shape)} do not pair", where)
+    if a.shape[0] != b.shape[1]:
+        raise _shape_error(module, f"lora_A rank {a.shape[0]} and lora_B rank {b.shape[1]} disagree", where)
+    if a.shape[0] != rank:
+        raise InputError(f"{where}: module {module}", f"tensors have rank {a.shape[0]} but the config gives "
+                         f"{rank} (r/rank_pattern)", "fix r or rank_pattern in adapter_config.json")
+    factors, roles = (a, b), ("A", "B")
+    if magnitude is not None:
+        factors, roles = (a, b, magnitude), ("A", "B", "magnitude")
+        kind = "dora"
+    updates = [ModuleUpdate(module, f"{module}.weight", kind, factors, roles, scale, transpose, rank)]
+    if bias is not None:
+        if bias.shape != (b.shape[0],):
+            raise InputError(f"{where}: tensor {bias.name}", f"shape {list(bias.shape)} does not match lora_B's "
+                             f"{b.shape[0]} outputs", "re-save the adapter with PEFT")
+        updates.append(ModuleUpdate(module, f"{module}.bias", "bias", (bias,), ("bias",), scale, rank=rank))
+    if sides.keys() - {"A", "B", "emb_A", "emb_B"}:
+        raise _shape_error(module, f"has unexpected tensors {sorted(sides)}", where)
+    return updates
+
+
+def _ia3_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[str, object], where: str
+                 ) -> list[ModuleUpdate]:
+    (vector,) = _require(sides, ("l",), module, where)
+    feedforward = config.get("feedforward_modules")
+    if isinstance(feedforward, str):
+        is_ff = re.fullmatch(feedforward, module) is not None
+    else:
+        is_ff = any(module.endswith(entry) for entry in feedforward or ())
+    # The vector scales W's inputs (columns) on feedforward layers, else its outputs (rows) and bias.
+    side = "in" if is_ff else "out"
+    updates = [ModuleUpdate(module, f"{module}.weight", "ia3", (vector,), (side,),
+                            transpose=bool(config.get("fan_in_fan_out")))]
+    if not is_ff:
+        updates.append(ModuleUpdate(module, f"{module}.bias", "ia3", (vector,), ("bias",)))
+    return updates
+
+
+def _lycoris_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[str, object], where: str
+                     ) -> list[ModuleUpdate]:
+    rank, scale = lora_scale(config | {"use_rslora": False}, module)
+    kind = "loha" if config["peft_type"] == "LOHA" else "lokr"
+    if kind == "loha":
+        needed = ("w1_a", "w1_b", "w2_a", "w2_b") + (("t1", "t2") if "t1" in sides or "t2" in sides else ())
+    else:
+        needed = (("w1",) if "w1" in sides else ("w1_a", "w1_b")) + (
+            ("w2",) if "w2" in sides else ("t2", "w2_a", "w2_b") if "t2" in sides else ("w2_a", "w2_b"))
+    factors = _require(sides, needed, module, where)
+    if set(sides) - set(needed):
+        raise _shape_error(module, f"has unexpected tensors {sorted(set(sides) - set(needed))}", where)
+    return [ModuleUpdate(module, f"{module}.weight", kind, factors, needed, scale, rank=rank)]
+
+
+UPDATE_BUILDERS = {"LORA": _lora_updates, "IA3": _ia3_updates, "LOHA": _lycoris_updates, "LOKR": _lycoris_updates}
 
 
 def scan_adapter(storage: Storage, adapter: LoraAdapter) -> str:
@@ -167,7 +284,7 @@ def scan_adapter(storage: Storage, adapter: LoraAdapter) -> str:
     digest = hashlib.sha256()
     for info, (data,) in read_ahead(items):
         digest.update(data)
-        if info is not None and not bool(tensor_from_bytes(data, info.dtype, info.shape).isfinite().all()):
+        if info is not None and count_nonfinite(data, info.dtype):
             raise InputError(f"{storage.describe(WEIGHTS_NAME)}: tensor {info.name}", "holds NaN or Inf values",
                              "the adapter is broken; retrain it or export it again")
     return digest.hexdigest()
@@ -179,6 +296,9 @@ def stage_pickled_adapter(source: Storage, staging: Storage) -> None:
     Only with the user's explicit consent (--allow-pickle), and only through
     torch.load(weights_only=True), which rebuilds tensors and plain containers and refuses
     anything else: no code from the file runs."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
     where = source.describe(PICKLE_WEIGHTS_NAME)
     try:
         state = torch.load(io.BytesIO(source.read_bytes(PICKLE_WEIGHTS_NAME)), map_location="cpu", weights_only=True)
@@ -208,23 +328,9 @@ def load_adapter(storage: Storage) -> LoraAdapter:
     if not header.tensors:
         raise InputError(where, "holds no tensors", "the adapter is empty; re-save it after training")
 
-    pairs = []
-    for module, sides in sorted(_pair_keys(header, where).items()):
-        bias = sides.pop("bias", None)
-        if set(sides) != {"A", "B"}:
-            lacking = "lora_B" if "A" in sides else "lora_A"
-            raise InputError(f"{where}: module {module}", f"has no {lacking} weight", "re-save the adapter with PEFT")
-        a, b = sides["A"], sides["B"]
-        rank, scale = lora_scale(config, module)
-        if a.shape[0] != b.shape[1]:
-            raise InputError(f"{where}: module {module}", f"lora_A rank {a.shape[0]} and lora_B rank {b.shape[1]} "
-                             "disagree", "re-save the adapter with PEFT")
-        if a.shape[0] != rank:
-            raise InputError(f"{where}: module {module}", f"tensors have rank {a.shape[0]} but the config gives "
-                             f"{rank} (r/rank_pattern)", "fix r or rank_pattern in adapter_config.json")
-        if bias is not None and bias.shape != (b.shape[0],):
-            raise InputError(f"{where}: tensor {bias.name}", f"shape {list(bias.shape)} does not match lora_B's "
-                             f"{b.shape[0]} outputs", "re-save the adapter with PEFT")
-        pairs.append(LoraPair(module, f"{module}.weight", a, b, rank, scale, bool(config.get("fan_in_fan_out")),
-                              bias))
-    return LoraAdapter(storage.uri, config, header, tuple(pairs))
+    peft_type = str(config["peft_type"])
+    modules, others = _group_keys(header, peft_type, where)
+    updates = [_whole_tensor(info, config, set(modules), where) for info in others]
+    for module, sides in sorted(modules.items()):
+        updates += UPDATE_BUILDERS[peft_type](module, dict(sides), config, where)
+    return LoraAdapter(storage.uri, config, header, tuple(updates))

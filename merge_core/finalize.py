@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 from merge_core.checkpoint import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.errors import ValidationError
 from merge_core.plan import MergePlan
-from merge_core.shard_merge import ShardResult
+from merge_core.shard_result import ShardResult
 from merge_core.storage import Storage, copy_object
 from merge_core.validate import check_headers, check_index, spot_check
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+
+from merge_core.deltas import delta_weight
+from merge_core.shard_result import FuseStats
 
 TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -54,47 +57,220 @@ def exact_float32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous[1])
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool = False) -> torch.Tensor:
-    """ΔW = (B @ A)[ᵀ] · scale: the same operations, in the same order, as PEFT. The transpose is
-    for fan_in_fan_out layers (GPT-2's Conv1D), whose weights are stored in×out."""
-    product = b @ a
-    return (product.T if transpose else product).mul_(scale)
+# On a CPU the elementwise work runs over row blocks of about this many elements, so that W's
+# float32 copy, ΔW's block and the result stay in cache; on a GPU the whole tensor is one block.
+BLOCK_ELEMENTS = 1 << 18
+
+
+class Workspace:
+    """Buffers a worker reuses from tensor to tensor and task to task: a fresh allocation of
+    hundreds of MB costs more in page faults than the arithmetic done in it. Each slot grows to
+    the largest tensor it has held. On a GPU, a pinned host buffer stages the copies both ways."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._slots: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def buffer(self, slot: str, dtype: torch.dtype, numel: int, pinned: bool = False) -> torch.Tensor:
+        current = self._slots.get((slot, dtype))
+        if current is None or current.numel() < numel:
+            self._slots.pop((slot, dtype), None)  # free the old one before taking a bigger one
+            current = (torch.empty(numel, dtype=dtype, pin_memory=True) if pinned
+                       else torch.empty(numel, dtype=dtype, device=self.device))
+            self._slots[(slot, dtype)] = current
+        return current[:numel]
+
+
+_WORKSPACES: dict[str, Workspace] = {}
+
+
+def workspace_for(device: str | torch.device) -> Workspace:
+    """This process's workspace for a device, kept between tasks (Ray reuses worker processes)."""
+    device = torch.device(device)
+    return _WORKSPACES.setdefault(str(device), Workspace(device))
+
+
+ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr")
 
 
 @dataclass(frozen=True)
-class FuseStats:
-    """What one fuse did to one tensor, for the report: ‖ΔW‖, max |ΔW|, ‖W‖ (float32 ΔW, before rounding)."""
-    delta_norm: float
-    delta_max: float
-    weight_norm: float
-    nonfinite_introduced: int  # NaN/Inf elements in W' beyond those already in W
+class Term:
+    """One adapter's update of the tensor being fused, with its tensors loaded."""
+    kind: str  # see merge_core.adapter.KINDS
+    tensors: Mapping[str, torch.Tensor]  # by role: A, B, magnitude, l, tensor, w1_a, ...
+    scale: float = 1.0
+    transpose: bool = False
+    role: str = ""  # ia3: which side the vector scales ("in", "out" or "bias")
 
 
-Factor = tuple[torch.Tensor | None, torch.Tensor, float, bool]  # A (None for a bias), B, scale, transpose
+@dataclass
+class _Stage:
+    """Terms applied together to the running W, rounded to W's dtype after (as PEFT rounds
+    after each in-place update of the weight). op: add, add_rounded (W + round(ΔW), as PEFT
+    merges embeddings), dora, ia3, replace."""
+    op: str
+    terms: list[Term] = field(default_factory=list)
+    data: torch.Tensor | None = None  # ΔW, the IA3 multiplier or the replacement, rows × rest
+    magnitude: torch.Tensor | None = None
 
 
-def fuse(weight: torch.Tensor, deltas: Sequence[Factor]) -> tuple[torch.Tensor, FuseStats]:
-    """W' = W + Σ (B @ A)[ᵀ]·scale, accumulated in float32 and rounded once to W's dtype.
+def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -> list[_Stage]:
+    """Replacements first (PEFT loads whole-tensor copies before it merges), then the updates in
+    adapter order. Additive updates share one stage, so that W + ΣΔW is rounded once, unless
+    `sequential` (PEFT's merge_and_unload of several adapters: one rounding after each)."""
+    stages = [_Stage("replace", [t]) for t in terms if t.kind == "replace"]
+    for term in (t for t in terms if t.kind != "replace"):
+        op = {"embedding": "add_rounded", "dora": "dora", "ia3": "ia3"}.get(term.kind, "add")
+        joins = (stages and stages[-1].op == op and op in ("add", "add_rounded")
+                 and (combine is not None or not sequential))
+        if joins:
+            stages[-1].terms.append(term)
+        else:
+            stages.append(_Stage(op, [term]))
+    return stages
 
-    A float64 base keeps float64 throughout, as PEFT casts the adapter to the base's dtype.
-    ΔW + W is computed in place in ΔW's buffer (IEEE addition commutes, so the bits are those of
-    PEFT's W += ΔW): the working set is W, W in float32, ΔW and the result.
+
+class _Rows:
+    """A tensor seen as rows × rest: W is fused over row blocks."""
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspace, compute: torch.dtype,
+             combine: Callable | None) -> None:
+    shape = tuple(weight.shape)
+
+    def buffer(slot: str) -> Callable[[tuple[int, ...]], torch.Tensor]:
+        return lambda s: workspace.buffer(slot, compute, weight.numel()).view(s)
+
+    first = stage.terms[0]
+    if stage.op == "replace":
+        stage.data = _Rows.of(first.tensors["tensor"].to(workspace.device))
+    elif stage.op == "ia3":
+        vector = first.tensors["l"].to(workspace.device, compute)
+        if first.role == "bias":
+            multiplier = vector.reshape(shape)
+        elif weight.dim() == 2:
+            multiplier = vector.T if first.transpose else vector
+        else:  # convolutions: (1, C_in, 1, …) on feedforward layers, (1, C_out, 1, …) transposed otherwise
+            multiplier = (vector if first.role == "in" else vector.transpose(0, 1)).expand(shape)
+        stage.data = multiplier.reshape(multiplier.shape[0], -1) if multiplier.dim() > 1 else multiplier.reshape(1, -1)
+    else:
+        def term_delta(term: Term, slot: str) -> torch.Tensor:
+            tensors = {k: v.to(workspace.device, compute) for k, v in term.tensors.items() if k != "magnitude"}
+            return delta_weight(term.kind, tensors, term.scale, term.transpose, shape, buffer(slot))
+
+        if combine is not None and len(stage.terms) > 1:
+            delta = combine([term_delta(t, f"term{i}").contiguous() for i, t in enumerate(stage.terms)])
+        else:
+            delta = term_delta(first, f"delta{index}")
+            for term in stage.terms[1:]:
+                delta.add_(term_delta(term, "term"))
+        stage.data = _Rows.of(delta) if delta.dim() != 2 else delta
+        if stage.op == "dora":
+            stage.magnitude = first.tensors["magnitude"].to(workspace.device, compute).reshape(-1)
+
+
+def _apply(stage: _Stage, x: torch.Tensor, rows: slice, weight: torch.Tensor) -> None:
+    """One stage on a block of rows of the running W (float32, `x`), in place."""
+    data = stage.data
+    if stage.op == "replace":
+        x.copy_(data[rows].to(x.dtype))
+    elif stage.op == "ia3":
+        x.mul_(data[rows] if data.shape[0] > 1 else data)
+    elif stage.op == "add":
+        x.add_(data[rows])
+    elif stage.op == "add_rounded":  # PEFT's Embedding.merge: W += ΔW.to(W.dtype)
+        x.add_(data[rows].to(weight.dtype).to(x.dtype))
+    else:  # dora: W ← m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output as PEFT takes it
+        x.add_(data[rows])
+        term = stage.terms[0]
+        if term.transpose:  # stored in×out (embeddings, fan_in_fan_out): a norm per column, whole tensor
+            x.mul_((stage.magnitude / torch.linalg.norm(x.T, dim=1)).view(1, -1))
+        elif weight.dim() > 2:  # convolutions: the norm over all but the output channel
+            full = x.view(x.shape[0], *weight.shape[1:])
+            norm = full.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).reshape(-1)
+            x.mul_((stage.magnitude[rows] / norm).view(-1, 1))
+        else:
+            x.mul_((stage.magnitude[rows] / torch.linalg.norm(x, dim=1)).view(-1, 1))
+
+
+def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
+              before_writing: Callable[[], object] | None = None, sequential: bool = False,
+              combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> FuseStats:
+    """W ← the merged W, in place in `weight` (a CPU tensor over the bytes read).
+
+    Each stage computes in float32 what PEFT computes, in the same order (the product, the scale,
+    then the add: IEEE addition commutes, so W + ΔW has the bits of PEFT's W += ΔW), and rounds
+    to W's dtype once at its end. A float64 base keeps float64 throughout, as PEFT casts the
+    adapter to the base's dtype. Working set: ΔW per stage, plus cache-sized blocks on a CPU, or
+    W on the GPU and its pinned staging buffer. `before_writing` is called once the deltas are
+    ready and before W's bytes change (e.g. to let a hash of them finish). `combine` merges the
+    full deltas of several adapters (--combine) into one.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    on_gpu = workspace.device.type == "cuda"
+    stages = _stages(terms, sequential, combine)
     with exact_float32_matmul():
-        base = weight.to(compute)
-        delta = None
-        for a, b, scale, transpose in deltas:
-            b = b.to(base.device, compute)
-            # A bias update (lora_bias) is lora_B's bias times the scale, as PEFT adds it.
-            term = b.mul(scale) if a is None else lora_delta(a.to(base.device, compute), b, scale, transpose)
-            delta = term if delta is None else delta.add_(term)
-        stats = (delta.norm().item(), delta.abs().max().item() if delta.numel() else 0.0, base.norm().item())
-        merged = delta.add_(base).to(weight.dtype)
-    introduced = 0
-    if not bool(merged.isfinite().all()):
-        introduced = int((~merged.isfinite()).sum()) - int((~weight.isfinite()).sum())
-    return merged, FuseStats(*stats, max(introduced, 0))
+        for index, stage in enumerate(stages):
+            _prepare(stage, index, weight, workspace, compute, combine)
+        target = _Rows.of(weight)
+        if before_writing is not None:
+            before_writing()
+        if on_gpu:
+            staged = workspace.buffer("host", weight.dtype, weight.numel(), pinned=True).view(target.shape)
+            staged.copy_(target)
+            target = workspace.buffer("weight", weight.dtype, weight.numel()).view(target.shape)
+            target.copy_(staged, non_blocking=True)
+        rows, width = target.shape
+        whole = on_gpu or any(s.op == "dora" and s.terms[0].transpose for s in stages)
+        step = rows if whole else max(1, BLOCK_ELEMENTS // max(1, width))
+        block = min(rows, step) * width
+        x_all = workspace.buffer("block", compute, block)
+        before_all = workspace.buffer("before", compute, block)
+        rounded_all = workspace.buffer("rounded", weight.dtype, block)
+        limit = torch.finfo(weight.dtype).max
+        delta_sq = weight_sq = delta_max = 0.0
+        introduced = 0
+        for start in range(0, rows, step):
+            rows_here = slice(start, start + step)
+            w = target[rows_here]
+            x, before = x_all[:w.numel()].view(w.shape), before_all[:w.numel()].view(w.shape)
+            rounded = rounded_all[:w.numel()].view(w.shape)
+            before.copy_(w)
+            x.copy_(before)
+            for number, stage in enumerate(stages):
+                if number:  # the previous stage's result, rounded as PEFT stores it in the weight
+                    rounded.copy_(x)
+                    x.copy_(rounded)
+                _apply(stage, x, rows_here, weight)
+            weight_sq += float(torch.linalg.vector_norm(before)) ** 2
+            low, high = torch.aminmax(x)
+            finite = bool(torch.maximum(-low, high) <= limit)  # else NaN or Inf, or rounds past W's dtype
+            before.sub_(x)  # -ΔW as applied, for the report
+            low_d, high_d = torch.aminmax(before)
+            delta_max = max(delta_max, float(torch.maximum(-low_d, high_d)))
+            delta_sq += float(torch.linalg.vector_norm(before)) ** 2
+            if finite:
+                w.copy_(x)
+            else:
+                already = int((~w.isfinite()).sum())
+                w.copy_(x)
+                introduced += int((~w.isfinite()).sum()) - already
+        if on_gpu:
+            staged.copy_(target, non_blocking=True)
+            torch.cuda.current_stream(workspace.device).synchronize()
+            _Rows.of(weight).copy_(staged)
+    return FuseStats(delta_sq ** 0.5, delta_max, weight_sq ** 0.5, max(introduced, 0))
+
+
+def fuse(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace | None = None, **options
+         ) -> tuple[torch.Tensor, FuseStats]:
+    """fuse_into() on a copy: (W', stats), W untouched."""
+    merged = weight.clone()
+    return merged, fuse_into(merged, terms, workspace or workspace_for("cpu"), **options)
 
 
 def resolve_device(requested: str, gpu_assigned: bool) -> str:

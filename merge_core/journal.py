@@ -15,11 +15,10 @@ from typing import Mapping, Sequence
 
 from merge_core.checkpoint import JOURNAL_NAME
 from merge_core.errors import InputError, ValidationError
-from merge_core.fuse import FuseStats
 from merge_core.manifest import tool_version
 from merge_core.plan import MergePlan
 from merge_core.pipeline import sha256_of
-from merge_core.shard_merge import ShardResult, check_stored
+from merge_core.shard_result import FuseStats, ShardResult, check_stored
 from merge_core.storage import Storage
 
 

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from merge_core.adapter import LoraAdapter
 from merge_core.plan import MergePlan
-from merge_core.shard_merge import ShardResult
+from merge_core.shard_result import ShardResult
 
 MANIFEST_VERSION = 1
 
@@ -27,7 +27,8 @@ def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[
         "weight": weight,
         "config": dict(adapter.config),
         "files": list(files),
-        "scales": {pair.module: pair.scale for pair in adapter.pairs},
+        "peft_type": adapter.peft_type,
+        "scales": {u.module: u.scale for u in adapter.updates if u.kind not in ("ia3", "replace")},
     }
 
 

@@ -17,6 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
+import numpy
+
 from merge_core.storage import Storage
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
@@ -44,26 +46,26 @@ class Item(Generic[Tag]):
         return sum(r.length for r in self.reads)
 
 
-class _Pending:
-    def __init__(self, item: Item, parts: list[list[Future]]):
-        self.item = item
-        self.parts = parts  # per read, the futures of its chunks
+def _buffer(length: int) -> memoryview:
+    """A writable buffer whose pages are first touched by the read that fills it (bytearray(n)
+    would zero it first: a second pass over memory the read is about to overwrite)."""
+    return memoryview(numpy.empty(length, dtype=numpy.uint8))
 
-    def result(self) -> list[bytes | bytearray]:
-        out: list[bytes | bytearray] = []
-        for futures in self.parts:
-            if len(futures) == 1:
-                out.append(futures[0].result())
-                continue
-            buffer = bytearray()
-            for future in futures:
-                buffer += future.result()
-            out.append(buffer)
-        return out
+
+class _Pending:
+    def __init__(self, item: Item, buffers: list[memoryview], futures: list[Future]):
+        self.item = item
+        self.buffers = buffers  # one per read, filled in place by its chunks' futures
+        self.futures = futures
+
+    def result(self) -> list[memoryview]:
+        for future in self.futures:
+            future.result()
+        return self.buffers
 
 
 def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahead_bytes: int = DEFAULT_AHEAD_BYTES,
-               threads: int = DEFAULT_THREADS) -> Iterator[tuple[Tag, list[bytes | bytearray]]]:
+               threads: int = DEFAULT_THREADS) -> Iterator[tuple[Tag, list[memoryview]]]:
     """Yield (tag, [bytes of each read]) for every item, in order.
 
     At least one item is always in flight, so an item larger than `ahead_bytes` still goes.
@@ -76,10 +78,10 @@ def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahe
         try:
             while window or next_item is not None:
                 while next_item is not None and (not window or in_flight + next_item.nbytes <= ahead_bytes):
-                    parts = [[pool.submit(r.storage.read_range, r.name, start, min(chunk, r.offset + r.length - start))
-                              for start in range(r.offset, r.offset + r.length, chunk)] or
-                             [pool.submit(lambda: b"")] for r in next_item.reads]
-                    window.append(_Pending(next_item, parts))
+                    buffers = [_buffer(r.length) for r in next_item.reads]
+                    futures = [pool.submit(r.storage.read_into, r.name, r.offset + start, buffer[start:start + chunk])
+                               for r, buffer in zip(next_item.reads, buffers) for start in range(0, r.length, chunk)]
+                    window.append(_Pending(next_item, buffers, futures))
                     in_flight += next_item.nbytes
                     next_item = next(upcoming, None)
                 pending = window.popleft()
@@ -88,9 +90,8 @@ def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahe
                 yield pending.item.tag, data
         finally:
             for pending in window:
-                for futures in pending.parts:
-                    for future in futures:
-                        future.cancel()
+                for future in pending.futures:
+                    future.cancel()
 
 
 def sha256_of(storage: Storage, name: str, size: int) -> str:
@@ -119,7 +120,8 @@ class Behind:
         self._last: Future | None = None
         self._error: BaseException | None = None
 
-    def submit(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview) -> None:
+    def submit(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview) -> Future:
+        """Queue fn(data); the future completes when it has run (or been skipped after a failure)."""
         size = len(data)
         with self._room:
             self._room.wait_for(lambda: self._queued == 0 or self._queued + size <= self._max)
@@ -127,6 +129,7 @@ class Behind:
         if self._error is not None:
             raise self._error
         self._last = self._pool.submit(self._run, fn, data, size)
+        return self._last
 
     def _run(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview, size: int) -> None:
         try:

@@ -10,33 +10,29 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from merge_core.adapter import WEIGHTS_NAME, LoraAdapter
+from merge_core.adapter import EMBEDDING_LAYERS, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
 from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
 from merge_core.errors import InputError
-from merge_core.safetensors_format import FLOAT_DTYPES, TensorInfo
+from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
 
-# Bytes a worker holds per element of the tensor it fuses: the base tensor's bytes as read (and
-# their chunks), W in float32, ΔW, |ΔW| for the report, the rounded result and its copy on its
-# way out (about 2 + 2 + 4 + 4 + 4 + 2 + 2 for bf16; float32 bases stay within the same sum).
-FUSE_BYTES_PER_ELEMENT = 20
-FIXED_WORKER_BYTES = 768 * 1024 * 1024  # interpreter, torch, read-ahead and write-behind windows
+# Update kinds that add a ΔW (and so can be weighted and combined).
+ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "dora")
+# A worker's fixed memory: interpreter and torch, the read-ahead and write-behind windows, and
+# the cache-sized blocks of the fuse.
+FIXED_WORKER_BYTES = 768 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Update:
-    """One adapter's contribution to one base tensor: += scale · (B @ A), or, for a bias
-    (lora_bias), += scale · b with `a` None and `b` the lora_B bias."""
+    """One adapter's update of one base tensor (see merge_core.adapter.KINDS)."""
     adapter: int  # index into the plan's adapter URIs
     data_start: int  # where the adapter file's tensor data begins
-    a: TensorInfo | None
-    b: TensorInfo
-    scale: float  # the adapter's LoRA scale times its --weight
-    transpose: bool = False  # fan_in_fan_out: the base stores this weight in×out
-
-    @property
-    def factors(self) -> tuple[TensorInfo, ...]:
-        """The adapter tensors it reads, in the order the fuse takes them."""
-        return (self.b,) if self.a is None else (self.a, self.b)
+    kind: str
+    factors: tuple[TensorInfo, ...]  # the adapter tensors it reads, in the order the fuse takes them
+    roles: tuple[str, ...]
+    scale: float  # the adapter's own scale (alpha/r), without its --weight
+    weight: float = 1.0  # the adapter's --weight
+    transpose: bool = False  # W stored in×out (fan_in_fan_out, embeddings): ΔW is transposed
 
 
 @dataclass(frozen=True)
@@ -65,10 +61,17 @@ class ShardTask:
 
     @property
     def memory_bytes(self) -> int:
-        """What the worker needs at its peak: the largest fused tensor's working set, plus a margin."""
+        """What the worker needs at its peak, whatever the shard's size: for the largest fused
+        tensor, ΔW in float32 (a second buffer when several updates sum), and the tensor's bytes
+        twice (one being fused in place, the one before it still being written), plus the fixed part."""
         by_name = {t.name: t for t in self.shard.header.tensors}
-        largest = max((by_name[t.tensor].numel for t in self.targets), default=0)
-        return FIXED_WORKER_BYTES + FUSE_BYTES_PER_ELEMENT * largest
+        largest = 0
+        for target in self.targets:
+            info = by_name[target.tensor]
+            compute = 8 if info.dtype == "F64" else 4
+            per_element = compute * (2 if len(target.updates) > 1 else 1) + 2 * DTYPE_BYTES[info.dtype]
+            largest = max(largest, per_element * info.numel)
+        return FIXED_WORKER_BYTES + largest
 
 
 @dataclass(frozen=True)
@@ -90,19 +93,55 @@ class MergePlan:
         return sum(t.shard.size for t in self.tasks)
 
 
-def _check_target(base: BaseCheckpoint, adapter: LoraAdapter, target: str, delta_shape: tuple[int, ...],
-                  subject: str) -> None:
-    shard_name = base.weight_map.get(target)
+def _expected_shape(update: ModuleUpdate) -> tuple[int, ...] | None:
+    """The shape of the base tensor an update fits, from its factors (None: checked by size)."""
+    if update.kind in ("lora", "embedding", "dora", "conv"):
+        a, b = update.factor("A"), update.factor("B")
+        if len(a.shape) > 2:
+            return (b.shape[0], a.shape[1], *a.shape[2:])
+        shape = (b.shape[0], a.shape[1])
+        return shape[::-1] if update.transpose else shape
+    if update.kind == "bias":
+        return tuple(update.factors[0].shape)
+    if update.kind == "replace":
+        return tuple(update.factors[0].shape)
+    return None
+
+
+def _fits(update: ModuleUpdate, info: TensorInfo) -> bool:
+    expected = _expected_shape(update)
+    if expected is not None:
+        return tuple(info.shape) == expected
+    if update.kind == "ia3":
+        vector = update.factors[0].numel
+        if update.roles[0] == "bias":
+            return info.numel == vector
+        dims = (info.shape[1], info.shape[0]) if update.transpose else tuple(info.shape[:2])
+        side = dims[1] if update.roles[0] == "in" else dims[0]
+        return len(info.shape) >= 2 and vector == side
+    return True  # loha/lokr: ΔW is reshaped to W's shape, which fails on another size
+
+
+def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> TensorInfo:
+    shard_name = base.weight_map.get(update.target)
     if shard_name is None:
-        raise InputError(subject, f"targets {target}, which the base checkpoint does not have",
+        raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have",
                          "check that the adapter was trained on this base model")
-    info = base.shard(shard_name).header.tensor(target)
+    info = base.shard(shard_name).header.tensor(update.target)
     if info.dtype not in FLOAT_DTYPES:
-        raise InputError(f"{base.uri}/{shard_name}: tensor {target}", f"is {info.dtype}; a LoRA delta can only be "
-                         f"fused into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
-    if info.shape != delta_shape:
-        raise InputError(subject, f"delta shape {list(delta_shape)} does not fit {target} of shape {list(info.shape)}",
-                         "check that the adapter was trained on this base model")
+        raise InputError(f"{base.uri}/{shard_name}: tensor {update.target}", f"is {info.dtype}; an adapter can only "
+                         f"be merged into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
+    if not _fits(update, info):
+        expected = _expected_shape(update)
+        what = (f"is {list(info.shape)} in the base, the adapter's copy is {list(expected)}"
+                if update.kind == "replace" else
+                f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
+                f"{update.target} of shape {list(info.shape)}")
+        fix = ("resized vocabularies are not merged yet: merge with PEFT after resize_token_embeddings"
+               if update.kind == "replace" and update.module.rpartition(".")[2] in EMBEDDING_LAYERS
+               else "check that the adapter was trained on this base model")
+        raise InputError(subject, what, fix)
+    return info
 
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> MergePlan:
@@ -114,17 +153,20 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         raise InputError("--weight", f"weights {list(weights)} are not all finite numbers", "give finite weights")
     updates: dict[str, list[Update]] = {}
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
-        for pair in adapter.pairs:
-            subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {pair.a.name}"
-            _check_target(base, adapter, pair.target, pair.delta_shape, subject)
-            updates.setdefault(pair.target, []).append(Update(index, adapter.header.data_start, pair.a, pair.b,
-                                                              pair.scale * weight, pair.transpose))
-            if pair.bias is not None:
-                bias_target = f"{pair.module}.bias"
-                _check_target(base, adapter, bias_target, tuple(pair.bias.shape),
-                              f"{adapter.uri}/{WEIGHTS_NAME}: tensor {pair.bias.name}")
-                updates.setdefault(bias_target, []).append(Update(index, adapter.header.data_start, None, pair.bias,
-                                                                  pair.scale * weight))
+        for update in adapter.updates:
+            subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
+            if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
+                continue  # IA3 scales the bias of output-side layers that have one
+            _check_target(base, update, subject)
+            if weight != 1 and update.kind not in ADDITIVE_KINDS:
+                raise InputError(f"--weight {weight:g}", f"{adapter.uri} updates {update.target} by {update.kind}, "
+                                 "which is not a sum: it cannot be weighted", "give this adapter weight 1")
+            if update.kind == "replace" and any(u.kind == "replace" for u in updates.get(update.target, ())):
+                raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
+                                 "merge adapters that save whole copies of a module one at a time")
+            updates.setdefault(update.target, []).append(Update(
+                index, adapter.header.data_start, update.kind, update.factors, update.roles, update.scale, weight,
+                update.transpose))
 
     tasks = []
     for shard in base.shards:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from merge_core.plan import MergePlan
-from merge_core.shard_merge import ShardResult
+from merge_core.shard_result import ShardResult
 
 SCHEMA = pa.schema([
     ("name", pa.string()),

@@ -30,6 +30,18 @@ DTYPE_BYTES = {
 }
 # The dtypes a LoRA delta can be fused into (quantized or integer bases cannot take one).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Float dtypes as unsigned integers, with the exponent bits that mark NaN and Inf when all set.
+_EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+                   "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def count_nonfinite(data: bytes | bytearray | memoryview, dtype: str) -> int:
+    """NaN and Inf elements in raw little-endian float data, read from the bits (no torch)."""
+    import numpy
+
+    layout, mask = _EXPONENT_MASKS[dtype]
+    bits = numpy.frombuffer(data, dtype=layout)
+    return int(numpy.count_nonzero((bits & numpy.array(mask, dtype=layout)) == mask))
 
 
 @dataclass(frozen=True)

@@ -12,36 +12,20 @@ from __future__ import annotations
 import hashlib
 import socket
 import time
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from functools import partial
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from merge_core.adapter import WEIGHTS_NAME
+from merge_core.combine import CombineSpec, combine_deltas
 from merge_core.errors import ValidationError
-from merge_core.fuse import Factor, FuseStats, fuse, tensor_from_bytes, tensor_to_bytes
-from merge_core.plan import FuseTarget, ShardTask
-from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead, sha256_of
+from merge_core.fuse import Term, Workspace, fuse_into, tensor_from_bytes, workspace_for
+from merge_core.plan import ADDITIVE_KINDS, FuseTarget, ShardTask
+from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
+from merge_core.shard_result import FuseStats, ShardResult, check_stored
 from merge_core.shard_writer import ShardStreamWriter
 from merge_core.storage import Storage, StorageOptions, open_storage
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    """What a task returns through Ray: small, no tensors."""
-    name: str
-    size: int
-    sha256: str
-    base_sha256: str
-    tensors: int
-    fused: int
-    read_wait_seconds: float  # time spent waiting for reads the read-ahead had not finished
-    fuse_seconds: float
-    write_seconds: float
-    seconds: float
-    device: str
-    node: str
-    fused_stats: tuple[tuple[str, FuseStats], ...] = ()  # per fused tensor, in file order
 
 
 _HEADER, _COPY = "header", "copy"
@@ -76,33 +60,34 @@ def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[
         yield Item(_COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
-def update_factors(target: FuseTarget, factor_bytes: Sequence, device: torch.device) -> list[Factor]:
-    """The fuse's factors from the bytes read for a target's updates (each update's `factors`, in turn)."""
+def update_terms(target: FuseTarget, factor_bytes: Sequence, combining: bool = False) -> list[Term]:
+    """The fuse's terms from the bytes read for a target's updates (each update's factors, in
+    turn). Each adapter's --weight is folded into its scale, unless the adapters are combined
+    (--combine), which weighs their full deltas itself."""
     remaining = iter(factor_bytes)
-    factors: list[Factor] = []
+    terms = []
     for u in target.updates:
-        tensors = [tensor_from_bytes(next(remaining), f.dtype, f.shape).to(device) for f in u.factors]
-        factors.append((None if u.a is None else tensors[0], tensors[-1], u.scale, u.transpose))
-    return factors
+        side = u.roles[0] if u.kind == "ia3" else ""  # IA3's one role says which side its vector scales
+        roles = ("l",) if side else u.roles
+        tensors = {role: tensor_from_bytes(next(remaining), f.dtype, f.shape) for role, f in zip(roles, u.factors)}
+        terms.append(Term(u.kind, tensors, u.scale if combining else u.scale * u.weight, u.transpose, side))
+    return terms
 
 
-def _fuse_target(task: ShardTask, target: FuseTarget, data: list, device: torch.device
+def _fuse_target(task: ShardTask, target: FuseTarget, data: list, workspace: Workspace,
+                 before_writing: Callable[[], object], sequential: bool, combine: CombineSpec | None
                  ) -> tuple[memoryview, FuseStats]:
+    """Fuse one tensor in the buffer its bytes were read into, which then holds the merged bytes."""
     info = task.shard.header.tensor(target.tensor)
-    weight = tensor_from_bytes(data[0], info.dtype, info.shape).to(device)
-    merged, stats = fuse(weight, update_factors(target, data[1:], device))
-    return tensor_to_bytes(merged), stats
-
-
-def check_stored(storage: Storage, name: str, size: int, sha256: str) -> None:
-    """Read the published object back: storage must hold exactly the bytes that were hashed."""
-    stored = storage.size(name)
-    if stored != size:
-        raise ValidationError([f"{storage.describe(name)}: storage holds {stored} bytes, the worker wrote {size}"])
-    digest = sha256_of(storage, name, size)
-    if digest != sha256:
-        raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest}, "
-                               f"the worker wrote {sha256}"])
+    buffer = data[0]
+    weight = tensor_from_bytes(buffer, info.dtype, info.shape)
+    combiner = None
+    if combine is not None:
+        weights = [u.weight for u in target.updates if u.kind in ADDITIVE_KINDS]
+        combiner = partial(combine_deltas, weights=weights, spec=combine, tensor_name=target.tensor)
+    stats = fuse_into(weight, update_terms(target, data[1:], combine is not None), workspace, before_writing,
+                      sequential, combiner)
+    return buffer, stats
 
 
 class _Laps:
@@ -120,14 +105,21 @@ class _Laps:
 
 def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
                 device: str = "cpu", options: StorageOptions = StorageOptions(), allow_nonfinite: bool = False,
-                read_back: bool = True) -> ShardResult:
+                read_back: bool = True, threads: int | None = None, sequential: bool = False,
+                combine: CombineSpec | None = None) -> ShardResult:
     """Write the merged shard. With read_back, the published bytes are read again and hashed.
-    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless allow_nonfinite."""
+    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless allow_nonfinite.
+    `threads`: the CPU cores the float32 math may use (the task's share of the node).
+    `sequential`: several adapters are merged one after another, rounding after each (PEFT's
+    merge_and_unload); else W + ΣΔW is rounded once. `combine`: TIES/DARE/... of the deltas."""
     started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
     base, output = open_storage(base_uri, options), open_storage(output_uri, options)
     adapters = [open_storage(u, options) for u in adapter_uris]
     header = task.shard.header
     torch_device = torch.device(device)
+    workspace = workspace_for(torch_device)
     base_sha = hashlib.sha256()
     hasher = Behind("hash-base")
     fused_stats: list[tuple[str, FuseStats]] = []
@@ -140,9 +132,9 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
         laps = _Laps()
         for tag, data in read_ahead(list(_items(task, base, adapters))):
             laps.lap("wait")
-            hasher.submit(base_sha.update, data[0])
+            hashed = hasher.submit(base_sha.update, data[0])
             if isinstance(tag, FuseTarget):
-                merged, stats = _fuse_target(task, tag, data, torch_device)
+                merged, stats = _fuse_target(task, tag, data, workspace, hashed.result, sequential, combine)
                 if stats.nonfinite_introduced and not allow_nonfinite:
                     raise ValidationError([f"{base.describe(task.name)}: tensor {tag.tensor}: fusing produced "
                                            f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "

@@ -73,6 +73,10 @@ class Storage(ABC):
     @abstractmethod
     def read_range(self, name: str, offset: int, length: int) -> bytes: ...
 
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        """Fill `view` with the bytes at `offset` (backends that can read in place override this)."""
+        view[:] = self.read_range(name, offset, len(view))
+
     @abstractmethod
     def list_names(self) -> list[str]:
         """Plain names of the objects directly under the root, partial uploads excluded."""
@@ -187,6 +191,16 @@ class LocalStorage(Storage):
             raise InputError(self.describe(name), f"expected {length} bytes at offset {offset}, got {len(data)}",
                              "the file changed or was truncated while being read; restore it and re-run")
         return data
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        done = 0
+        with open(self._path(name), "rb") as f:
+            while done < len(view):
+                got = os.preadv(f.fileno(), [view[done:]], offset + done)
+                if got == 0:
+                    raise InputError(self.describe(name), f"expected {len(view)} bytes at offset {offset}, got {done}",
+                                     "the file changed or was truncated while being read; restore it and re-run")
+                done += got
 
     def list_names(self) -> list[str]:
         if not os.path.isdir(self.root):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from functools import partial
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -20,7 +21,8 @@ from merge_core.adapter import WEIGHTS_NAME
 from merge_core.checkpoint import read_shard_header
 from merge_core.errors import InputError
 from merge_core.fuse import TORCH_DTYPES, fuse, tensor_from_bytes
-from merge_core.shard_merge import update_factors
+from merge_core.combine import CombineSpec, combine_deltas
+from merge_core.shard_merge import update_terms
 from merge_core.pipeline import Item, Read, read_ahead
 from merge_core.plan import FuseTarget, MergePlan, ShardTask
 from merge_core.safetensors_format import ShardHeader, TensorInfo
@@ -103,33 +105,36 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
     exact, bound = weight.clone(), weight.abs()
     for u in target.updates:
         adapter = adapters[u.adapter]
-        if u.a is None:  # a bias: element `row` of lora_B's bias, scaled
-            b_elem = _row(adapter, WEIGHTS_NAME, u.data_start, u.b, row).double()
-            exact += b_elem * u.scale
-            bound += b_elem.abs() * abs(u.scale)
+        scale = u.scale * u.weight
+        if u.kind == "bias":  # element `row` of lora_B's bias, scaled
+            b_elem = _row(adapter, WEIGHTS_NAME, u.data_start, u.factors[0], row).double()
+            exact += b_elem * scale
+            bound += b_elem.abs() * abs(scale)
             continue
-        a = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + u.a.start, u.a.nbytes),
-                              u.a.dtype, u.a.shape).double()
+        a_info, b_info = u.factors[u.roles.index("A")], u.factors[u.roles.index("B")]
+        a = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + a_info.start, a_info.nbytes),
+                              a_info.dtype, a_info.shape).double()
         if u.transpose:  # row `row` of (B @ A)ᵀ is B @ A[:, row]
-            b = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + u.b.start, u.b.nbytes),
-                                  u.b.dtype, u.b.shape).double()
+            b = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + b_info.start, b_info.nbytes),
+                                  b_info.dtype, b_info.shape).double()
             left, right = a[:, row], b.T
         else:
-            left, right = _row(adapter, WEIGHTS_NAME, u.data_start, u.b, row).double(), a
-        exact += (left @ right) * u.scale
-        bound += (left.abs() @ right.abs()) * abs(u.scale)
+            left, right = _row(adapter, WEIGHTS_NAME, u.data_start, b_info, row).double(), a
+        exact += (left @ right) * scale
+        bound += (left.abs() @ right.abs()) * abs(scale)
     stored = _row(output, task.output_name, out_header.data_start, out_header.tensor(target.tensor), row)
     ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[info.dtype]))
     # The merge evaluates W + Σ scale·(B·A) in float32, then rounds once. Evaluating a rank-r sum
     # in float32 may err by about r·eps32·Σ|terms|, which matters where W and ΔW nearly cancel;
     # rounding then adds up to one unit of the stored value. Within that, the merge was right.
-    rank = max(u.a.shape[0] if u.a is not None else 1 for u in target.updates)
+    rank = max(u.factors[0].shape[0] if u.kind == "lora" else 1 for u in target.updates)
     finfo = torch.finfo(stored.dtype)
     magnitude = stored.double().abs()
     unit = torch.where(magnitude > 0, 2.0 ** torch.floor(torch.log2(magnitude.clamp_min(finfo.tiny))) * finfo.eps,
                        torch.full_like(magnitude, finfo.tiny))
     allowed = unit + 4 * (rank + 2) * torch.finfo(torch.float32).eps * bound
-    bad = (ulps > 1) & ~((stored.double() - exact).abs() <= allowed)
+    # Several adapters merged one after another (--sequential) round once each.
+    bad = (ulps > len(target.updates)) & ~((stored.double() - exact).abs() <= len(target.updates) * allowed)
     if bool(bad.any()):
         return (f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: {int(bad.sum())} elements differ "
                 f"from the float64 recomputation by up to {int(ulps.max())} ulp")
@@ -138,9 +143,12 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
 
 def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], output: Storage,
                headers: Mapping[str, ShardHeader], seed: int = 0) -> list[str]:
-    """Recompute sampled rows of sampled fused tensors in float64 and compare with what was stored."""
+    """Recompute sampled rows of sampled fused tensors in float64 and compare with what was stored.
+    Tensors updated by LoRA on linear layers (and lora_bias) are sampled: the other kinds are
+    checked against a fresh merge by `lora-merge verify`."""
     rng = random.Random(seed)
-    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers]
+    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and all(
+        u.kind == "bias" or (u.kind == "lora" and len(u.factors[0].shape) == 2) for u in f.updates)]
     problems = []
     for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
         rows = task.shard.header.tensor(target.tensor).shape[0]
@@ -161,7 +169,8 @@ class ShardVerdict:
 
 
 def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], merged: Storage,
-                 expected_size: int | None, expected_sha256: str | None, fused_ulps: int = 0) -> ShardVerdict:
+                 expected_size: int | None, expected_sha256: str | None, fused_ulps: int = 0,
+                 sequential: bool = False, combine: CombineSpec | None = None) -> ShardVerdict:
     """Re-read every byte of one merged shard and compare it with a fresh merge of the base shard
     (on this CPU). Fused tensors may differ by `fused_ulps` (1 for shards fused on a GPU, whose
     products sum in another order); untouched tensors and the sha256 must match exactly."""
@@ -202,7 +211,10 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         expected = tensor_from_bytes(data[1], base_info.dtype, base_info.shape)
         target = targets.get(info.name)
         if target:
-            expected = fuse(expected, update_factors(target, data[2:], torch.device("cpu")))[0]
+            combiner = None if combine is None else partial(
+                combine_deltas, weights=[u.weight for u in target.updates], spec=combine, tensor_name=target.tensor)
+            expected = fuse(expected, update_terms(target, data[2:], combine is not None), sequential=sequential,
+                            combine=combiner)[0]
         difference = describe_difference(info.name, stored, expected, fused_ulps if target else 0)
         if difference:
             problems.append(f"{where}: {difference}")

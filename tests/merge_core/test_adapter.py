@@ -67,9 +67,9 @@ def test_scales_follow_config_and_patterns():
 
 def test_pairs_map_to_base_tensors(adapter_dir):
     adapter = load_adapter(LocalStorage(adapter_dir))
-    assert [p.target for p in adapter.pairs] == [f"model.layers.{i}.self_attn.{m}.weight"
-                                                 for i in (0, 1) for m in ("q_proj", "v_proj")]
-    assert all(p.rank == 8 and p.scale == 2.0 for p in adapter.pairs)
+    assert [u.target for u in adapter.updates] == [f"model.layers.{i}.self_attn.{m}.weight"
+                                                   for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert all(u.kind == "lora" and u.rank == 8 and u.scale == 2.0 for u in adapter.updates)
 
 
 def refused(path) -> str:
@@ -92,12 +92,13 @@ def test_config_missing_fields(adapter_copy):
 
 def test_unknown_peft_type(adapter_copy):
     edit_config(adapter_copy, peft_type="VERA")
-    assert "peft_type 'VERA' is not supported (supported: LORA)" in refused(adapter_copy)
+    assert "peft_type 'VERA' is not supported (supported: LORA, IA3, LOHA, LOKR;" in refused(adapter_copy)
 
 
-def test_variant_not_merged_yet_is_refused_by_name(adapter_copy):
-    edit_config(adapter_copy, use_dora=True)
-    assert "uses use_dora, which lora-merge does not merge yet" in refused(adapter_copy)
+@pytest.mark.parametrize("switch", ["target_parameters", "ensure_weight_tying", "layer_replication"])
+def test_variant_not_merged_yet_is_refused_by_name(adapter_copy, switch):
+    edit_config(adapter_copy, **{switch: ["x"]})
+    assert f"uses {switch}, which lora-merge does not merge yet" in refused(adapter_copy)
 
 
 def test_ranks_disagree(adapter_copy):
@@ -118,13 +119,14 @@ def test_unpaired_tensor(adapter_copy):
 
 def test_unknown_tensor_kind(adapter_copy):
     edit_tensors(adapter_copy, lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}))
-    assert "tensor base_model.model.model.norm.weight: is not a LoRA lora_A/lora_B weight" in refused(adapter_copy)
+    assert ("tensor base_model.model.model.norm.weight: is neither an adapter weight nor a module PEFT saves whole"
+            in refused(adapter_copy))
 
 
-def test_unsupported_tensor_kind_named(adapter_copy):
+def test_half_an_embedding_pair_is_named(adapter_copy):
     key = "base_model.model.model.embed_tokens.lora_embedding_A"
     edit_tensors(adapter_copy, lambda t: t.update({key: torch.ones(8, 96)}))
-    assert "embedding LoRA tensors are not merged by lora-merge yet" in refused(adapter_copy)
+    assert "module model.embed_tokens: has no lora_embedding_B weight" in refused(adapter_copy)
 
 
 def test_empty_adapter(adapter_copy):
@@ -174,7 +176,7 @@ def test_inits_that_rewrite_the_base_are_refused(adapter_copy, init):
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
 def test_inits_that_leave_the_base_alone_merge_as_plain_lora(adapter_copy, init):
     edit_config(adapter_copy, init_lora_weights=init)
-    assert len(load_adapter(LocalStorage(str(adapter_copy))).pairs) == 4
+    assert len(load_adapter(LocalStorage(str(adapter_copy))).updates) == 4
 
 
 def test_invalid_pattern_regex_is_bad_input(adapter_copy):

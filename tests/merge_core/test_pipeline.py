@@ -20,7 +20,8 @@ class SlowCountingStorage(LocalStorage):
         self.lock = threading.Lock()
         self.in_flight = self.peak_bytes = self.peak_reads = self.reads = 0
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        length = len(view)
         with self.lock:
             self.in_flight += length
             self.reads += 1
@@ -28,7 +29,7 @@ class SlowCountingStorage(LocalStorage):
             self.peak_reads = max(self.peak_reads, self.reads)
         time.sleep(0.01)
         try:
-            return super().read_range(name, offset, length)
+            super().read_into(name, offset, view)
         finally:
             with self.lock:
                 self.in_flight -= length

@@ -14,7 +14,8 @@ from merge_core.checkpoint import load_base, read_shard_header
 from merge_core.errors import ValidationError
 from merge_core.finalize import build_index, validate_merge
 from merge_core.plan import plan_merge
-from merge_core.shard_merge import check_stored, merge_shard
+from merge_core.shard_merge import merge_shard
+from merge_core.shard_result import check_stored
 from merge_core.storage import LocalStorage, open_storage
 from merge_core.validate import check_headers, check_index, spot_check, ulp_distance, verify_shard
 from tests.reference import make_adapter, make_base

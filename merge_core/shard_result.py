@@ -1,0 +1,51 @@
+"""What a worker reports for a merged shard, and the read-back that proves storage holds it.
+
+Free of torch, so that the driver (which only plans, schedules and publishes) never loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from merge_core.errors import ValidationError
+from merge_core.pipeline import sha256_of
+from merge_core.storage import Storage
+
+
+@dataclass(frozen=True)
+class FuseStats:
+    """What one fuse did to one tensor, for the report: ‖ΔW‖, max |ΔW|, ‖W‖ (float32 ΔW, before rounding)."""
+    delta_norm: float
+    delta_max: float
+    weight_norm: float
+    nonfinite_introduced: int  # NaN/Inf elements in W' beyond those already in W
+
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a task returns through Ray: small, no tensors."""
+    name: str
+    size: int
+    sha256: str
+    base_sha256: str
+    tensors: int
+    fused: int
+    read_wait_seconds: float  # time spent waiting for reads the read-ahead had not finished
+    fuse_seconds: float
+    write_seconds: float
+    seconds: float
+    device: str
+    node: str
+    fused_stats: tuple[tuple[str, FuseStats], ...] = ()  # per fused tensor, in file order
+
+
+def check_stored(storage: Storage, name: str, size: int, sha256: str) -> None:
+    """Read the published object back: storage must hold exactly the bytes that were hashed."""
+    stored = storage.size(name)
+    if stored != size:
+        raise ValidationError([f"{storage.describe(name)}: storage holds {stored} bytes, the worker wrote {size}"])
+    digest = sha256_of(storage, name, size)
+    if digest != sha256:
+        raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest}, "
+                               f"the worker wrote {sha256}"])
