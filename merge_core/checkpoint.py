@@ -39,6 +39,11 @@ class Shard:
         return self.header.file_size
 
 
+CONFIG_JSON = "config.json"
+# Input embeddings an output head may be tied to (Llama-style, GPT-2, BERT-style).
+TIED_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
 @dataclass(frozen=True)
 class BaseCheckpoint:
     uri: str
@@ -47,6 +52,15 @@ class BaseCheckpoint:
     indexed: bool  # False for a single model.safetensors without an index
     extra_files: tuple[str, ...]  # config, tokenizer and other non-weight files, copied as they are
     weight_map: Mapping[str, str] = field(repr=False)
+    config: Mapping[str, object] = field(default_factory=dict, repr=False)  # config.json, when it has one
+
+    @property
+    def tied_embedding(self) -> str | None:
+        """With tie_word_embeddings, the stored input embedding the output head shares."""
+        if not self.config.get("tie_word_embeddings"):
+            return None
+        found = [n for n in self.weight_map if n.endswith(TIED_INPUT_EMBEDDINGS)]
+        return found[0] if len(found) == 1 else None
 
     def shard(self, name: str) -> Shard:
         for shard in self.shards:
@@ -136,4 +150,6 @@ def load_base(storage: Storage) -> BaseCheckpoint:
 
     own = {MANIFEST_NAME, REPORT_NAME, JOURNAL_NAME, *shard_names}
     extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in own)
-    return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map)
+    config = read_json(storage, CONFIG_JSON, "restore config.json") if CONFIG_JSON in names else {}
+    return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map,
+                          config if isinstance(config, dict) else {})

@@ -6,6 +6,7 @@ any byte is written: a task only ever meets I/O failures.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -122,6 +123,22 @@ def _fits(update: ModuleUpdate, info: TensorInfo) -> bool:
     return True  # loha/lokr: ΔW is reshaped to W's shape, which fails on another size
 
 
+def _tied_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> ModuleUpdate:
+    """An update of the output head of a model whose head is tied to its input embedding (only
+    the embedding is stored) updates the embedding, as PEFT's in-place merge into the shared
+    tensor does; the model stays tied (so does PEFT's copy of the shared tensor, saved as
+    lm_head.base_layer.weight). A trained head of its own (modules_to_save) would untie them:
+    refused for now."""
+    tied = base.tied_embedding
+    if update.target in base.weight_map or tied is None or update.module.rpartition(".")[2] != "lm_head":
+        return update
+    if update.kind == "replace" and ".base_layer." not in update.factors[0].name:
+        raise InputError(subject, f"is a trained copy of {update.target}, which the base ties to {tied}; merging it "
+                         "would untie them, which lora-merge does not write yet",
+                         "merge this adapter with PEFT's merge_and_unload for now")
+    return dataclasses.replace(update, target=tied)
+
+
 def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> TensorInfo:
     shard_name = base.weight_map.get(update.target)
     if shard_name is None:
@@ -157,6 +174,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
             subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
             if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
+            update = _tied_target(base, update, subject)
             _check_target(base, update, subject)
             if weight != 1 and update.kind not in ADDITIVE_KINDS:
                 raise InputError(f"--weight {weight:g}", f"{adapter.uri} updates {update.target} by {update.kind}, "

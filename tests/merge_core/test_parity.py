@@ -17,12 +17,14 @@ from tests.reference import (assert_bit_identical, changed_tensors, load_checkpo
                              peft_merged)
 
 
-def merge_without_ray(base: str, adapters: list[str], out: str) -> dict[str, torch.Tensor]:
-    """The worker and the final task's pieces, called in turn in this process."""
+def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
+                      **options) -> dict[str, torch.Tensor]:
+    """The worker and the final task's pieces, called in turn in this process. `options` go to
+    merge_shard (sequential, combine)."""
     checkpoint = load_base(open_storage(base))
-    plan = plan_merge(checkpoint, [load_adapter(open_storage(a)) for a in adapters], [1.0] * len(adapters))
+    plan = plan_merge(checkpoint, [load_adapter(open_storage(a)) for a in adapters], weights or [1.0] * len(adapters))
     for task in plan.tasks:
-        merge_shard(task, base, adapters, out)
+        merge_shard(task, base, adapters, out, **options)
     assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
     copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files)
     publish(open_storage(out), plan, build_index(plan, checkpoint.index_metadata)[0], {}, b"")
