@@ -9,6 +9,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from merge_core.combine import COMBINE_METHODS
 from merge_core.errors import InputError, ValidationError
 from merge_core.manifest import tool_version
 from merge_core.storage import DEFAULT_PART_BYTES, StorageOptions
@@ -50,6 +51,19 @@ def _inputs(parser: argparse.ArgumentParser, from_config: bool = False) -> None:
     parser.add_argument("--weight", action="append", type=float, metavar="W", dest="weights",
                         default=None if unset else [],
                         help="weight of the adapter in the same position (default 1)")
+    parser.add_argument("--sequential", action="store_true", default=None if unset else False,
+                        help="merge several adapters one after another, rounding after each, in the order given: "
+                             "bit-identical to PEFT's merge_and_unload(adapter_names=[...]) (default: W + Σ wᵢ·ΔWᵢ, "
+                             "rounded once)")
+    parser.add_argument("--combine", choices=COMBINE_METHODS, default=None,
+                        help="combine the adapters' full deltas per tensor: ties, dare_linear, dare_ties or "
+                             "magnitude_prune (see README.md, Several adapters)")
+    parser.add_argument("--density", type=float, default=None if unset else 1.0, metavar="D",
+                        help="with --combine: the fraction of each delta kept, 0 < D <= 1 (default 1)")
+    parser.add_argument("--seed", type=int, default=None if unset else 0,
+                        help="with --combine dare_*: the seed of the random masks (default 0)")
+    parser.add_argument("--allow-base-mismatch", action="store_true", default=None if unset else False,
+                        help="merge adapters whose configs name different base models")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None if unset else "auto",
                         help="where to fuse: cuda needs GPUs in the cluster; auto uses them when present")
     parser.add_argument("--part-size-mb", type=int, default=None if unset else DEFAULT_PART_BYTES // 2**20,
@@ -107,7 +121,8 @@ def _write_report(path: str | None, report: dict) -> None:
             json.dump(report, f, indent=2, default=str)
 
 
-MERGE_DEFAULTS = {"weights": [], "device": "auto", "part_size_mb": DEFAULT_PART_BYTES // 2**20, "ray_address": None,
+MERGE_DEFAULTS = {"weights": [], "sequential": False, "combine": None, "density": 1.0, "seed": 0,
+                  "allow_base_mismatch": False, "device": "auto", "part_size_mb": DEFAULT_PART_BYTES // 2**20, "ray_address": None,
                   "overwrite": False, "resume": False, "allow_nonfinite": False, "allow_pickle": False,
                   "validate": True, "report": None, "task_cpus": 1, "task_resources": {}}
 
@@ -129,11 +144,15 @@ def resolve_merge_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**(vars(args) | values))
 
 
+def _arithmetic(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("sequential", "combine", "density", "seed", "allow_base_mismatch")}
+
+
 def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
     from jobs.driver import MergeOptions, run_merge  # imports Ray: only for commands that need it
     from jobs.progress import summary_table
 
-    summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, weights=args.weights,
+    summary = run_merge(MergeOptions(base=args.base, adapters=args.adapters, weights=args.weights, **_arithmetic(args),
                                      device=args.device, ray_address=args.ray_address, storage=storage,
                                      output=args.output, overwrite=args.overwrite, resume=args.resume,
                                      allow_nonfinite=args.allow_nonfinite, allow_pickle=args.allow_pickle,
@@ -161,7 +180,7 @@ def _merge(args: argparse.Namespace, storage: StorageOptions) -> int:
 def _verify(args: argparse.Namespace, storage: StorageOptions) -> int:
     from jobs.verify_job import VerifyOptions, run_verify
 
-    summary = run_verify(VerifyOptions(base=args.base, adapters=args.adapters, weights=args.weights,
+    summary = run_verify(VerifyOptions(base=args.base, adapters=args.adapters, weights=args.weights, **_arithmetic(args),
                                        device=args.device, ray_address=args.ray_address, storage=storage,
                                        merged=args.merged))
     print(f"verified {summary.merged}: {summary.shards} shards, {summary.tensors_checked} tensors, "
@@ -174,7 +193,7 @@ def _plan(args: argparse.Namespace, storage: StorageOptions) -> int:
     from jobs.plan_view import run_plan
     from jobs.driver import MergeInputs
 
-    text, data = run_plan(MergeInputs(base=args.base, adapters=args.adapters, weights=args.weights,
+    text, data = run_plan(MergeInputs(base=args.base, adapters=args.adapters, weights=args.weights, **_arithmetic(args),
                                       device=args.device, storage=storage))
     print(json.dumps(data, indent=2) if args.json else text)
     return EXIT_OK

@@ -16,6 +16,7 @@ from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.adapter import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter,
                                 scan_adapter, stage_pickled_adapter)
 from merge_core.checkpoint import INDEX_NAME, BaseCheckpoint, load_base
+from merge_core.combine import CombineSpec
 from merge_core.errors import InputError, TransientStorageError
 from merge_core.journal import fingerprint, proven, read_journal, write_journal
 from merge_core.manifest import adapter_record
@@ -38,6 +39,11 @@ class MergeInputs:
     base: str
     adapters: Sequence[str]
     weights: Sequence[float] = ()
+    sequential: bool = False
+    combine: str | None = None
+    density: float = 1.0
+    seed: int = 0
+    allow_base_mismatch: bool = False
     device: str = "auto"
     ray_address: str | None = None
     storage: StorageOptions = StorageOptions()
@@ -101,7 +107,9 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             stage_pickled_adapter(storage, staged)
             storage = staged
         adapters.append(load_adapter(storage))
-    return Prepared(base, tuple(adapters), weights, plan_merge(base, adapters, weights))
+    combine = CombineSpec(inputs.combine, inputs.density, inputs.seed) if inputs.combine else None
+    return Prepared(base, tuple(adapters), weights, plan_merge(base, adapters, weights, inputs.sequential, combine,
+                                                                inputs.allow_base_mismatch))
 
 
 def _remove_staging(output: Storage, options: StorageOptions) -> None:
@@ -216,7 +224,7 @@ def run_merge(options: MergeOptions) -> MergeSummary:
         return merge_shard_task.options(**lane_options, memory=memory[task.name],
                                         resources=dict(options.task_resources) or None).remote(
             task, plan.base_uri, plan.adapter_uris, output.uri, options.device, options.storage,
-            options.allow_nonfinite, options.validate)
+            options.allow_nonfinite, options.validate, plan.sequential, plan.combine)
 
     reused_names = [r.name for r in reused]
     try:

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import ray
 
+from merge_core.combine import CombineSpec
 from merge_core.plan import MergePlan, ShardTask
 from merge_core.shard_result import ShardResult
 from merge_core.storage import StorageOptions, open_storage
@@ -21,14 +22,16 @@ from merge_core.storage import StorageOptions, open_storage
 
 @ray.remote(max_retries=0)
 def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
-                     device: str, options: StorageOptions, allow_nonfinite: bool, validate: bool) -> ShardResult:
+                     device: str, options: StorageOptions, allow_nonfinite: bool, validate: bool,
+                     sequential: bool = False, combine: CombineSpec | None = None) -> ShardResult:
     from merge_core.fuse import resolve_device
     from merge_core.shard_merge import merge_shard
 
     gpu_assigned = bool(ray.get_gpu_ids())
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     result = merge_shard(task, base_uri, adapter_uris, output_uri, resolve_device(device, gpu_assigned), options,
-                         allow_nonfinite=allow_nonfinite, read_back=validate, threads=max(1, cpus))
+                         allow_nonfinite=allow_nonfinite, read_back=validate, threads=max(1, cpus),
+                         sequential=sequential, combine=combine)
     # The Ray node id, not the host name: simulated nodes share a host.
     return dataclasses.replace(result, node=ray.get_runtime_context().get_node_id())
 
@@ -36,11 +39,12 @@ def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str]
 @ray.remote(max_retries=0)
 def verify_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], merged_uri: str,
                       options: StorageOptions, expected_size: int | None, expected_sha256: str | None,
-                      fused_ulps: int):
+                      fused_ulps: int, sequential: bool = False, combine: CombineSpec | None = None):
     from merge_core.validate import verify_shard
 
     return verify_shard(task, open_storage(base_uri, options), [open_storage(u, options) for u in adapter_uris],
-                        open_storage(merged_uri, options), expected_size, expected_sha256, fused_ulps)
+                        open_storage(merged_uri, options), expected_size, expected_sha256, fused_ulps, sequential,
+                        combine)
 
 
 @ray.remote(max_retries=0)

@@ -68,7 +68,8 @@ def run_verify(options: VerifyOptions) -> VerifySummary:
         size, sha = recorded.get(task.name, (None, None))
         return verify_shard_task.options(**lane_options).remote(task, plan.base_uri, plan.adapter_uris, merged.uri,
                                                                options.storage, size, sha,
-                                                               1 if task.name in on_gpu else 0)
+                                                               1 if task.name in on_gpu else 0, plan.sequential,
+                                                               plan.combine)
 
     def done(task, verdict: ShardVerdict):
         progress.shard_done(verdict.name, verdict.size, f"{verdict.tensors_checked} tensors checked, "

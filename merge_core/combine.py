@@ -47,11 +47,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from merge_core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 COMBINE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
@@ -97,6 +98,8 @@ def dare_keep_mask(shape: Sequence[int] | torch.Size, density: float, seed: int,
 
     Always drawn on the CPU (CUDA generators give other streams), then moved to `device`.
     """
+    import torch  # here, not at import: the driver plans with this module and never loads torch
+
     generator = torch.Generator(device="cpu")
     generator.manual_seed(mask_seed(seed, tensor_name, index))
     draws = torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
@@ -107,6 +110,8 @@ def dare_keep_mask(shape: Sequence[int] | torch.Size, density: float, seed: int,
 
 def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """The bool mask of delta's k = int(density * numel) largest-magnitude entries (PEFT's set)."""
+    import torch  # here, not at import: the driver plans with this module and never loads torch
+
     numel = delta.numel()
     k = int(density * numel)
     if k >= numel:
@@ -128,6 +133,8 @@ def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 def combine_deltas(deltas: list[torch.Tensor], weights: list[float], spec: CombineSpec,
                    tensor_name: str) -> torch.Tensor:
     """The combined float32 ΔW of `deltas` (adapter order) with `weights`; see the module docstring."""
+    import torch  # here, not at import: the driver plans with this module and never loads torch
+
     check_combine(spec)
     if not deltas:
         raise ValueError(f"{tensor_name}: no deltas to combine")

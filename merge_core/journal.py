@@ -32,6 +32,7 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
         "adapters": list(adapter_sha256),
         "updates": [(f.tensor, [(u.adapter, u.scale) for u in f.updates]) for t in plan.tasks for f in t.targets],
         "settings": dict(settings),
+        "arithmetic": plan.arithmetic,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=list).encode()).hexdigest()
 

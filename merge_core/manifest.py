@@ -59,6 +59,7 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
                        for t in plan.tasks],
             "files": list(copied_files),
         },
+        "arithmetic": plan.arithmetic,
         "fused_tensor_count": plan.fused_tensor_count,
         "reused_shards": len(reused),
         "timings": dict(timings),

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from merge_core.adapter import EMBEDDING_LAYERS, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
 from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
+from merge_core.combine import CombineSpec, check_combine
 from merge_core.errors import InputError
 from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
 
@@ -80,6 +81,14 @@ class MergePlan:
     base_uri: str
     adapter_uris: tuple[str, ...]
     tasks: tuple[ShardTask, ...]
+    sequential: bool = False  # round after each adapter, in order (PEFT's merge_and_unload), not once
+    combine: CombineSpec | None = None  # --combine: TIES/DARE/magnitude pruning of the adapters' deltas
+
+    @property
+    def arithmetic(self) -> dict:
+        """How several adapters' updates are put together, for the manifest and the resume journal."""
+        return {"rounding": "after each adapter" if self.sequential else "once",
+                "combine": None if self.combine is None else dataclasses.asdict(self.combine)}
 
     @property
     def fused_tensor_count(self) -> int:
@@ -123,6 +132,17 @@ def _fits(update: ModuleUpdate, info: TensorInfo) -> bool:
     return True  # loha/lokr: ΔW is reshaped to W's shape, which fails on another size
 
 
+def _check_same_base(adapters: Sequence[LoraAdapter]) -> None:
+    """Adapters trained on different bases (by base_model_name_or_path, where both say) are refused."""
+    named = [(a.uri, a.config.get("base_model_name_or_path")) for a in adapters]
+    named = [(uri, name) for uri, name in named if name]
+    for uri, name in named[1:]:
+        if name != named[0][1]:
+            raise InputError(uri, f"was trained on {name!r}, but {named[0][0]} on {named[0][1]!r}",
+                             "merge adapters of one base, or pass --allow-base-mismatch if the bases are the same "
+                             "weights under other names")
+
+
 def _tied_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> ModuleUpdate:
     """An update of the output head of a model whose head is tied to its input embedding (only
     the embedding is stored) updates the embedding, as PEFT's in-place merge into the shared
@@ -161,8 +181,17 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> T
     return info
 
 
-def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> MergePlan:
+def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
+               sequential: bool = False, combine: CombineSpec | None = None,
+               allow_base_mismatch: bool = False) -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds."""
+    if combine is not None:
+        check_combine(combine)
+        if sequential:
+            raise InputError("--sequential", "cannot be combined with --combine, which merges the deltas into one",
+                             "pass one of them")
+    if not allow_base_mismatch:
+        _check_same_base(adapters)
     if len(weights) != len(adapters):
         raise InputError("--weight", f"{len(weights)} weight(s) for {len(adapters)} adapter(s)",
                          "give one --weight per --adapter, or none")
@@ -192,4 +221,4 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                         if t.name in updates)
         unvalidated = UNVALIDATED_SINGLE_NAME if not base.indexed else shard.name
         tasks.append(ShardTask(shard, targets, unvalidated))
-    return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks))
+    return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks), sequential, combine)

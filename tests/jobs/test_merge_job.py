@@ -101,3 +101,48 @@ def test_existing_model_is_refused_without_overwrite_and_replaced_with_it(models
     assert run.returncode == 0, run.stderr
     assert not (out / "model.safetensors").exists(), "the old model's weights must not linger beside the new ones"
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
+
+
+def test_several_adapters_combined_through_the_cli_and_verified(models, two_node_cluster, tmp_path):
+    """--combine ties of two adapters on the cluster: the manifest says how, verify re-derives every
+    tensor with the same arithmetic, and the result differs from a plain weighted sum."""
+    from tests.reference import make_adapter
+
+    cluster, _ = two_node_cluster
+    second = make_adapter(str(tmp_path / "second"), "qwen2", seed=7, r=2, lora_alpha=4, target_modules=["q_proj"])
+    common = ["--base", models.base, "--adapter", models.adapter, "--adapter", second, "--weight", "0.7",
+              "--weight", "0.3", "--ray-address", cluster.address]
+    ties = ["--combine", "ties", "--density", "0.5"]
+    out, plain = str(tmp_path / "ties"), str(tmp_path / "plain")
+    for target, extra in ((out, ties), (plain, [])):
+        run = run_cli("merge", *common, *extra, "--output", target)
+        assert run.returncode == 0, run.stderr
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    assert manifest["arithmetic"] == {"rounding": "once", "combine": {
+        "method": "ties", "density": 0.5, "seed": 0, "majority_sign_method": "total"}}
+    merged, summed = load_checkpoint(out), load_checkpoint(plain)
+    assert any(not merged[k].equal(summed[k]) for k in merged if "q_proj" in k), "TIES prunes and elects signs"
+
+    run = run_cli("verify", *common, *ties, "--merged", out)
+    assert run.returncode == 0, run.stderr
+    run = run_cli("verify", *common, "--merged", out)  # without --combine the arithmetic differs
+    assert run.returncode == 4 and "q_proj.weight" in run.stderr
+
+
+def test_adapters_of_different_bases_are_refused_unless_allowed(models, tmp_path):
+    import shutil
+
+    copies = []
+    for name, base_name in (("first", "org/base-model"), ("other", "someone/another-model")):
+        shutil.copytree(models.adapter, tmp_path / name)
+        config = json.load(open(tmp_path / name / "adapter_config.json"))
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": base_name}))
+        copies.append(str(tmp_path / name))
+    plan = ["plan", "--base", models.base, "--adapter", copies[0], "--adapter", copies[1]]
+    run = run_cli(*plan)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: {copies[1]}: was trained on 'someone/another-model', but {copies[0]} on 'org/base-model' "
+        "(merge adapters of one base, or pass --allow-base-mismatch if the bases are the same weights under "
+        "other names)")
+    assert run_cli(*plan, "--allow-base-mismatch").returncode == 0
