@@ -1,9 +1,10 @@
-"""The fuse math: W' = W + Σ scale·(B @ A), in float32, rounded once to W's dtype.
+"""The fuse: each base tensor W becomes the merged W', computed as PEFT computes it.
 
-This is the arithmetic PEFT's merge_and_unload performs on a CPU: the adapter weights are
-float32 (PEFT upcasts them on load), the delta is `(B @ A) * scale` in float32, and the
-in-place `W += delta` adds in float32 and rounds once to W's dtype. Keeping the same order of
-operations (matmul, then scale, then add) is what makes the result bit-identical.
+PEFT's merge_and_unload on a CPU works in float32: the adapter weights are float32 (PEFT upcasts
+them on load), each ΔW is computed as merge_core.deltas says, and the in-place update of W
+computes in float32 and rounds once to W's dtype. Keeping the same operations in the same order
+is what makes the result bit-identical. Updates are applied in stages (see _stages), each
+rounded as PEFT rounds it; the work runs over cache-sized blocks of rows in reused buffers.
 """
 
 from __future__ import annotations
@@ -90,9 +91,6 @@ def workspace_for(device: str | torch.device) -> Workspace:
     return _WORKSPACES.setdefault(str(device), Workspace(device))
 
 
-ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr")
-
-
 @dataclass(frozen=True)
 class Term:
     """One adapter's update of the tensor being fused, with its tensors loaded."""
@@ -130,12 +128,9 @@ def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -
     return stages
 
 
-class _Rows:
-    """A tensor seen as rows × rest: W is fused over row blocks."""
-
-    @staticmethod
-    def of(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor seen as rows × rest: W is fused over blocks of rows."""
+    return tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
 
 
 def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspace, compute: torch.dtype,
@@ -147,7 +142,7 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
 
     first = stage.terms[0]
     if stage.op == "replace":
-        stage.data = _Rows.of(first.tensors["tensor"].to(workspace.device))
+        stage.data = _rows_of(first.tensors["tensor"].to(workspace.device))
     elif stage.op == "ia3":
         vector = first.tensors["l"].to(workspace.device, compute)
         if first.role == "bias":
@@ -168,7 +163,7 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
             delta = term_delta(first, f"delta{index}")
             for term in stage.terms[1:]:
                 delta.add_(term_delta(term, "term"))
-        stage.data = _Rows.of(delta) if delta.dim() != 2 else delta
+        stage.data = _rows_of(delta) if delta.dim() != 2 else delta
         if stage.op == "dora":
             stage.magnitude = first.tensors["magnitude"].to(workspace.device, compute).reshape(-1)
 
@@ -216,7 +211,7 @@ def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
     with exact_float32_matmul():
         for index, stage in enumerate(stages):
             _prepare(stage, index, weight, workspace, compute, combine)
-        target = _Rows.of(weight)
+        target = _rows_of(weight)
         if before_writing is not None:
             before_writing()
         if on_gpu:
@@ -262,7 +257,7 @@ def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
         if on_gpu:
             staged.copy_(target, non_blocking=True)
             torch.cuda.current_stream(workspace.device).synchronize()
-            _Rows.of(weight).copy_(staged)
+            _rows_of(weight).copy_(staged)
     return FuseStats(delta_sq ** 0.5, delta_max, weight_sq ** 0.5, max(introduced, 0))
 
 

@@ -19,6 +19,7 @@ from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
 
 # Update kinds that add a ΔW (and so can be weighted and combined).
 ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "dora")
+COMBINABLE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr")
 # A worker's fixed memory: interpreter and torch, the read-ahead and write-behind windows, and
 # the cache-sized blocks of the fuse.
 FIXED_WORKER_BYTES = 768 * 1024 * 1024
@@ -205,6 +206,9 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                 continue  # IA3 scales the bias of output-side layers that have one
             update = _tied_target(base, update, subject)
             _check_target(base, update, subject)
+            if combine is not None and update.kind not in COMBINABLE_KINDS:
+                raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
+                                 "(it combines additive deltas)", "merge this adapter without --combine")
             if weight != 1 and update.kind not in ADDITIVE_KINDS:
                 raise InputError(f"--weight {weight:g}", f"{adapter.uri} updates {update.target} by {update.kind}, "
                                  "which is not a sum: it cannot be weighted", "give this adapter weight 1")

@@ -21,7 +21,7 @@ from merge_core.adapter import WEIGHTS_NAME
 from merge_core.combine import CombineSpec, combine_deltas
 from merge_core.errors import ValidationError
 from merge_core.fuse import Term, Workspace, fuse_into, tensor_from_bytes, workspace_for
-from merge_core.plan import ADDITIVE_KINDS, FuseTarget, ShardTask
+from merge_core.plan import FuseTarget, ShardTask
 from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.shard_result import FuseStats, ShardResult, check_stored
 from merge_core.shard_writer import ShardStreamWriter
@@ -83,7 +83,7 @@ def _fuse_target(task: ShardTask, target: FuseTarget, data: list, workspace: Wor
     weight = tensor_from_bytes(buffer, info.dtype, info.shape)
     combiner = None
     if combine is not None:
-        weights = [u.weight for u in target.updates if u.kind in ADDITIVE_KINDS]
+        weights = [u.weight for u in target.updates]  # the plan allows only additive updates with --combine
         combiner = partial(combine_deltas, weights=weights, spec=combine, tensor_name=target.tensor)
     stats = fuse_into(weight, update_terms(target, data[1:], combine is not None), workspace, before_writing,
                       sequential, combiner)
