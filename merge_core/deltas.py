@@ -18,7 +18,6 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-MATMUL_KINDS = ("lora", "embedding")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 

@@ -40,11 +40,6 @@ def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: S
     return flat.reshape(tuple(shape))
 
 
-def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
-    tensor = tensor.contiguous().cpu().reshape(-1)
-    return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-
-
 @contextmanager
 def exact_float32_matmul() -> Iterator[None]:
     """TF32 would round matmul inputs to 10 mantissa bits on CUDA; the merge must not."""
