@@ -18,7 +18,7 @@ def plan_as_dict(plan: MergePlan, device: str) -> dict:
         "shards": [{
             "name": t.name,
             "size": t.shard.size,
-            "tensors": len(t.shard.header.tensors),
+            "tensors": len(t.output_tensors),
             "fused": {uri: [f.tensor for f in t.targets if any(u.adapter == i for u in f.updates)]
                       for i, uri in enumerate(plan.adapter_uris)},
             "read_bytes": t.read_bytes,

@@ -62,7 +62,7 @@ def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, ext
     index, total_size = build_index(plan, base_index_metadata)
     if validate:
         validate_merge(plan, results, index, base, [open_storage(u, options) for u in plan.adapter_uris], output)
-    copied = copy_extra_files(base, output, extra_files)
+    copied = copy_extra_files(base, output, extra_files, plan.config_updates)
     timings = dict(timings) | {"finalize_seconds": time.perf_counter() - started}
     manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster, retries, reused)
     publish(output, plan, index, manifest, build_report(plan, results))

@@ -75,6 +75,14 @@ class ModuleUpdate:
     scale: float = 1.0
     transpose: bool = False  # W is stored in×out (fan_in_fan_out, embeddings): ΔW is transposed
     rank: int = 0
+    # replace: "modules_to_save" for the trained copy PEFT keeps beside the original module (a
+    # tied embedding's other half keeps the original); "original_module" for that original, saved
+    # with it; "" for a tensor loaded over the module's own
+    saved_as: str = ""
+
+    @property
+    def trained_copy(self) -> bool:
+        return self.saved_as == "modules_to_save"
 
     def factor(self, role: str) -> TensorInfo:
         return self.factors[self.roles.index(role)]
@@ -177,17 +185,28 @@ def _module_in(module: str, names: object) -> bool:
     return isinstance(names, list) and any(module == n or module.endswith(f".{n}") for n in names)
 
 
-def _whole_tensor(info: TensorInfo, config: Mapping[str, object], lora_modules: set[str], where: str) -> ModuleUpdate:
+def _whole_tensor(info: TensorInfo, config: Mapping[str, object], lora_modules: set[str], where: str
+                  ) -> ModuleUpdate | None:
     """A tensor PEFT saved whole, which replaces the base's when the adapter loads: a
-    modules_to_save copy, or the embedding layer saved with a targeted or resized vocabulary."""
+    modules_to_save copy, or the embedding layer saved with a targeted or resized vocabulary.
+    None for one PEFT does not load: a modules_to_save copy saved a second time under its
+    wrapper's name (with save_embedding_layers)."""
     key = info.name[len(KEY_PREFIX):]
     module, _, param = key.rpartition(".")
+    owner, _, wrapper_part = module.rpartition(".")
+    saved_as = ""
     if module.endswith(".base_layer") and module[:-len(".base_layer")] in lora_modules:
         module = module[:-len(".base_layer")]
-    elif not (_module_in(module, config.get("modules_to_save")) or module.rpartition(".")[2] in EMBEDDING_LAYERS):
+    elif wrapper_part in ("modules_to_save", "original_module") and _module_in(owner, config.get("modules_to_save")):
+        if wrapper_part == "modules_to_save":
+            return None
+        module, saved_as = owner, wrapper_part
+    elif _module_in(module, config.get("modules_to_save")):
+        saved_as = "modules_to_save"
+    elif module.rpartition(".")[2] not in EMBEDDING_LAYERS:
         raise InputError(f"{where}: tensor {info.name}", "is neither an adapter weight nor a module PEFT saves whole",
                          "remove it from the adapter or re-save the adapter with PEFT")
-    return ModuleUpdate(module, f"{module}.{param}", "replace", (info,), ("tensor",))
+    return ModuleUpdate(module, f"{module}.{param}", "replace", (info,), ("tensor",), saved_as=saved_as)
 
 
 # Roles by the names of the saved tensors, for messages.
@@ -330,7 +349,7 @@ def load_adapter(storage: Storage) -> LoraAdapter:
 
     peft_type = str(config["peft_type"])
     modules, others = _group_keys(header, peft_type, where)
-    updates = [_whole_tensor(info, config, set(modules), where) for info in others]
+    updates = [u for u in (_whole_tensor(info, config, set(modules), where) for info in others) if u is not None]
     for module, sides in sorted(modules.items()):
         updates += UPDATE_BUILDERS[peft_type](module, dict(sides), config, where)
     return LoraAdapter(storage.uri, config, header, tuple(updates))

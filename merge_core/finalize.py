@@ -6,10 +6,11 @@ there. It is created exclusively, so two jobs racing on one output cannot both p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Mapping, Sequence
 
-from merge_core.checkpoint import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
+from merge_core.checkpoint import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.errors import ValidationError
 from merge_core.plan import MergePlan
 from merge_core.shard_result import ShardResult
@@ -18,8 +19,8 @@ from merge_core.validate import check_headers, check_index, spot_check
 
 
 def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[dict, int]:
-    weight_map = {info.name: task.name for task in plan.tasks for info in task.shard.header.tensors}
-    total_size = sum(info.nbytes for task in plan.tasks for info in task.shard.header.tensors)
+    weight_map = {name: task.name for task in plan.tasks for name, _, _ in task.output_tensors}
+    total_size = sum(task.output_bytes for task in plan.tasks)
     metadata = dict(base_metadata) | {"total_size": total_size}
     return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, total_size
 
@@ -42,10 +43,19 @@ def validate_merge(plan: MergePlan, results: Sequence[ShardResult], index: Mappi
         raise ValidationError(problems)
 
 
-def copy_extra_files(base: Storage, output: Storage, names: Sequence[str]) -> list[dict]:
+def copy_extra_files(base: Storage, output: Storage, names: Sequence[str],
+                     config_updates: Mapping[str, object] | None = None) -> list[dict]:
+    """The base's other files, as they are; config.json with the keys the merge changes
+    (a resized vocabulary's vocab_size, tie_word_embeddings of an untied head) rewritten."""
     copied = []
     for name in names:
-        size, sha = copy_object(base, output, name)
+        if name == CONFIG_JSON and config_updates:
+            config = json.loads(base.read_bytes(name)) | dict(config_updates)
+            data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+            output.write_bytes(name, data)
+            size, sha = len(data), hashlib.sha256(data).hexdigest()
+        else:
+            size, sha = copy_object(base, output, name)
         copied.append({"name": name, "size": size, "sha256": sha})
     return copied
 

@@ -9,6 +9,7 @@ rounded as PEFT rounds it; the work runs over cache-sized blocks of rows in reus
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ TORCH_DTYPES = {
 }
 if hasattr(torch, "float8_e8m0fnu"):
     TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]) -> torch.Tensor:
@@ -38,6 +40,16 @@ def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: S
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(data, dtype=TORCH_DTYPES[dtype])
     return flat.reshape(tuple(shape))
+
+
+def resized(weight: torch.Tensor, shape: Sequence[int]) -> tuple[bytearray, torch.Tensor]:
+    """A buffer of another first dimension (a resized vocabulary) holding W's leading rows, zeros
+    past them. The adapter's copy replaces it whole; W's rows give the report a meaningful ΔW."""
+    buffer = bytearray(math.prod(shape) * weight.element_size())
+    grown = tensor_from_bytes(buffer, DTYPE_NAMES[weight.dtype], shape)
+    rows = min(grown.shape[0], weight.shape[0])
+    grown[:rows].copy_(weight[:rows])
+    return buffer, grown
 
 
 @contextmanager

@@ -32,6 +32,7 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
         "adapters": list(adapter_sha256),
         "updates": [(f.tensor, [(u.adapter, u.kind, u.scale, u.weight) for u in f.updates]) for t in plan.tasks
                     for f in t.targets],
+        "output": [t.output_tensors for t in plan.tasks],
         "settings": dict(settings),
         "arithmetic": plan.arithmetic,
     }

@@ -60,6 +60,8 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
             "files": list(copied_files),
         },
         "arithmetic": plan.arithmetic,
+        # config.json keys rewritten, tensors resized (a new vocabulary) or added (an untied head)
+        "model_changes": plan.model_changes,
         "fused_tensor_count": plan.fused_tensor_count,
         "reused_shards": len(reused),
         "timings": dict(timings),

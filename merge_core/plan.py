@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 from merge_core.adapter import EMBEDDING_LAYERS, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
-from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
+from merge_core.checkpoint import TIED_INPUT_EMBEDDINGS, UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
 from merge_core.combine import CombineSpec, check_combine
 from merge_core.errors import InputError
 from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
@@ -42,6 +42,14 @@ class Update:
 class FuseTarget:
     tensor: str
     updates: tuple[Update, ...]
+    # A tensor the base does not store (the output head of a model the merge unties) starts from
+    # this base tensor of the same shard, and is written after the base's tensors.
+    source: str | None = None
+    shape: tuple[int, ...] | None = None  # the merged shape, where an adapter resized the tensor
+
+    @property
+    def base_tensor(self) -> str:
+        return self.source or self.tensor
 
 
 @dataclass(frozen=True)
@@ -63,17 +71,35 @@ class ShardTask:
         return self.shard.size + self.adapter_bytes
 
     @property
+    def output_tensors(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        """The merged shard's (name, dtype, shape) in file order: the base's tensors, resized where
+        an adapter resized them, then the tensors new to it."""
+        targets = {t.tensor: t for t in self.targets}
+        tensors = [(i.name, i.dtype, targets[i.name].shape if i.name in targets and targets[i.name].shape else i.shape)
+                   for i in self.shard.header.tensors]
+        for target in self.targets:
+            if target.source is not None:
+                info = self.shard.header.tensor(target.source)
+                tensors.append((target.tensor, info.dtype, target.shape or info.shape))
+        return tuple(tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        """The merged shard's tensor bytes."""
+        return sum(DTYPE_BYTES[dtype] * math.prod(shape) for _, dtype, shape in self.output_tensors)
+
+    @property
     def memory_bytes(self) -> int:
         """What the worker needs at its peak, whatever the shard's size: for the largest fused
         tensor, ΔW in float32 (a second buffer when several updates sum), and the tensor's bytes
         twice (one being fused in place, the one before it still being written), plus the fixed part."""
-        by_name = {t.name: t for t in self.shard.header.tensors}
+        by_name = {name: (dtype, shape) for name, dtype, shape in self.output_tensors}
         largest = 0
         for target in self.targets:
-            info = by_name[target.tensor]
-            compute = 8 if info.dtype == "F64" else 4
-            per_element = compute * (2 if len(target.updates) > 1 else 1) + 2 * DTYPE_BYTES[info.dtype]
-            largest = max(largest, per_element * info.numel)
+            dtype, shape = by_name[target.tensor]
+            compute = 8 if dtype == "F64" else 4
+            per_element = compute * (2 if len(target.updates) > 1 else 1) + 2 * DTYPE_BYTES[dtype]
+            largest = max(largest, per_element * math.prod(shape))
         return FIXED_WORKER_BYTES + largest
 
 
@@ -84,6 +110,16 @@ class MergePlan:
     tasks: tuple[ShardTask, ...]
     sequential: bool = False  # round after each adapter, in order (PEFT's merge_and_unload), not once
     combine: CombineSpec | None = None  # --combine: TIES/DARE/magnitude pruning of the adapters' deltas
+    # config.json keys the merge changes (vocab_size of a resized vocabulary, tie_word_embeddings)
+    config_updates: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def model_changes(self) -> dict:
+        """What the merged model has that the base's layout had not, for the manifest."""
+        resized = {f.tensor: [list(t.shard.header.tensor(f.tensor).shape), list(f.shape)]
+                   for t in self.tasks for f in t.targets if f.shape is not None and f.source is None}
+        added = {f.tensor: f.source for t in self.tasks for f in t.targets if f.source is not None}
+        return {"config": dict(self.config_updates), "resized_tensors": resized, "added_tensors": added}
 
     @property
     def arithmetic(self) -> dict:
@@ -101,7 +137,7 @@ class MergePlan:
 
     @property
     def write_bytes(self) -> int:
-        return sum(t.shard.size for t in self.tasks)
+        return sum(t.shard.header.data_start + t.output_bytes for t in self.tasks)  # headers: about the base's
 
 
 def _expected_shape(update: ModuleUpdate) -> tuple[int, ...] | None:
@@ -119,20 +155,26 @@ def _expected_shape(update: ModuleUpdate) -> tuple[int, ...] | None:
     return None
 
 
-def _fits(update: ModuleUpdate, info: TensorInfo) -> bool:
+def _fits(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
     expected = _expected_shape(update)
     if expected is not None:
-        return tuple(info.shape) == expected
+        return tuple(shape) == expected
     if update.kind == "ia3":
         vector = update.factors[0].numel
         if update.roles[0] == "bias":
-            return info.numel == vector
-        dims = (info.shape[1], info.shape[0]) if update.transpose else tuple(info.shape[:2])
+            return math.prod(shape) == vector
+        dims = (shape[1], shape[0]) if update.transpose else tuple(shape[:2])
         side = dims[1] if update.roles[0] == "in" else dims[0]
-        return len(info.shape) >= 2 and vector == side
+        return len(shape) >= 2 and vector == side
     return True  # loha/lokr: ΔW is reshaped to W's shape, which fails on another size
 
 
+def _resizes(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
+    """Whether an update is an embedding or output head saved with a resized vocabulary: PEFT
+    saves the whole (n, H) tensor after resize_token_embeddings(n), and its copy replaces the base's."""
+    copy = tuple(update.factors[0].shape)
+    return (update.kind == "replace" and update.module.rpartition(".")[2] in EMBEDDING_LAYERS
+            and len(copy) == len(shape) >= 2 and copy[1:] == tuple(shape[1:]) and copy[0] != shape[0])
 def _check_same_base(adapters: Sequence[LoraAdapter]) -> None:
     """Adapters trained on different bases (by base_model_name_or_path, where both say) are refused."""
     named = [(a.uri, a.config.get("base_model_name_or_path")) for a in adapters]
@@ -144,42 +186,88 @@ def _check_same_base(adapters: Sequence[LoraAdapter]) -> None:
                              "weights under other names")
 
 
-def _tied_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> ModuleUpdate:
-    """An update of the output head of a model whose head is tied to its input embedding (only
-    the embedding is stored) updates the embedding, as PEFT's in-place merge into the shared
-    tensor does; the model stays tied (so does PEFT's copy of the shared tensor, saved as
-    lm_head.base_layer.weight). A trained head of its own (modules_to_save) would untie them:
-    refused for now."""
+# The output head a merge writes when it unties it from the input embedding.
+UNTIED_HEAD = "lm_head.weight"
+
+
+def _tied_target(base: BaseCheckpoint, update: ModuleUpdate) -> tuple[ModuleUpdate, str | None]:
+    """Where an update lands on a model whose output head is tied to its input embedding (only
+    the embedding is stored), as PEFT's merge into the shared tensor does; and, when the update
+    creates a tensor the base does not store, the base tensor it starts from.
+
+    A LoRA on the head, or a copy loaded over it (lm_head.base_layer.weight), updates the shared
+    embedding: the model stays tied. A trained copy of the head (modules_to_save) is a head of its
+    own: PEFT unties the model and saves lm_head.weight beside the unchanged embedding."""
     tied = base.tied_embedding
     if update.target in base.weight_map or tied is None or update.module.rpartition(".")[2] != "lm_head":
-        return update
-    if update.kind == "replace" and ".base_layer." not in update.factors[0].name:
-        raise InputError(subject, f"is a trained copy of {update.target}, which the base ties to {tied}; merging it "
-                         "would untie them, which lora-merge does not write yet",
-                         "merge this adapter with PEFT's merge_and_unload for now")
-    return dataclasses.replace(update, target=tied)
+        return update, None
+    if update.kind == "replace" and update.trained_copy:
+        return update, tied
+    return dataclasses.replace(update, target=tied), None
 
 
-def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str) -> TensorInfo:
-    shard_name = base.weight_map.get(update.target)
+def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, source: str | None,
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """The update fits the tensor it targets (at its current shape, `shapes`: a resized
+    vocabulary's); records the new shape when it resizes it."""
+    name = source or update.target
+    shard_name = base.weight_map.get(name)
     if shard_name is None:
         raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have",
                          "check that the adapter was trained on this base model")
-    info = base.shard(shard_name).header.tensor(update.target)
+    info = base.shard(shard_name).header.tensor(name)
     if info.dtype not in FLOAT_DTYPES:
-        raise InputError(f"{base.uri}/{shard_name}: tensor {update.target}", f"is {info.dtype}; an adapter can only "
+        raise InputError(f"{base.uri}/{shard_name}: tensor {name}", f"is {info.dtype}; an adapter can only "
                          f"be merged into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
-    if not _fits(update, info):
+    shape = shapes.get(update.target, tuple(info.shape))
+    if _resizes(update, shape):
+        shapes[update.target] = tuple(update.factors[0].shape)
+    elif not _fits(update, shape):
         expected = _expected_shape(update)
-        what = (f"is {list(info.shape)} in the base, the adapter's copy is {list(expected)}"
+        what = (f"is {list(shape)} in the base, the adapter's copy is {list(expected)}"
                 if update.kind == "replace" else
                 f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
-                f"{update.target} of shape {list(info.shape)}")
-        fix = ("resized vocabularies are not merged yet: merge with PEFT after resize_token_embeddings"
-               if update.kind == "replace" and update.module.rpartition(".")[2] in EMBEDDING_LAYERS
-               else "check that the adapter was trained on this base model")
-        raise InputError(subject, what, fix)
-    return info
+                f"{update.target} of shape {list(shape)}")
+        raise InputError(subject, what, "check that the adapter was trained on this base model")
+
+
+def _check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]], added: Mapping[str, str]) -> int:
+    """A resized vocabulary resizes every tensor of the old one alike (the input embedding and an
+    untied output head): a head left at the old size would get its new rows from whatever
+    resize_token_embeddings made at merge time, which no file records. Returns the new size."""
+    def base_rows(name: str) -> int:
+        stored = added.get(name, name)
+        return base.shard(base.weight_map[stored]).header.tensor(stored).shape[0]
+
+    sizes = sorted({shape[0] for shape in shapes.values()})
+    if len(sizes) > 1:
+        raise InputError(", ".join(sorted(shapes)), f"are resized to different vocabulary sizes {sizes}",
+                         "merge adapters made for one vocabulary")
+    old_sizes = {base_rows(name) for name in shapes}
+    vocabulary = [n for n in base.weight_map if n.endswith(TIED_INPUT_EMBEDDINGS)
+                  or n.rpartition(".")[0].rpartition(".")[2] in EMBEDDING_LAYERS]
+    for name in [*vocabulary, *added]:
+        rows = shapes[name][0] if name in shapes else base_rows(name)
+        if base_rows(name) in old_sizes and rows != sizes[0]:
+            raise InputError(name, f"keeps {rows} rows while the adapter resizes the vocabulary to {sizes[0]}",
+                             "save the adapter with save_embedding_layers=True after resize_token_embeddings, so "
+                             "that it carries every embedding and output head at the new size")
+    return sizes[0]
+
+
+def _config_updates(base: BaseCheckpoint, vocab_size: int | None, untied: bool) -> dict[str, object]:
+    """config.json's keys the merge changes: vocab_size (top level, or a multimodal model's
+    text_config), and tie_word_embeddings when the merge unties the head."""
+    updates: dict[str, object] = {}
+    if vocab_size is not None:
+        text_config = base.config.get("text_config")
+        if "vocab_size" not in base.config and isinstance(text_config, dict) and "vocab_size" in text_config:
+            updates["text_config"] = dict(text_config) | {"vocab_size": vocab_size}
+        else:
+            updates["vocab_size"] = vocab_size
+    if untied:
+        updates["tie_word_embeddings"] = False
+    return updates
 
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
@@ -199,13 +287,30 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     if not all(math.isfinite(w) for w in weights):
         raise InputError("--weight", f"weights {list(weights)} are not all finite numbers", "give finite weights")
     updates: dict[str, list[Update]] = {}
+    added: dict[str, str] = {}  # tensors new to the model → the base tensor each starts from
+    shapes: dict[str, tuple[int, ...]] = {}  # resized tensors' new shapes
+    tied = base.tied_embedding
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        # A modules_to_save module's original, saved beside its trained copy, is loaded over the
+        # original; that matters only where nothing else replaces it (a tied embedding).
+        replaced = {_tied_target(base, u)[0].target for u in adapter.updates
+                    if u.kind == "replace" and u.saved_as != "original_module"}
         for update in adapter.updates:
             subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
             if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
-            update = _tied_target(base, update, subject)
-            _check_target(base, update, subject)
+            update, source = _tied_target(base, update)
+            if update.saved_as == "original_module" and update.target in replaced:
+                continue
+            if update.kind == "replace" and update.trained_copy and update.target == tied:
+                added[UNTIED_HEAD] = tied  # a trained copy of the tied embedding: the head keeps the original
+            if source is not None:
+                added[update.target] = source
+            resized_before = update.target in shapes
+            _check_target(base, update, subject, source, shapes)
+            if update.target in shapes and not resized_before and updates.get(update.target):
+                raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its old "
+                                 "size", "give the adapter that resizes the vocabulary first")
             if combine is not None and update.kind not in COMBINABLE_KINDS:
                 raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
                                  "(it combines additive deltas)", "merge this adapter without --combine")
@@ -218,11 +323,15 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
             updates.setdefault(update.target, []).append(Update(
                 index, adapter.header.data_start, update.kind, update.factors, update.roles, update.scale, weight,
                 update.transpose))
+    vocab_size = _check_vocabulary(base, shapes, added) if shapes else None
 
     tasks = []
     for shard in base.shards:
-        targets = tuple(FuseTarget(t.name, tuple(updates[t.name])) for t in shard.header.tensors
-                        if t.name in updates)
+        names = [t.name for t in shard.header.tensors if t.name in updates]
+        names += [name for name, source in added.items() if source in shard.header.names]
+        targets = tuple(FuseTarget(name, tuple(updates.get(name, ())), added.get(name), shapes.get(name))
+                        for name in names)
         unvalidated = UNVALIDATED_SINGLE_NAME if not base.indexed else shard.name
         tasks.append(ShardTask(shard, targets, unvalidated))
-    return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks), sequential, combine)
+    return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks), sequential, combine,
+                     _config_updates(base, vocab_size, bool(added)))

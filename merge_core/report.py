@@ -30,10 +30,10 @@ def build_report(plan: MergePlan, results: Sequence[ShardResult]) -> bytes:
     rows = []
     for task in plan.tasks:
         targets = {t.tensor: t for t in task.targets}
-        for info in task.shard.header.tensors:
-            target, stat = targets.get(info.name), stats.get(info.name)
+        for name, dtype, shape in task.output_tensors:
+            target, stat = targets.get(name), stats.get(name)
             rows.append({
-                "name": info.name, "shard": task.name, "dtype": info.dtype, "shape": list(info.shape),
+                "name": name, "shard": task.name, "dtype": dtype, "shape": list(shape),
                 "fused": target is not None,
                 "adapters": [plan.adapter_uris[u.adapter] for u in target.updates] if target else [],
                 "scales": [u.scale for u in target.updates] if target else [],

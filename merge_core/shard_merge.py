@@ -20,7 +20,7 @@ import torch
 from merge_core.adapter import WEIGHTS_NAME
 from merge_core.combine import CombineSpec, combine_deltas
 from merge_core.errors import ValidationError
-from merge_core.fuse import Term, Workspace, fuse_into, tensor_from_bytes, workspace_for
+from merge_core.fuse import Term, Workspace, fuse_into, resized, tensor_from_bytes, workspace_for
 from merge_core.plan import FuseTarget, ShardTask
 from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.shard_result import FuseStats, ShardResult, check_stored
@@ -38,6 +38,13 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
     header = task.shard.header
     yield Item(_HEADER, (Read(base, task.name, 0, header.data_start),))
     targets = {t.tensor: t for t in task.targets}
+
+    def fuse_item(target: FuseTarget) -> Item[FuseTarget]:
+        info = header.tensor(target.base_tensor)
+        factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
+                        for u in target.updates for f in u.factors)
+        return Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))
+
     run_start = None
     for info in header.tensors:
         target = targets.get(info.name)
@@ -47,12 +54,12 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
         if run_start is not None:
             yield from _copy_items(base, task.name, header.data_start + run_start, info.start - run_start)
             run_start = None
-        factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
-                        for u in target.updates for f in u.factors)
-        yield Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))
+        yield fuse_item(target)
     if run_start is not None:
         end = header.tensors[-1].end
         yield from _copy_items(base, task.name, header.data_start + run_start, end - run_start)
+    # Tensors new to the shard (an untied output head) follow, read again from their base tensor.
+    yield from (fuse_item(t) for t in task.targets if t.source is not None)
 
 
 def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[Item[str]]:
@@ -77,10 +84,13 @@ def update_terms(target: FuseTarget, factor_bytes: Sequence, combining: bool = F
 def _fuse_target(task: ShardTask, target: FuseTarget, data: list, workspace: Workspace,
                  before_writing: Callable[[], object], sequential: bool, combine: CombineSpec | None
                  ) -> tuple[memoryview, FuseStats]:
-    """Fuse one tensor in the buffer its bytes were read into, which then holds the merged bytes."""
-    info = task.shard.header.tensor(target.tensor)
+    """Fuse one tensor in the buffer its bytes were read into, which then holds the merged bytes
+    (in a buffer of its own when an adapter resizes it)."""
+    info = task.shard.header.tensor(target.base_tensor)
     buffer = data[0]
     weight = tensor_from_bytes(buffer, info.dtype, info.shape)
+    if target.shape is not None:
+        buffer, weight = resized(weight, target.shape)
     combiner = None
     if combine is not None:
         weights = [u.weight for u in target.updates]  # the plan allows only additive updates with --combine
@@ -124,15 +134,15 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
     hasher = Behind("hash-base")
     fused_stats: list[tuple[str, FuseStats]] = []
 
-    stream = ShardStreamWriter(output.open_writer(task.output_name),
-                               [(i.name, i.dtype, i.shape) for i in header.tensors], header.metadata)
+    stream = ShardStreamWriter(output.open_writer(task.output_name), task.output_tensors, header.metadata)
+    layout = {i.name: i for i in stream.layout}
     try:
-        if [(i.start, i.end) for i in stream.layout] != [(i.start, i.end) for i in header.tensors]:
-            raise RuntimeError(f"{task.name}: output layout differs from the base layout")
         laps = _Laps()
         for tag, data in read_ahead(list(_items(task, base, adapters))):
             laps.lap("wait")
-            hashed = hasher.submit(base_sha.update, data[0])
+            new_tensor = isinstance(tag, FuseTarget) and tag.source is not None
+            # every base byte once, in order: a new tensor's bytes were read a second time
+            hashed = hasher.submit(base_sha.update, b"" if new_tensor else data[0])
             if isinstance(tag, FuseTarget):
                 merged, stats = _fuse_target(task, tag, data, workspace, hashed.result, sequential, combine)
                 if stats.nonfinite_introduced and not allow_nonfinite:
@@ -141,7 +151,7 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
                                            "(check the adapter, or pass --allow-nonfinite)"])
                 fused_stats.append((tag.tensor, stats))
                 laps.lap("fuse")
-                stream.write_tensor(header.tensor(tag.tensor), merged)
+                stream.write_tensor(layout[tag.tensor], merged)
             elif tag is _COPY:
                 stream.write_data(data[0])
             laps.lap("write")  # the base's own header is only hashed: the output has its own
@@ -159,6 +169,6 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
         raise
     finally:
         hasher.close()
-    return ShardResult(task.name, size, sha, base_sha.hexdigest(), len(header.tensors), len(task.targets),
+    return ShardResult(task.name, size, sha, base_sha.hexdigest(), len(stream.layout), len(task.targets),
                        laps.seconds["wait"], laps.seconds["fuse"], laps.seconds["write"],
                        time.perf_counter() - started, str(torch_device), socket.gethostname(), tuple(fused_stats))

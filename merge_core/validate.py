@@ -20,7 +20,7 @@ import torch
 from merge_core.adapter import WEIGHTS_NAME
 from merge_core.checkpoint import read_shard_header
 from merge_core.errors import InputError
-from merge_core.fuse import TORCH_DTYPES, fuse, tensor_from_bytes
+from merge_core.fuse import TORCH_DTYPES, fuse, resized, tensor_from_bytes
 from merge_core.combine import CombineSpec, combine_deltas
 from merge_core.shard_merge import update_terms
 from merge_core.pipeline import Item, Read, read_ahead
@@ -60,7 +60,8 @@ def describe_difference(name: str, stored: torch.Tensor, expected: torch.Tensor,
 
 
 def check_headers(plan: MergePlan, output: Storage) -> tuple[list[str], dict[str, ShardHeader]]:
-    """Every base tensor is in the output shard of the same name, with its dtype and shape."""
+    """Every base tensor is in the output shard of the same name, with its dtype and shape (a
+    resized vocabulary's new shape), and so is every tensor the merge adds; nothing else is."""
     problems, headers = [], {}
     for task in plan.tasks:
         try:
@@ -69,22 +70,23 @@ def check_headers(plan: MergePlan, output: Storage) -> tuple[list[str], dict[str
             problems.append(str(exc))
             continue
         stored = {t.name: (t.dtype, t.shape) for t in header.tensors}
-        for info in task.shard.header.tensors:
-            if stored.get(info.name) != (info.dtype, info.shape):
-                found = stored.get(info.name)
-                problems.append(f"{output.describe(task.output_name)}: tensor {info.name} should be "
-                                f"{info.dtype}{list(info.shape)}, found {'nothing' if found is None else found}")
-        extra = sorted(set(stored) - set(task.shard.header.names))
+        expected = task.output_tensors
+        for name, dtype, shape in expected:
+            if stored.get(name) != (dtype, tuple(shape)):
+                found = stored.get(name)
+                problems.append(f"{output.describe(task.output_name)}: tensor {name} should be "
+                                f"{dtype}{list(shape)}, found {'nothing' if found is None else found}")
+        extra = sorted(set(stored) - {name for name, _, _ in expected})
         if extra:
             problems.append(f"{output.describe(task.output_name)}: unexpected tensors {extra[:5]}")
     return problems, headers
 
 
 def check_index(plan: MergePlan, index: Mapping[str, object], headers: Mapping[str, ShardHeader]) -> list[str]:
-    expected_map = {info.name: t.name for t in plan.tasks for info in t.shard.header.tensors}
+    expected_map = {name: t.name for t in plan.tasks for name, _, _ in t.output_tensors}
     problems = []
     if index.get("weight_map") != expected_map:
-        problems.append("model.safetensors.index.json: weight_map differs from the base's")
+        problems.append("model.safetensors.index.json: weight_map differs from the planned one")
     total = sum(t.nbytes for h in headers.values() for t in h.tensors)
     if index.get("metadata", {}).get("total_size") != total:
         problems.append(f"model.safetensors.index.json: total_size {index.get('metadata', {}).get('total_size')} "
@@ -150,7 +152,7 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
     if plan.combine is not None:
         return []
     rng = random.Random(seed)
-    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and all(
+    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and f.updates and all(
         u.kind == "bias" or (u.kind == "lora" and len(u.factors[0].shape) == 2) for u in f.updates)]
     problems = []
     for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
@@ -186,17 +188,17 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
     digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
     base_header = task.shard.header
     targets = {t.tensor: t for t in task.targets}
+    planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
     items = []
     for info in header.tensors:  # in the merged file's order, so its bytes hash in sequence
         reads = [Read(merged, task.name, header.data_start + info.start, info.nbytes)]
-        try:
-            base_info = base_header.tensor(info.name)
-        except KeyError:
+        target = targets.get(info.name)
+        if info.name not in planned:
             problems.append(f"{where}: tensor {info.name} is not in the base shard")
             items.append(Item((info, None), tuple(reads)))
             continue
+        base_info = base_header.tensor(target.base_tensor if target else info.name)
         reads.append(Read(base, task.name, base_header.data_start + base_info.start, base_info.nbytes))
-        target = targets.get(info.name)
         if target:
             reads += [Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
                       for u in target.updates for f in u.factors]
@@ -206,13 +208,16 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         digest.update(data[0])
         if base_info is None:
             continue
-        if (info.dtype, info.shape) != (base_info.dtype, base_info.shape):
+        dtype, shape = planned[info.name]
+        if (info.dtype, tuple(info.shape)) != (dtype, shape):
             problems.append(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
-                            f"the base has {base_info.dtype}{list(base_info.shape)}")
+                            f"the merge makes it {dtype}{list(shape)}")
             continue
         stored = tensor_from_bytes(data[0], info.dtype, info.shape)
         expected = tensor_from_bytes(data[1], base_info.dtype, base_info.shape)
         target = targets.get(info.name)
+        if target and target.shape is not None:
+            expected = resized(expected, target.shape)[1]
         if target:
             combiner = None if combine is None else partial(
                 combine_deltas, weights=[u.weight for u in target.updates], spec=combine, tensor_name=target.tensor)
@@ -222,9 +227,9 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         if difference:
             problems.append(f"{where}: {difference}")
         checked += 1
-    missing = sorted(set(base_header.names) - set(header.names))
+    missing = sorted(set(planned) - set(header.names))
     if missing:
-        problems.append(f"{where}: {len(missing)} base tensors missing, e.g. {missing[:3]}")
+        problems.append(f"{where}: {len(missing)} tensors missing, e.g. {missing[:3]}")
     size = merged.size(task.name)
     sha = digest.hexdigest()
     if expected_sha256 is not None and (sha != expected_sha256 or size != expected_size):

@@ -146,3 +146,47 @@ def test_adapters_of_different_bases_are_refused_unless_allowed(models, tmp_path
         "(merge adapters of one base, or pass --allow-base-mismatch if the bases are the same weights under "
         "other names)")
     assert run_cli(*plan, "--allow-base-mismatch").returncode == 0
+
+
+def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_node_cluster, tmp_path):
+    """A tied 96-token base; the adapter was made after resize_token_embeddings(100) with a trained
+    lm_head (modules_to_save). The merge resizes the embedding, adds an untied 100-row lm_head.weight to
+    the embedding's shard, rewrites config.json, validates all of it on the cluster, records it in the
+    manifest, and `verify` re-derives it. The result equals PEFT's, bit for bit."""
+    from peft import LoraConfig
+
+    from tests.reference import make_base
+    from tests.variant_reference import build_adapter, causal_lm, peft_reference, read_config
+
+    cluster, _ = two_node_cluster
+    spec = causal_lm(tie_word_embeddings=True)
+    base = make_base(str(tmp_path / "base"), tie_word_embeddings=True)
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]), resize=100)
+    reference = peft_reference(spec, base, [adapter], str(tmp_path / "peft"), resize=100)
+    out = str(tmp_path / "merged")
+    common = ["--base", base, "--adapter", adapter, "--ray-address", cluster.address]
+    run = run_cli("merge", *common, "--output", out)
+    assert run.returncode == 0, run.stderr
+    assert_bit_identical(load_checkpoint(out), reference)
+    assert reference["lm_head.weight"].shape == (100, 64)
+
+    config = read_config(out)
+    assert (config["vocab_size"], config["tie_word_embeddings"]) == (100, False)
+    assert (config["vocab_size"], config["tie_word_embeddings"]) == tuple(
+        read_config(str(tmp_path / "peft"))[k] for k in ("vocab_size", "tie_word_embeddings"))
+    index = json.load(open(os.path.join(out, INDEX_NAME)))
+    base_index = json.load(open(os.path.join(base, INDEX_NAME)))
+    embed_shard = base_index["weight_map"]["model.embed_tokens.weight"]
+    assert index["weight_map"] == base_index["weight_map"] | {"lm_head.weight": embed_shard}
+    assert index["metadata"]["total_size"] == base_index["metadata"]["total_size"] + (4 + 100) * 64 * 2  # 4 new rows, a new head
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    assert manifest["model_changes"] == {
+        "config": {"vocab_size": 100, "tie_word_embeddings": False},
+        "resized_tensors": {"model.embed_tokens.weight": [[96, 64], [100, 64]]},
+        "added_tensors": {"lm_head.weight": "model.embed_tokens.weight"}}
+    report = pq.read_table(os.path.join(out, REPORT_NAME)).to_pylist()
+    assert {r["name"]: r["shape"] for r in report}["lm_head.weight"] == [100, 64]
+
+    run = run_cli("verify", *common, "--merged", out)
+    assert run.returncode == 0, run.stderr

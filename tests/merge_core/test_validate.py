@@ -101,7 +101,7 @@ def test_wrong_total_size_in_the_index(merged):
     assert "model.safetensors.index.json: total_size" in check_index(plan, index, headers)[0]
     index = build_index(plan, {})[0]
     index["weight_map"]["model.norm.weight"] = "elsewhere.safetensors"
-    assert check_index(plan, index, headers) == ["model.safetensors.index.json: weight_map differs from the base's"]
+    assert check_index(plan, index, headers) == ["model.safetensors.index.json: weight_map differs from the planned one"]
 
 
 def test_read_back_catches_bytes_that_differ_from_what_was_hashed(merged, tmp_path):

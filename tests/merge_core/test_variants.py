@@ -88,19 +88,29 @@ def test_embedding_copy_differing_from_base_is_merged_as_peft_does_or_refused(tm
     assert_bit_identical(ours, reference)
 
 
-@pytest.mark.parametrize("targets", [ATTN, ["embed_tokens", "lm_head", "q_proj"]], ids=["untargeted", "targeted"])
-def test_resized_vocabulary(tmp_path, targets):
+RESIZED_CASES = {
+    "untargeted": (dict(target_modules=ATTN), 2),  # embed_tokens.weight, lm_head.weight
+    "targeted": (dict(target_modules=["embed_tokens", "lm_head", "q_proj"]), 2),  # their base_layer.weight
+    # lm_head.weight (the trained copy), and again as lm_head.modules_to_save.weight (which PEFT does not
+    # load) beside lm_head.original_module.weight
+    "head-modules-to-save": (dict(target_modules=ATTN, modules_to_save=["lm_head"]), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(RESIZED_CASES))
+def test_resized_vocabulary(tmp_path, case):
     """resize_token_embeddings(100) before get_peft_model on a 96-token base: the adapter carries the
     (100, H) embedding and lm_head (full copies, or base_layer copies plus LoRA). PEFT needs the base
     resized first; the merge must write 100-row tensors and say vocab_size 100 in config.json."""
     from peft import LoraConfig
 
+    lora, copies = RESIZED_CASES[case]
+    targets = lora["target_modules"]
     spec = causal_lm()
     base = make_base(str(tmp_path / "base"))
-    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(r=4, lora_alpha=8,
-                                                                               target_modules=targets), resize=100)
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(r=4, lora_alpha=8, **lora), resize=100)
     full_copies = [k for k in adapter_keys(adapter) if "lora_" not in k and ("embed_tokens" in k or "lm_head" in k)]
-    assert len(full_copies) == 2, full_copies  # embed_tokens and lm_head, (base_layer.)weight
+    assert len(full_copies) == copies, full_copies
     reference, base_ckpt = merge_both(tmp_path, spec, base, [adapter], BF16, resize=100)
     assert reference["model.embed_tokens.weight"].shape == (100, 64) == reference["lm_head.weight"].shape
     assert read_config(str(tmp_path / "peft"))["vocab_size"] == 100
@@ -108,9 +118,27 @@ def test_resized_vocabulary(tmp_path, targets):
     assert torch.equal(reference["model.embed_tokens.weight"][:96], base_ckpt["model.embed_tokens.weight"]) == (
         "embed_tokens" not in targets), "untargeted: the old rows are the base's; targeted: LoRA changed them"
 
-    # Not merged yet (the shards' layout and config.json would change): refused, naming the tensor.
-    with pytest.raises(InputError, match=r"is \[96, 64\] in the base, the adapter's copy is \[100, 64\].*resized "
-                                         r"vocabularies are not merged yet"):
+    out = str(tmp_path / "ours")
+    assert_bit_identical(merge_without_ray(base, [adapter], out), reference)
+    ours_config, peft_config = read_config(out), read_config(str(tmp_path / "peft"))
+    assert ours_config["vocab_size"] == 100
+    assert {k: v for k, v in ours_config.items() if k != "vocab_size"} == {
+        k: v for k, v in read_config(base).items() if k != "vocab_size"}, "only vocab_size changes"
+
+
+def test_resized_vocabulary_without_its_head_is_refused(tmp_path):
+    """embed_tokens targeted after a resize but lm_head (untied) neither targeted nor saved: the adapter
+    has no 100-row head, and PEFT's merge would take the new head rows from resize_token_embeddings'
+    initialisation at merge time. Refused, naming the head left at the old size."""
+    from peft import LoraConfig
+
+    spec = causal_lm()
+    base = make_base(str(tmp_path / "base"))
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), resize=100)
+    assert not any("lm_head" in k for k in adapter_keys(adapter))
+    with pytest.raises(InputError, match=r"lm_head.weight: keeps 96 rows while the adapter resizes the vocabulary "
+                                         r"to 100.*save_embedding_layers=True"):
         merge_without_ray(base, [adapter], str(tmp_path / "ours"))
 
 
@@ -148,6 +176,8 @@ TIED_CASES = {
     "lm-head-lora": (dict(target_modules=["lm_head", "q_proj"]), True),
     # a trained lm_head copy: the embeddings diverge, PEFT unties them and writes lm_head.weight
     "lm-head-modules-to-save": (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), False),
+    # a trained embedding copy: the head keeps the base's embedding, written as lm_head.weight
+    "embed-modules-to-save": (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), False),
 }
 
 
@@ -167,15 +197,12 @@ def test_tied_embeddings(tmp_path, case):
     assert ("lm_head.weight" in reference) is not still_tied
     assert_changes(base_ckpt, reference, [*(["model.embed_tokens.weight"] if still_tied else []),
                                           *layer_tensors("self_attn.q_proj.weight")])
-    if not still_tied:  # the trained head is new on disk, the input embedding keeps the base's values
-        assert not torch.equal(reference["lm_head.weight"], base_ckpt["model.embed_tokens.weight"])
-        assert torch.equal(reference["model.embed_tokens.weight"], base_ckpt["model.embed_tokens.weight"])
+    if not still_tied:  # one of the two is the trained copy, the other keeps the base's embedding
+        trained, kept = ("lm_head.weight", "model.embed_tokens.weight")[::1 if "lm-head" in case else -1]
+        assert not torch.equal(reference[trained], base_ckpt["model.embed_tokens.weight"])
+        assert torch.equal(reference[kept], base_ckpt["model.embed_tokens.weight"])
 
     out = str(tmp_path / "ours")
-    if not still_tied:  # untying (a new lm_head.weight, config rewritten) is not written yet: refused by name
-        with pytest.raises(InputError, match="ties to model.embed_tokens.weight; merging it would untie them"):
-            merge_without_ray(base, [adapter], out)
-        return
     assert_bit_identical(merge_without_ray(base, [adapter], out), reference)
     assert read_config(out)["tie_word_embeddings"] is still_tied
 
