@@ -31,7 +31,7 @@ REQUIRED_FIELDS = {"LORA": ("r", "lora_alpha"), "IA3": (), "LOHA": ("r", "alpha"
 # adapter that sets one is refused by name rather than merged as if it were plain LoRA.
 UNSUPPORTED_SWITCHES = (
     "use_qalora", "use_bdlora", "arrow_config", "alora_invocation_tokens", "velora_config", "monteclora_config",
-    "kasa_config", "layer_replication", "trainable_token_indices", "target_parameters", "ensure_weight_tying",
+    "kasa_config", "layer_replication", "trainable_token_indices", "ensure_weight_tying",
 )
 # init_lora_weights values whose initialisation rewrites the base weight (W_res = W - B₀A₀, or a
 # quantisation residual). PEFT redoes that on load, so its merge is right; adding B·A to the
@@ -59,9 +59,15 @@ _SUFFIX_RE = {kind: re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.esc
 #   dora       W ← round(m/‖W+ΔW‖ · (W+ΔW))         DoRA on Linear/Conv1D/Embedding/conv
 #   bias       b ← round(b + s·lora_B.bias)          lora_bias
 #   loha/lokr  W ← round(W + ΔW)                    LyCORIS formulas
+#   param      W ← round(W + round(ΔW))             target_parameters (MoE experts): PEFT's ParamWrapper
 #   ia3        W ← round(W · l)                      rows or columns; the bias with the rows
 #   replace    W ← round(T)                          modules_to_save, and embeddings PEFT saved whole
-KINDS = ("lora", "conv", "embedding", "dora", "bias", "loha", "lokr", "ia3", "replace")
+KINDS = ("lora", "conv", "embedding", "dora", "bias", "loha", "lokr", "ia3", "param", "replace")
+# The order in which transformers' MoE expert modules register their parameters. PEFT wraps each
+# targeted parameter of a module (target_parameters) around the wrapper of the one before it, so
+# the last one's lora_A is saved as <module>.lora_A.weight, the one before as
+# <module>.base_layer.lora_A.weight, and so on.
+PARAMETER_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,9 @@ class ModuleUpdate:
     scale: float = 1.0
     transpose: bool = False  # W is stored in×out (fan_in_fan_out, embeddings): ΔW is transposed
     rank: int = 0
+    # param: (E,) for a whole (E, ·, ·) expert tensor, (E, e) for expert e's share stored as a
+    # tensor of its own (whose factors are then the slices of A and B that expert's rows use)
+    experts: tuple[int, ...] = ()
     # replace: "modules_to_save" for the trained copy PEFT keeps beside the original module (a
     # tied embedding's other half keeps the original); "original_module" for that original, saved
     # with it; "" for a tensor loaded over the module's own
@@ -291,6 +300,45 @@ def _lycoris_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[
     return [ModuleUpdate(module, f"{module}.weight", kind, factors, needed, scale, rank=rank)]
 
 
+def _parameter_updates(modules: dict[str, dict[str, TensorInfo]], config: Mapping[str, object], where: str
+                       ) -> list[ModuleUpdate]:
+    """LoRA on parameters (target_parameters, MoE expert tensors): takes the modules it owns out
+    of `modules`. A module's targeted parameters are told apart by how deep their wrappers nest."""
+    targets = [t for t in config.get("target_parameters") or () if isinstance(t, str)]
+    nested: dict[str, dict[int, dict[str, TensorInfo]]] = {}
+    params: dict[str, list[str]] = {}
+    for name in list(modules):
+        module, depth = name, 0
+        while module.endswith(".base_layer"):
+            module, depth = module[:-len(".base_layer")], depth + 1
+        matching = [t.rpartition(".")[2] for t in targets
+                    if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith(f".{t}")]
+        if matching:
+            nested.setdefault(module, {})[depth] = modules.pop(name)
+            params[module] = sorted(set(matching), key=lambda p: (PARAMETER_ORDER + (p,)).index(p))
+    updates = []
+    for module, by_depth in sorted(nested.items()):
+        names = params[module]
+        if len(names) > 1 and not set(names) <= set(PARAMETER_ORDER):
+            raise InputError(f"{where}: module {module}", f"has LoRA on several parameters {names} whose nesting "
+                             "order lora-merge does not know", "merge this adapter with PEFT's merge_and_unload")
+        if sorted(by_depth) != list(range(len(names))):
+            raise InputError(f"{where}: module {module}", f"has LoRA weights at {len(by_depth)} nesting depth(s) for "
+                             f"{len(names)} targeted parameter(s) {names}", "re-save the adapter with PEFT")
+        for position, param in enumerate(names):
+            sides = dict(by_depth[len(names) - 1 - position])  # the first registered is the innermost
+            a, b = _require(sides, ("A", "B"), module, where)
+            if set(sides) - {"A", "B"}:
+                raise _shape_error(module, f"has unexpected tensors {sorted(set(sides) - {'A', 'B'})}", where)
+            rank, scale = lora_scale(config, f"{module}.{param}")
+            if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or a.shape[0] % rank:
+                raise _shape_error(module, f"lora_A {list(a.shape)} and lora_B {list(b.shape)} of {param} do not "
+                                   f"pair as rank {rank} × experts", where)
+            updates.append(ModuleUpdate(module, f"{module}.{param}", "param", (a, b), ("A", "B"), scale, rank=rank,
+                                        experts=(a.shape[0] // rank,)))
+    return updates
+
+
 UPDATE_BUILDERS = {"LORA": _lora_updates, "IA3": _ia3_updates, "LOHA": _lycoris_updates, "LOKR": _lycoris_updates}
 
 
@@ -349,7 +397,8 @@ def load_adapter(storage: Storage) -> LoraAdapter:
 
     peft_type = str(config["peft_type"])
     modules, others = _group_keys(header, peft_type, where)
-    updates = [u for u in (_whole_tensor(info, config, set(modules), where) for info in others) if u is not None]
+    updates = _parameter_updates(modules, config, where)
+    updates += [u for u in (_whole_tensor(info, config, set(modules), where) for info in others) if u is not None]
     for module, sides in sorted(modules.items()):
         updates += UPDATE_BUILDERS[peft_type](module, dict(sides), config, where)
     return LoraAdapter(storage.uri, config, header, tuple(updates))

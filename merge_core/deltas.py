@@ -8,7 +8,10 @@ Each formula is the one PEFT 0.21's layer computes in get_delta_weight, so that 
 - conv (k×k Conv2d, every Conv1d/Conv3d): convNd(Aᵀ, B)ᵀ·s;
 - bias (lora_bias): lora_B.bias·s;
 - loha: ((w1_a @ w1_b) ⊙ (w2_a @ w2_b))·s, or its CP form with t1/t2 (effective conv2d);
-- lokr: kron(w1, w2)·s, each side full or a product of two factors (w2 also CP with t2).
+- lokr: kron(w1, w2)·s, each side full or a product of two factors (w2 also CP with t2);
+- param (target_parameters): (B @ A)·s on a 2-D parameter; on E experts, with A as (E, r, in)
+  and B as (out, r, E), einsum("o r e, e r i -> e o i")·s, or "-> e i o" where the model
+  stores experts (E, in, out); one expert's share: the same einsum over that expert alone.
 """
 
 from __future__ import annotations
@@ -61,13 +64,30 @@ def _lokr(t: Mapping[str, torch.Tensor], scale: float, shape: Sequence[int]) -> 
     return (torch.kron(w1, w2.contiguous()) * scale).reshape(tuple(shape))
 
 
+def _param(t: Mapping[str, torch.Tensor], scale: float, transpose: bool, experts: Sequence[int],
+           shape: Sequence[int]) -> torch.Tensor:
+    a, b = t["A"], t["B"]
+    count = experts[0]
+    if count == 1:  # a 2-D parameter: PEFT takes Linear's formula
+        return (b @ a) * scale
+    if len(experts) == 1:
+        equation = "o r e, e r i -> e i o" if transpose else "o r e, e r i -> e o i"
+        return torch.einsum(equation, b.reshape(b.shape[0], -1, count), a.reshape(count, -1, a.shape[-1])) * scale
+    # expert e's share, stored as a tensor of its own: A holds its r rows, B the share's rows
+    e = experts[1]
+    share = torch.einsum("o r e, e r i -> e o i", b.reshape(b.shape[0], -1, count)[:, :, e:e + 1],
+                         a.reshape(1, -1, a.shape[-1]))
+    return share[0] * scale
+
+
 def conv_like(a_shape: Sequence[int]) -> bool:
     """Whether lora_A belongs to a convolution PEFT merges with convNd (all but 1×1 Conv2d)."""
     return len(a_shape) > 2 and not (len(a_shape) == 4 and tuple(a_shape[2:]) == (1, 1))
 
 
 def delta_weight(kind: str, tensors: Mapping[str, torch.Tensor], scale: float, transpose: bool,
-                 shape: Sequence[int], buffer: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+                 shape: Sequence[int], buffer: Callable[[tuple[int, ...]], torch.Tensor],
+                 experts: Sequence[int] = ()) -> torch.Tensor:
     """ΔW for one update, shaped as the stored W (possibly a transposed view). Matmul kinds
     compute into `buffer(shape)`, reused between tensors; the rarer kinds allocate."""
     if kind in ("lora", "embedding", "dora"):
@@ -82,4 +102,6 @@ def delta_weight(kind: str, tensors: Mapping[str, torch.Tensor], scale: float, t
         return _loha(tensors, scale, shape)
     if kind == "lokr":
         return _lokr(tensors, scale, shape)
+    if kind == "param":
+        return _param(tensors, scale, transpose, experts, shape)
     raise ValueError(f"no ΔW formula for {kind!r}")

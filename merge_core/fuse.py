@@ -106,13 +106,14 @@ class Term:
     scale: float = 1.0
     transpose: bool = False
     role: str = ""  # ia3: which side the vector scales ("in", "out" or "bias")
+    experts: tuple[int, ...] = ()  # param: see merge_core.adapter.ModuleUpdate
 
 
 @dataclass
 class _Stage:
     """Terms applied together to the running W, rounded to W's dtype after (as PEFT rounds
     after each in-place update of the weight). op: add, add_rounded (W + round(ΔW), as PEFT
-    merges embeddings), dora, ia3, replace."""
+    merges embeddings and parameters), dora, ia3, replace."""
     op: str
     terms: list[Term] = field(default_factory=list)
     data: torch.Tensor | None = None  # ΔW, the IA3 multiplier or the replacement, rows × rest
@@ -125,7 +126,7 @@ def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -
     `sequential` (PEFT's merge_and_unload of several adapters: one rounding after each)."""
     stages = [_Stage("replace", [t]) for t in terms if t.kind == "replace"]
     for term in (t for t in terms if t.kind != "replace"):
-        op = {"embedding": "add_rounded", "dora": "dora", "ia3": "ia3"}.get(term.kind, "add")
+        op = {"embedding": "add_rounded", "param": "add_rounded", "dora": "dora", "ia3": "ia3"}.get(term.kind, "add")
         joins = (stages and stages[-1].op == op and op in ("add", "add_rounded")
                  and (combine is not None or not sequential))
         if joins:
@@ -162,7 +163,7 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
     else:
         def term_delta(term: Term, slot: str) -> torch.Tensor:
             tensors = {k: v.to(workspace.device, compute) for k, v in term.tensors.items() if k != "magnitude"}
-            return delta_weight(term.kind, tensors, term.scale, term.transpose, shape, buffer(slot))
+            return delta_weight(term.kind, tensors, term.scale, term.transpose, shape, buffer(slot), term.experts)
 
         if combine is not None and len(stage.terms) > 1:
             delta = combine([term_delta(t, f"term{i}").contiguous() for i, t in enumerate(stage.terms)])

@@ -28,7 +28,9 @@ def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[
         "config": dict(adapter.config),
         "files": list(files),
         "peft_type": adapter.peft_type,
-        "scales": {u.module: u.scale for u in adapter.updates if u.kind not in ("ia3", "replace")},
+        # by module; by parameter for LoRA on parameters, several of which one module may hold
+        "scales": {u.target if u.kind == "param" else u.module: u.scale for u in adapter.updates
+                   if u.kind not in ("ia3", "replace")},
     }
 
 

@@ -18,8 +18,16 @@ from merge_core.errors import InputError
 from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
 
 # Update kinds that add a ΔW (and so can be weighted and combined).
-ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "dora")
-COMBINABLE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr")
+ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param", "dora")
+COMBINABLE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param")
+# Expert tensors stored one per expert: transformers fuses <experts>.{e}.<part>.weight into the
+# 3-D parameter PEFT adapts, the parts' rows one after another ((E, out, in), out = the parts').
+# Mixtral-style checkpoints name the module block_sparse_moe where the model says mlp.
+EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+EXPERT_MODULE_NAMES = ((".mlp.", ".mlp."), (".mlp.", ".block_sparse_moe."))
+# Models whose expert parameters are (E, in, out) (is_transposed in transformers), for when the
+# shapes cannot tell (in = out).
+TRANSPOSED_EXPERT_MODELS = ("gpt_oss", "aria", "aria_text", "openai_privacy_filter")
 # A worker's fixed memory: interpreter and torch, the read-ahead and write-behind windows, and
 # the cache-sized blocks of the fuse.
 FIXED_WORKER_BYTES = 768 * 1024 * 1024
@@ -36,6 +44,7 @@ class Update:
     scale: float  # the adapter's own scale (alpha/r), without its --weight
     weight: float = 1.0  # the adapter's --weight
     transpose: bool = False  # W stored in×out (fan_in_fan_out, embeddings): ΔW is transposed
+    experts: tuple[int, ...] = ()  # param: see merge_core.adapter.ModuleUpdate
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,11 @@ def _expected_shape(update: ModuleUpdate) -> tuple[int, ...] | None:
             return (b.shape[0], a.shape[1], *a.shape[2:])
         shape = (b.shape[0], a.shape[1])
         return shape[::-1] if update.transpose else shape
+    if update.kind == "param":
+        a, b = update.factor("A"), update.factor("B")
+        if len(update.experts) != 1 or update.experts[0] == 1:  # 2-D: a parameter, or an expert's share of one
+            return (b.shape[0], a.shape[1])
+        return (update.experts[0], *((a.shape[1], b.shape[0]) if update.transpose else (b.shape[0], a.shape[1])))
     if update.kind == "bias":
         return tuple(update.factors[0].shape)
     if update.kind == "replace":
@@ -186,6 +200,41 @@ def _check_same_base(adapters: Sequence[LoraAdapter]) -> None:
                              "weights under other names")
 
 
+def _rows(info: TensorInfo, first: int, end: int) -> TensorInfo:
+    """Rows [first, end) of an adapter tensor, as a tensor of their own."""
+    row_bytes = info.nbytes // info.shape[0]
+    return TensorInfo(info.name, info.dtype, (end - first, *info.shape[1:]), info.start + first * row_bytes,
+                      info.start + end * row_bytes)
+
+
+def _expert_targets(base: BaseCheckpoint, update: ModuleUpdate) -> list[ModuleUpdate]:
+    """Where LoRA on a parameter (target_parameters) lands in the checkpoint: the parameter itself
+    (2-D, or 3-D experts (E, out, in), or (E, in, out) where the model transposes them), or each
+    expert's share of it where the checkpoint stores the experts one by one."""
+    a, b = update.factor("A"), update.factor("B")
+    experts, rank = update.experts[0], update.rank
+    if update.target in base.weight_map:
+        shape = base.shard(base.weight_map[update.target]).header.tensor(update.target).shape
+        if len(shape) != 3:
+            return [update]
+        fits = [t for t, dims in ((True, (a.shape[1], b.shape[0])), (False, (b.shape[0], a.shape[1])))
+                if tuple(shape[1:]) == dims]
+        transposed = fits[0] if len(fits) == 1 else base.config.get("model_type") in TRANSPOSED_EXPERT_MODELS
+        return [dataclasses.replace(update, transpose=transposed)]
+    module, _, param = update.target.rpartition(".")
+    for model_name, stored_name in EXPERT_MODULE_NAMES:
+        stored = f".{module}".replace(model_name, stored_name)[1:]
+        for parts in EXPERT_PARTS.get(param, ()):
+            names = [[f"{stored}.{e}.{part}.weight" for part in parts] for e in range(experts)]
+            if not all(n in base.weight_map for row in names for n in row) or b.shape[0] % len(parts):
+                continue
+            rows = b.shape[0] // len(parts)
+            return [dataclasses.replace(update, target=name, experts=(experts, e),
+                                        factors=(_rows(a, e * rank, (e + 1) * rank), _rows(b, j * rows, (j + 1) * rows)))
+                    for e, row in enumerate(names) for j, name in enumerate(row)]
+    return [update]
+
+
 # The output head a merge writes when it unties it from the input embedding.
 UNTIED_HEAD = "lm_head.weight"
 
@@ -213,7 +262,8 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     name = source or update.target
     shard_name = base.weight_map.get(name)
     if shard_name is None:
-        raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have",
+        stored = " (neither whole nor one tensor per expert)" if update.kind == "param" else ""
+        raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have{stored}",
                          "check that the adapter was trained on this base model")
     info = base.shard(shard_name).header.tensor(name)
     if info.dtype not in FLOAT_DTYPES:
@@ -295,7 +345,8 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         # original; that matters only where nothing else replaces it (a tied embedding).
         replaced = {_tied_target(base, u)[0].target for u in adapter.updates
                     if u.kind == "replace" and u.saved_as != "original_module"}
-        for update in adapter.updates:
+        resolved = [t for u in adapter.updates for t in (_expert_targets(base, u) if u.kind == "param" else [u])]
+        for update in resolved:
             subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
             if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
@@ -322,7 +373,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                                  "merge adapters that save whole copies of a module one at a time")
             updates.setdefault(update.target, []).append(Update(
                 index, adapter.header.data_start, update.kind, update.factors, update.roles, update.scale, weight,
-                update.transpose))
+                update.transpose, update.experts))
     vocab_size = _check_vocabulary(base, shapes, added) if shapes else None
 
     tasks = []

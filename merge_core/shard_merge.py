@@ -77,7 +77,8 @@ def update_terms(target: FuseTarget, factor_bytes: Sequence, combining: bool = F
         side = u.roles[0] if u.kind == "ia3" else ""  # IA3's one role says which side its vector scales
         roles = ("l",) if side else u.roles
         tensors = {role: tensor_from_bytes(next(remaining), f.dtype, f.shape) for role, f in zip(roles, u.factors)}
-        terms.append(Term(u.kind, tensors, u.scale if combining else u.scale * u.weight, u.transpose, side))
+        terms.append(Term(u.kind, tensors, u.scale if combining else u.scale * u.weight, u.transpose, side,
+                          u.experts))
     return terms
 
 

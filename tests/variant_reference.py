@@ -48,6 +48,14 @@ def mixtral():
                                              num_experts_per_tok=2)
 
 
+def qwen3_moe():
+    """MoE whose checkpoint stores each expert's gate_proj/up_proj/down_proj (the layout most MoE
+    families share), fused in memory into gate_up_proj (E, 2I, H) and down_proj (E, H, I)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    return Qwen3MoeForCausalLM, Qwen3MoeConfig(**(TINY | dict(head_dim=16)), moe_intermediate_size=24, num_experts=4,
+                                               num_experts_per_tok=2, decoder_sparse_step=1)
+
+
 def causal_lm(family: str = "llama", **sizes):
     from tests.reference import model_class
     config_cls, model_cls = model_class(family)

@@ -190,3 +190,30 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
 
     run = run_cli("verify", *common, "--merged", out)
     assert run.returncode == 0, run.stderr
+
+
+def test_moe_experts_stored_per_expert_through_the_cli_and_verified(two_node_cluster, tmp_path):
+    """LoRA on Mixtral's fused expert parameters (target_parameters), merged into the checkpoint's
+    per-expert w1/w3/w2 tensors on the cluster, each from its slice of lora_A and lora_B; validated,
+    verified, and equal to PEFT's merge bit for bit."""
+    from peft import LoraConfig
+
+    from tests.variant_reference import build_adapter, mixtral, peft_reference, save_base
+
+    cluster, _ = two_node_cluster
+    spec = mixtral()
+    base = save_base(spec, str(tmp_path / "base"))
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
+        r=2, lora_alpha=6, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    reference = peft_reference(spec, base, [adapter], str(tmp_path / "peft"))
+    out = str(tmp_path / "merged")
+    common = ["--base", base, "--adapter", adapter, "--ray-address", cluster.address]
+    run = run_cli("merge", *common, "--output", out)
+    assert run.returncode == 0, run.stderr
+    assert_bit_identical(load_checkpoint(out), reference)
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    assert manifest["fused_tensor_count"] == 2 * 4 * 3  # layers × experts × (w1, w3, w2)
+    assert manifest["adapters"][0]["scales"] == {f"model.layers.{i}.mlp.experts.{p}": 3.0 for i in (0, 1)
+                                                for p in ("gate_up_proj", "down_proj")}
+    run = run_cli("verify", *common, "--merged", out)
+    assert run.returncode == 0, run.stderr

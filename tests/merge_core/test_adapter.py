@@ -95,7 +95,7 @@ def test_unknown_peft_type(adapter_copy):
     assert "peft_type 'VERA' is not supported (supported: LORA, IA3, LOHA, LOKR;" in refused(adapter_copy)
 
 
-@pytest.mark.parametrize("switch", ["target_parameters", "ensure_weight_tying", "layer_replication"])
+@pytest.mark.parametrize("switch", ["ensure_weight_tying", "layer_replication", "trainable_token_indices"])
 def test_variant_not_merged_yet_is_refused_by_name(adapter_copy, switch):
     edit_config(adapter_copy, **{switch: ["x"]})
     assert f"uses {switch}, which lora-merge does not merge yet" in refused(adapter_copy)
@@ -196,3 +196,46 @@ def test_lora_bias_on_a_layer_without_a_bias_is_refused(tmp_path):
     with pytest.raises(InputError, match="targets model.layers.0.self_attn.q_proj.bias, which the base checkpoint "
                                          "does not have"):
         plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
+
+
+def expert_adapter(path, depths: int, params: list[str], experts: int = 4, rank: int = 2) -> None:
+    """A target_parameters adapter on an experts module with `depths` nested wrappers."""
+    path.mkdir(exist_ok=True)
+    module = "base_model.model.model.layers.0.mlp.experts"
+    tensors = {}
+    for depth in range(depths):
+        name = module + ".base_layer" * depth
+        tensors[f"{name}.lora_A.weight"] = torch.randn(rank * experts, 8)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(6, rank * experts)
+    save_file(tensors, str(path / WEIGHTS))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": None,
+        "target_parameters": [f"mlp.experts.{p}" for p in params]}))
+
+
+def test_parameter_wrappers_are_told_apart_by_nesting_depth(tmp_path):
+    """The first-registered parameter (gate_up_proj) is the innermost wrapper, whatever the config's order."""
+    expert_adapter(tmp_path, 2, ["down_proj", "gate_up_proj"])
+    updates = {u.target: u for u in load_adapter(LocalStorage(str(tmp_path))).updates}
+    module = "model.layers.0.mlp.experts"
+    assert updates[f"{module}.gate_up_proj"].factors[0].name.endswith("experts.base_layer.lora_A.weight")
+    assert updates[f"{module}.down_proj"].factors[0].name.endswith("experts.lora_A.weight")
+    assert {u.kind for u in updates.values()} == {"param"} and updates[f"{module}.down_proj"].experts == (4,)
+
+
+@pytest.mark.parametrize("depths, params, message", [
+    (1, ["gate_up_proj", "down_proj"], "has LoRA weights at 1 nesting depth"),
+    (2, ["w_in", "w_out"], r"has LoRA on several parameters \[.w_in., .w_out.\] whose nesting order"),
+])
+def test_parameter_wrappers_that_cannot_be_placed_are_refused(tmp_path, depths, params, message):
+    expert_adapter(tmp_path, depths, params)
+    with pytest.raises(InputError, match=f"module model.layers.0.mlp.experts: {message}"):
+        load_adapter(LocalStorage(str(tmp_path)))
+
+
+def test_expert_parameters_the_base_does_not_store_are_refused(tmp_path):
+    expert_adapter(tmp_path / "adapter", 1, ["down_proj"])
+    base = load_base(LocalStorage(make_base(str(tmp_path / "base"))))
+    with pytest.raises(InputError, match=r"targets model.layers.0.mlp.experts.down_proj, which the base checkpoint "
+                                         r"does not have \(neither whole nor one tensor per expert\)"):
+        plan_merge(base, [load_adapter(LocalStorage(str(tmp_path / "adapter")))], [1.0])

@@ -23,7 +23,8 @@ from merge_core.errors import InputError
 from tests.merge_core.test_parity import merge_without_ray
 from tests.reference import assert_bit_identical, changed_tensors, load_checkpoint, make_base
 from tests.variant_reference import (adapter_keys, assert_within_ulps, build_adapter, causal_lm, gpt_oss,
-                                     llama_seq_cls, mixtral, peft_reference, read_config, resnet, save_base)
+                                     llama_seq_cls, mixtral, peft_reference, qwen3_moe, read_config, resnet,
+                                     save_base)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 ATTN = ["q_proj", "v_proj"]
@@ -247,34 +248,46 @@ def test_dora(tmp_path, case):
 # ---------------------------------------------------------------- 5. target_parameters (MoE experts)
 
 
-def expert_tensors(model: str) -> list[str]:
-    if model == "gpt-oss":
-        return layer_tensors("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-    return [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight" for i in (0, 1) for e in range(4)
-            for w in ("w1", "w2", "w3")]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-@pytest.mark.parametrize("model", ["gpt-oss", "mixtral"])
-def test_target_parameters_moe_experts(tmp_path, model):
-    """LoRA on the 3-D expert parameters (two nested ParamWrappers per experts module) plus q_proj.
-    GPT-OSS stores the experts 3-D, (E, in, out); Mixtral holds them fused (E, out, in) in memory but its
-    checkpoint has per-expert w1/w3 (gate_up rows) and w2 tensors."""
+def per_expert(module: str, *parts: str) -> list[str]:
+    return [f"model.layers.{i}.{module}.experts.{e}.{part}.weight" for i in (0, 1) for e in range(4) for part in parts]
+
+
+PARAMETER_CASES = {
+    # experts stored 3-D as the model holds them, (E, in, out) (is_transposed)
+    "gpt-oss": (gpt_oss, EXPERTS, layer_tensors(*EXPERTS)),
+    # fused (E, out, in) in memory, stored per expert: w1 and w3 are the gate_up rows, w2 down
+    "mixtral": (mixtral, EXPERTS, per_expert("block_sparse_moe", "w1", "w2", "w3")),
+    # the same with gate_proj / up_proj / down_proj per expert, as most MoE families store them
+    "qwen3-moe": (qwen3_moe, EXPERTS, per_expert("mlp", "gate_proj", "up_proj", "down_proj")),
+    # one expert parameter only: a single wrapper, no nesting
+    "mixtral-down-only": (mixtral, ["mlp.experts.down_proj"], per_expert("block_sparse_moe", "w2")),
+    # a 2-D weight adapted as a parameter: Linear's ΔW, but PEFT rounds it before the add
+    "llama-2d-weight": (causal_lm, ["self_attn.o_proj.weight"], layer_tensors("self_attn.o_proj.weight")),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAMETER_CASES))
+def test_target_parameters(tmp_path, case):
+    """LoRA on parameters (target_parameters: PEFT's ParamWrapper, nested once per targeted parameter of a
+    module) plus ordinary LoRA on q_proj, in whatever layout the model's checkpoint stores the experts."""
     from peft import LoraConfig
 
-    spec = gpt_oss() if model == "gpt-oss" else mixtral()
+    model, parameters, expected = PARAMETER_CASES[case]
+    spec = model()
     base = save_base(spec, str(tmp_path / "base"))
     adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
-        r=2, lora_alpha=6, target_modules=["q_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
-    keys = adapter_keys(adapter)
-    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys  # gate_up_proj
-    assert "base_model.model.model.layers.0.mlp.experts.lora_A.weight" in keys  # down_proj
+        r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=parameters))
+    if len(parameters) == 2:
+        keys = adapter_keys(adapter)
+        assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys  # gate_up_proj
+        assert "base_model.model.model.layers.0.mlp.experts.lora_A.weight" in keys  # down_proj
     reference, base_ckpt = merge_both(tmp_path, spec, base, [adapter], BF16)
-    assert_changes(base_ckpt, reference, [*expert_tensors(model), *layer_tensors("self_attn.q_proj.weight")])
+    assert_changes(base_ckpt, reference, [*expected, *layer_tensors("self_attn.q_proj.weight")])
 
-    # Not merged yet (the expert layout depends on the model class): refused by name.
-    with pytest.raises(InputError, match="uses target_parameters, which lora-merge does not merge yet"):
-        merge_without_ray(base, [adapter], str(tmp_path / "ours"))
+    assert_bit_identical(merge_without_ray(base, [adapter], str(tmp_path / "ours")), reference)
 
 
 # ---------------------------------------------------------------- 6. conv LoRA
