@@ -315,7 +315,7 @@ def _parameter_updates(modules: dict[str, dict[str, TensorInfo]], config: Mappin
                     if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith(f".{t}")]
         if matching:
             nested.setdefault(module, {})[depth] = modules.pop(name)
-            params[module] = sorted(set(matching), key=lambda p: (PARAMETER_ORDER + (p,)).index(p))
+            params[module] = sorted(set(matching), key=lambda p: ((PARAMETER_ORDER + (p,)).index(p), p))
     updates = []
     for module, by_depth in sorted(nested.items()):
         names = params[module]

@@ -11,23 +11,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from merge_core.adapter import EMBEDDING_LAYERS, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
-from merge_core.checkpoint import TIED_INPUT_EMBEDDINGS, UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
+from merge_core.adapter import WEIGHTS_NAME, LoraAdapter, ModuleUpdate
+from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
 from merge_core.combine import CombineSpec, check_combine
 from merge_core.errors import InputError
+from merge_core.experts import expert_targets
 from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
+from merge_core.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates, resizes, tied_target
 
 # Update kinds that add a ΔW (and so can be weighted and combined).
 ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param", "dora")
 COMBINABLE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param")
-# Expert tensors stored one per expert: transformers fuses <experts>.{e}.<part>.weight into the
-# 3-D parameter PEFT adapts, the parts' rows one after another ((E, out, in), out = the parts').
-# Mixtral-style checkpoints name the module block_sparse_moe where the model says mlp.
-EXPERT_PARTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
-EXPERT_MODULE_NAMES = ((".mlp.", ".mlp."), (".mlp.", ".block_sparse_moe."))
-# Models whose expert parameters are (E, in, out) (is_transposed in transformers), for when the
-# shapes cannot tell (in = out).
-TRANSPOSED_EXPERT_MODELS = ("gpt_oss", "aria", "aria_text", "openai_privacy_filter")
 # A worker's fixed memory: interpreter and torch, the read-ahead and write-behind windows, and
 # the cache-sized blocks of the fuse.
 FIXED_WORKER_BYTES = 768 * 1024 * 1024
@@ -183,12 +177,6 @@ def _fits(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
     return True  # loha/lokr: ΔW is reshaped to W's shape, which fails on another size
 
 
-def _resizes(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
-    """Whether an update is an embedding or output head saved with a resized vocabulary: PEFT
-    saves the whole (n, H) tensor after resize_token_embeddings(n), and its copy replaces the base's."""
-    copy = tuple(update.factors[0].shape)
-    return (update.kind == "replace" and update.module.rpartition(".")[2] in EMBEDDING_LAYERS
-            and len(copy) == len(shape) >= 2 and copy[1:] == tuple(shape[1:]) and copy[0] != shape[0])
 def _check_same_base(adapters: Sequence[LoraAdapter]) -> None:
     """Adapters trained on different bases (by base_model_name_or_path, where both say) are refused."""
     named = [(a.uri, a.config.get("base_model_name_or_path")) for a in adapters]
@@ -198,61 +186,6 @@ def _check_same_base(adapters: Sequence[LoraAdapter]) -> None:
             raise InputError(uri, f"was trained on {name!r}, but {named[0][0]} on {named[0][1]!r}",
                              "merge adapters of one base, or pass --allow-base-mismatch if the bases are the same "
                              "weights under other names")
-
-
-def _rows(info: TensorInfo, first: int, end: int) -> TensorInfo:
-    """Rows [first, end) of an adapter tensor, as a tensor of their own."""
-    row_bytes = info.nbytes // info.shape[0]
-    return TensorInfo(info.name, info.dtype, (end - first, *info.shape[1:]), info.start + first * row_bytes,
-                      info.start + end * row_bytes)
-
-
-def _expert_targets(base: BaseCheckpoint, update: ModuleUpdate) -> list[ModuleUpdate]:
-    """Where LoRA on a parameter (target_parameters) lands in the checkpoint: the parameter itself
-    (2-D, or 3-D experts (E, out, in), or (E, in, out) where the model transposes them), or each
-    expert's share of it where the checkpoint stores the experts one by one."""
-    a, b = update.factor("A"), update.factor("B")
-    experts, rank = update.experts[0], update.rank
-    if update.target in base.weight_map:
-        shape = base.shard(base.weight_map[update.target]).header.tensor(update.target).shape
-        if len(shape) != 3:
-            return [update]
-        fits = [t for t, dims in ((True, (a.shape[1], b.shape[0])), (False, (b.shape[0], a.shape[1])))
-                if tuple(shape[1:]) == dims]
-        transposed = fits[0] if len(fits) == 1 else base.config.get("model_type") in TRANSPOSED_EXPERT_MODELS
-        return [dataclasses.replace(update, transpose=transposed)]
-    module, _, param = update.target.rpartition(".")
-    for model_name, stored_name in EXPERT_MODULE_NAMES:
-        stored = f".{module}".replace(model_name, stored_name)[1:]
-        for parts in EXPERT_PARTS.get(param, ()):
-            names = [[f"{stored}.{e}.{part}.weight" for part in parts] for e in range(experts)]
-            if not all(n in base.weight_map for row in names for n in row) or b.shape[0] % len(parts):
-                continue
-            rows = b.shape[0] // len(parts)
-            return [dataclasses.replace(update, target=name, experts=(experts, e),
-                                        factors=(_rows(a, e * rank, (e + 1) * rank), _rows(b, j * rows, (j + 1) * rows)))
-                    for e, row in enumerate(names) for j, name in enumerate(row)]
-    return [update]
-
-
-# The output head a merge writes when it unties it from the input embedding.
-UNTIED_HEAD = "lm_head.weight"
-
-
-def _tied_target(base: BaseCheckpoint, update: ModuleUpdate) -> tuple[ModuleUpdate, str | None]:
-    """Where an update lands on a model whose output head is tied to its input embedding (only
-    the embedding is stored), as PEFT's merge into the shared tensor does; and, when the update
-    creates a tensor the base does not store, the base tensor it starts from.
-
-    A LoRA on the head, or a copy loaded over it (lm_head.base_layer.weight), updates the shared
-    embedding: the model stays tied. A trained copy of the head (modules_to_save) is a head of its
-    own: PEFT unties the model and saves lm_head.weight beside the unchanged embedding."""
-    tied = base.tied_embedding
-    if update.target in base.weight_map or tied is None or update.module.rpartition(".")[2] != "lm_head":
-        return update, None
-    if update.kind == "replace" and update.trained_copy:
-        return update, tied
-    return dataclasses.replace(update, target=tied), None
 
 
 def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, source: str | None,
@@ -270,7 +203,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
         raise InputError(f"{base.uri}/{shard_name}: tensor {name}", f"is {info.dtype}; an adapter can only "
                          f"be merged into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
     shape = shapes.get(update.target, tuple(info.shape))
-    if _resizes(update, shape):
+    if resizes(update, shape):
         shapes[update.target] = tuple(update.factors[0].shape)
     elif not _fits(update, shape):
         expected = _expected_shape(update)
@@ -279,45 +212,6 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
                 f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
                 f"{update.target} of shape {list(shape)}")
         raise InputError(subject, what, "check that the adapter was trained on this base model")
-
-
-def _check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]], added: Mapping[str, str]) -> int:
-    """A resized vocabulary resizes every tensor of the old one alike (the input embedding and an
-    untied output head): a head left at the old size would get its new rows from whatever
-    resize_token_embeddings made at merge time, which no file records. Returns the new size."""
-    def base_rows(name: str) -> int:
-        stored = added.get(name, name)
-        return base.shard(base.weight_map[stored]).header.tensor(stored).shape[0]
-
-    sizes = sorted({shape[0] for shape in shapes.values()})
-    if len(sizes) > 1:
-        raise InputError(", ".join(sorted(shapes)), f"are resized to different vocabulary sizes {sizes}",
-                         "merge adapters made for one vocabulary")
-    old_sizes = {base_rows(name) for name in shapes}
-    vocabulary = [n for n in base.weight_map if n.endswith(TIED_INPUT_EMBEDDINGS)
-                  or n.rpartition(".")[0].rpartition(".")[2] in EMBEDDING_LAYERS]
-    for name in [*vocabulary, *added]:
-        rows = shapes[name][0] if name in shapes else base_rows(name)
-        if base_rows(name) in old_sizes and rows != sizes[0]:
-            raise InputError(name, f"keeps {rows} rows while the adapter resizes the vocabulary to {sizes[0]}",
-                             "save the adapter with save_embedding_layers=True after resize_token_embeddings, so "
-                             "that it carries every embedding and output head at the new size")
-    return sizes[0]
-
-
-def _config_updates(base: BaseCheckpoint, vocab_size: int | None, untied: bool) -> dict[str, object]:
-    """config.json's keys the merge changes: vocab_size (top level, or a multimodal model's
-    text_config), and tie_word_embeddings when the merge unties the head."""
-    updates: dict[str, object] = {}
-    if vocab_size is not None:
-        text_config = base.config.get("text_config")
-        if "vocab_size" not in base.config and isinstance(text_config, dict) and "vocab_size" in text_config:
-            updates["text_config"] = dict(text_config) | {"vocab_size": vocab_size}
-        else:
-            updates["vocab_size"] = vocab_size
-    if untied:
-        updates["tie_word_embeddings"] = False
-    return updates
 
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
@@ -340,23 +234,29 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     added: dict[str, str] = {}  # tensors new to the model → the base tensor each starts from
     shapes: dict[str, tuple[int, ...]] = {}  # resized tensors' new shapes
     tied = base.tied_embedding
+    head_updates = []  # updates of a head tied to the embedding, which land on the embedding
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         # A modules_to_save module's original, saved beside its trained copy, is loaded over the
         # original; that matters only where nothing else replaces it (a tied embedding).
-        replaced = {_tied_target(base, u)[0].target for u in adapter.updates
+        replaced = {tied_target(base, u)[0].target for u in adapter.updates
                     if u.kind == "replace" and u.saved_as != "original_module"}
-        resolved = [t for u in adapter.updates for t in (_expert_targets(base, u) if u.kind == "param" else [u])]
+        resolved = [t for u in adapter.updates for t in (expert_targets(base, u) if u.kind == "param" else [u])]
         for update in resolved:
             subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
             if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
-            update, source = _tied_target(base, update)
+            head, (update, source) = update, tied_target(base, update)
             if update.saved_as == "original_module" and update.target in replaced:
                 continue
+            if update.target != head.target and update.saved_as != "original_module":
+                head_updates.append(subject)
             if update.kind == "replace" and update.trained_copy and update.target == tied:
                 added[UNTIED_HEAD] = tied  # a trained copy of the tied embedding: the head keeps the original
             if source is not None:
                 added[update.target] = source
+            if added and head_updates:  # the head's update would belong to the untied original
+                raise InputError(head_updates[0], f"updates lm_head, which the base ties to {tied}, while a trained "
+                                 "copy of one of them unties the two", "merge this adapter with PEFT's merge_and_unload")
             resized_before = update.target in shapes
             _check_target(base, update, subject, source, shapes)
             if update.target in shapes and not resized_before and updates.get(update.target):
@@ -374,7 +274,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
             updates.setdefault(update.target, []).append(Update(
                 index, adapter.header.data_start, update.kind, update.factors, update.roles, update.scale, weight,
                 update.transpose, update.experts))
-    vocab_size = _check_vocabulary(base, shapes, added) if shapes else None
+    vocab_size = check_vocabulary(base, shapes, added) if shapes else None
 
     tasks = []
     for shard in base.shards:
@@ -385,4 +285,4 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         unvalidated = UNVALIDATED_SINGLE_NAME if not base.indexed else shard.name
         tasks.append(ShardTask(shard, targets, unvalidated))
     return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks), sequential, combine,
-                     _config_updates(base, vocab_size, bool(added)))
+                     config_updates(base, vocab_size, bool(added)))

@@ -225,7 +225,7 @@ def test_parameter_wrappers_are_told_apart_by_nesting_depth(tmp_path):
 
 @pytest.mark.parametrize("depths, params, message", [
     (1, ["gate_up_proj", "down_proj"], "has LoRA weights at 1 nesting depth"),
-    (2, ["w_in", "w_out"], r"has LoRA on several parameters \[.w_in., .w_out.\] whose nesting order"),
+    (2, ["w_out", "w_in"], r"has LoRA on several parameters \[.w_in., .w_out.\] whose nesting order"),
 ])
 def test_parameter_wrappers_that_cannot_be_placed_are_refused(tmp_path, depths, params, message):
     expert_adapter(tmp_path, depths, params)

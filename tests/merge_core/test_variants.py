@@ -208,6 +208,20 @@ def test_tied_embeddings(tmp_path, case):
     assert read_config(out)["tie_word_embeddings"] is still_tied
 
 
+def test_tied_head_lora_while_the_embedding_copy_unties_is_refused(tmp_path):
+    """LoRA on lm_head lands on the shared tensor, but a trained embed_tokens copy unties the two: the
+    head's delta would belong to the original, which only the untied head keeps. Refused by name."""
+    from peft import LoraConfig
+
+    spec = causal_lm(tie_word_embeddings=True)
+    base = make_base(str(tmp_path / "base"), tie_word_embeddings=True)
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], modules_to_save=["embed_tokens"]))
+    with pytest.raises(InputError, match=r"lm_head.* updates lm_head, which the base ties to "
+                                         r"model.embed_tokens.weight, while a trained copy of one of them unties"):
+        merge_without_ray(base, [adapter], str(tmp_path / "ours"))
+
+
 # ---------------------------------------------------------------- 4. DoRA
 
 
