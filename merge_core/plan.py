@@ -19,9 +19,9 @@ from merge_core.experts import expert_targets
 from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
 from merge_core.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates, resizes, tied_target
 
-# Update kinds that add a ΔW (and so can be weighted and combined).
-ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param", "dora")
-COMBINABLE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param")
+# Update kinds that add a ΔW, and so can be weighted (--weight) and combined (--combine). DoRA
+# is not one: its magnitude vector was trained for the whole ΔW it normalises.
+ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param")
 # A worker's fixed memory: interpreter and torch, the read-ahead and write-behind windows, and
 # the cache-sized blocks of the fuse.
 FIXED_WORKER_BYTES = 768 * 1024 * 1024
@@ -262,12 +262,16 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
             if update.target in shapes and not resized_before and updates.get(update.target):
                 raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its old "
                                  "size", "give the adapter that resizes the vocabulary first")
-            if combine is not None and update.kind not in COMBINABLE_KINDS:
+            if combine is not None and update.kind not in ADDITIVE_KINDS:
                 raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
                                  "(it combines additive deltas)", "merge this adapter without --combine")
             if weight != 1 and update.kind not in ADDITIVE_KINDS:
                 raise InputError(f"--weight {weight:g}", f"{adapter.uri} updates {update.target} by {update.kind}, "
                                  "which is not a sum: it cannot be weighted", "give this adapter weight 1")
+            if update.kind == "dora" and any(u.kind != "replace" for u in updates.get(update.target, ())):
+                raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
+                                 "then normalises by a weight it recovers by unmerging the others, which neither "
+                                 "its forward pass nor lora-merge does", "give the DoRA adapter first")
             if update.kind == "replace" and any(u.kind == "replace" for u in updates.get(update.target, ())):
                 raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
                                  "merge adapters that save whole copies of a module one at a time")

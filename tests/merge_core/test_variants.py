@@ -474,3 +474,27 @@ def test_two_lora_adapters_rounded_once(tmp_path, weights):
         reference, _ = merge_both(tmp_path, spec, base, [first, second], BF16)
         changed = changed_tensors(reference, ours)
         assert changed and all("q_proj" in k or "v_proj" in k for k in changed), "only doubly-adapted tensors differ"
+
+
+def test_dora_with_another_adapter(tmp_path):
+    """DoRA first, then LoRA on the same tensors: PEFT merges the DoRA adapter onto the base, rounds, then
+    adds the LoRA delta; lora-merge does the same (within 1 ulp). In the other order PEFT normalises by a
+    weight it recovers by unmerging the LoRA (lossily), which is neither its forward pass nor ours: refused."""
+    from peft import LoraConfig
+
+    spec = causal_lm()
+    base = make_base(str(tmp_path / "base"))
+    dora = build_adapter(spec, base, str(tmp_path / "dora"), LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]), seed=1)
+    lora = build_adapter(spec, base, str(tmp_path / "lora"), LoraConfig(
+        r=4, lora_alpha=6, target_modules=["q_proj", "o_proj"]), seed=2)
+    reference, base_ckpt = merge_both(tmp_path, spec, base, [dora, lora], BF16)
+    assert_changes(base_ckpt, reference, layer_tensors("self_attn.q_proj.weight", "self_attn.v_proj.weight",
+                                                       "self_attn.o_proj.weight"))
+    assert_within_ulps(merge_without_ray(base, [dora, lora], str(tmp_path / "ours")), reference, max_ulps=1)
+
+    with pytest.raises(InputError, match=r"q_proj.lora_A.weight: applies DoRA to model.layers.0.self_attn.q_proj"
+                                         r".weight after another adapter updated it.*give the DoRA adapter first"):
+        merge_without_ray(base, [lora, dora], str(tmp_path / "reversed"))
+    with pytest.raises(InputError, match=r"--weight 0.5: .* by dora, which is not a sum: it cannot be weighted"):
+        merge_without_ray(base, [dora, lora], str(tmp_path / "weighted"), weights=[0.5, 1.0])
