@@ -184,6 +184,9 @@ def run_merge(options: MergeOptions) -> MergeSummary:
     try:
         prepared = prepare(options, staging)
         plan = prepared.plan
+        if plan.model_changes["resized_tensors"] and not plan.file_sources:
+            log.warning("the adapter resizes the vocabulary but has no tokenizer files beside it: the base's "
+                        "tokenizer is copied; ship the tokenizer with the new tokens with the merged model")
         _check_parts(output, plan, options)
         records = [adapter_record(a, w, _adapter_files(a, options.storage)) | {"given_as": uri}
                    for a, w, uri in zip(prepared.adapters, prepared.weights, options.adapters)]

@@ -38,6 +38,10 @@ UNSUPPORTED_SWITCHES = (
 # untouched base would not be. Adapters converted on save (path_initial_model_for_weight_conversion)
 # say init_lora_weights=true and merge as plain LoRA.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# A Hugging Face tokenizer's files, as tokenizer.save_pretrained writes them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
 # The embedding layers PEFT saves whole when they are targeted or resized (EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
 # Saved-key suffixes of each adapter type's tensors: suffix → role in its update.
@@ -103,6 +107,7 @@ class LoraAdapter:
     config: Mapping[str, object]
     header: ShardHeader
     updates: tuple[ModuleUpdate, ...]
+    tokenizer_files: tuple[str, ...] = ()  # a tokenizer saved beside the adapter (after adding tokens)
 
     @property
     def peft_type(self) -> str:
@@ -401,4 +406,5 @@ def load_adapter(storage: Storage) -> LoraAdapter:
     updates += [u for u in (_whole_tensor(info, config, set(modules), where) for info in others) if u is not None]
     for module, sides in sorted(modules.items()):
         updates += UPDATE_BUILDERS[peft_type](module, dict(sides), config, where)
-    return LoraAdapter(storage.uri, config, header, tuple(updates))
+    tokenizer = tuple(n for n in storage.list_names() if n in TOKENIZER_FILES)
+    return LoraAdapter(storage.uri, config, header, tuple(updates), tokenizer)

@@ -44,19 +44,23 @@ def validate_merge(plan: MergePlan, results: Sequence[ShardResult], index: Mappi
 
 
 def copy_extra_files(base: Storage, output: Storage, names: Sequence[str],
-                     config_updates: Mapping[str, object] | None = None) -> list[dict]:
+                     config_updates: Mapping[str, object] | None = None,
+                     sources: Mapping[str, Storage] | None = None) -> list[dict]:
     """The base's other files, as they are; config.json with the keys the merge changes
-    (a resized vocabulary's vocab_size, tie_word_embeddings of an untied head) rewritten."""
+    (a resized vocabulary's vocab_size, tie_word_embeddings of an untied head) rewritten; and
+    the files `sources` names taken from there instead (the tokenizer of a resized vocabulary)."""
+    sources = sources or {}
     copied = []
-    for name in names:
+    for name in sorted(set(names) | set(sources)):
+        source = sources.get(name, base)
         if name == CONFIG_JSON and config_updates:
             config = json.loads(base.read_bytes(name)) | dict(config_updates)
             data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
             output.write_bytes(name, data)
             size, sha = len(data), hashlib.sha256(data).hexdigest()
         else:
-            size, sha = copy_object(base, output, name)
-        copied.append({"name": name, "size": size, "sha256": sha})
+            size, sha = copy_object(source, output, name)
+        copied.append({"name": name, "size": size, "sha256": sha, "source": source.uri})
     return copied
 
 

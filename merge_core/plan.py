@@ -115,6 +115,9 @@ class MergePlan:
     combine: CombineSpec | None = None  # --combine: TIES/DARE/magnitude pruning of the adapters' deltas
     # config.json keys the merge changes (vocab_size of a resized vocabulary, tie_word_embeddings)
     config_updates: Mapping[str, object] = field(default_factory=dict)
+    # files taken from an adapter rather than the base: the tokenizer saved with the adapter that
+    # resized the vocabulary (name → adapter URI)
+    file_sources: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def model_changes(self) -> dict:
@@ -122,7 +125,8 @@ class MergePlan:
         resized = {f.tensor: [list(t.shard.header.tensor(f.tensor).shape), list(f.shape)]
                    for t in self.tasks for f in t.targets if f.shape is not None and f.source is None}
         added = {f.tensor: f.source for t in self.tasks for f in t.targets if f.source is not None}
-        return {"config": dict(self.config_updates), "resized_tensors": resized, "added_tensors": added}
+        return {"config": dict(self.config_updates), "resized_tensors": resized, "added_tensors": added,
+                "files_from_adapters": dict(self.file_sources)}
 
     @property
     def arithmetic(self) -> dict:
@@ -235,6 +239,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     shapes: dict[str, tuple[int, ...]] = {}  # resized tensors' new shapes
     tied = base.tied_embedding
     head_updates = []  # updates of a head tied to the embedding, which land on the embedding
+    resizer = None  # the adapter that resizes the vocabulary
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         # A modules_to_save module's original, saved beside its trained copy, is loaded over the
         # original; that matters only where nothing else replaces it (a tied embedding).
@@ -259,9 +264,11 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                                  "copy of one of them unties the two", "merge this adapter with PEFT's merge_and_unload")
             resized_before = update.target in shapes
             _check_target(base, update, subject, source, shapes)
-            if update.target in shapes and not resized_before and updates.get(update.target):
-                raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its old "
-                                 "size", "give the adapter that resizes the vocabulary first")
+            if update.target in shapes and not resized_before:
+                if updates.get(update.target):
+                    raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
+                                     "old size", "give the adapter that resizes the vocabulary first")
+                resizer = adapter
             if combine is not None and update.kind not in ADDITIVE_KINDS:
                 raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
                                  "(it combines additive deltas)", "merge this adapter without --combine")
@@ -289,4 +296,5 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         unvalidated = UNVALIDATED_SINGLE_NAME if not base.indexed else shard.name
         tasks.append(ShardTask(shard, targets, unvalidated))
     return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks), sequential, combine,
-                     config_updates(base, vocab_size, bool(added)))
+                     config_updates(base, vocab_size, bool(added)),
+                     {name: resizer.uri for name in resizer.tokenizer_files} if resizer else {})

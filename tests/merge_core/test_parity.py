@@ -26,7 +26,8 @@ def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[fl
     for task in plan.tasks:
         merge_shard(task, base, adapters, out, **options)
     assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
-    copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files, plan.config_updates)
+    copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files, plan.config_updates,
+                     {name: open_storage(uri) for name, uri in plan.file_sources.items()})
     publish(open_storage(out), plan, build_index(plan, checkpoint.index_metadata)[0], {}, b"")
     return load_checkpoint(out)
 
