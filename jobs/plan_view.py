@@ -15,6 +15,7 @@ def plan_as_dict(plan: MergePlan, device: str) -> dict:
         "fused_tensors": plan.fused_tensor_count,
         "read_bytes": plan.read_bytes,
         "write_bytes": plan.write_bytes,
+        "model_changes": plan.model_changes,
         "shards": [{
             "name": t.name,
             "size": t.shard.size,
@@ -37,6 +38,15 @@ def render_plan(plan: MergePlan, device: str) -> str:
         lines.append(f"{shard['name']:<44} {shard['size'] / 1e9:7.2f} {shard['tensors']:7d} "
                      f"{sum(len(v) for v in shard['fused'].values()):5d} "
                      f"{shard['resources']['memory'] / 1e9:9.2f}  {touching}")
+    changes = data["model_changes"]
+    for name, (old, new) in changes["resized_tensors"].items():
+        lines.append(f"resizes {name} from {old} to {new}")
+    for name, source in changes["added_tensors"].items():
+        lines.append(f"adds {name} (untied from {source})")
+    if changes["config"]:
+        lines.append(f"rewrites config.json: {', '.join(f'{k}={v}' for k, v in changes['config'].items())}")
+    for name, source in changes["files_from_adapters"].items():
+        lines.append(f"takes {name} from {source}")
     gpu = "1 GPU" if device == "cuda" else "a GPU where the cluster has them" if device == "auto" else "no GPU"
     lines.append(f"each task asks Ray for 1 CPU, {gpu}, and the memory shown")
     return "\n".join(lines)

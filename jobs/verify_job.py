@@ -16,7 +16,7 @@ from jobs.tasks import verify_shard_task
 from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
 from merge_core.errors import InputError, ValidationError
 from merge_core.storage import open_storage
-from merge_core.validate import ShardVerdict, check_headers, check_index
+from merge_core.validate import ShardVerdict, check_config, check_headers, check_index
 
 log = logging.getLogger("lora_merge")
 
@@ -58,7 +58,7 @@ def run_verify(options: VerifyOptions) -> VerifySummary:
     on_gpu = {s["name"] for s in shard_records if str(s.get("device", "")).startswith("cuda")}
     problems = [] if manifest else [f"{merged.describe(MANIFEST_NAME)}: missing, so shard hashes cannot be checked"]
     _, headers = check_headers(plan, merged)  # per-shard header problems come from the verify tasks
-    problems += check_index(plan, index, headers)
+    problems += check_index(plan, index, headers) + check_config(plan, merged)
 
     connect(options.ray_address)
     lanes = plan_lanes(ray.nodes(), options.device if options.device != "cuda" else "auto")

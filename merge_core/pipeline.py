@@ -10,7 +10,7 @@ the next ones are already arriving.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +34,13 @@ class Read:
     name: str
     offset: int
     length: int
+    # Read-only bytes that later items read again (the same adapter factor for many experts):
+    # fetched once while recent, and the one buffer handed to each.
+    shared: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return self.storage, self.name, self.offset, self.length
 
 
 @dataclass(frozen=True)
@@ -69,18 +76,37 @@ def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahe
     """Yield (tag, [bytes of each read]) for every item, in order.
 
     At least one item is always in flight, so an item larger than `ahead_bytes` still goes.
+    Shared reads are kept, up to `ahead_bytes` of them, and not read again while kept.
     """
     with ThreadPoolExecutor(threads, thread_name_prefix="read-ahead") as pool:
         window: deque[_Pending] = deque()
         in_flight = 0
+        kept: OrderedDict[tuple, tuple[memoryview, list[Future]]] = OrderedDict()
+        kept_bytes = 0
+
+        def issue(read: Read) -> tuple[memoryview, list[Future]]:
+            nonlocal kept_bytes
+            if read.shared and read.key in kept:
+                kept.move_to_end(read.key)
+                return kept[read.key]
+            buffer = _buffer(read.length)
+            issued = buffer, [pool.submit(read.storage.read_into, read.name, read.offset + start,
+                                          buffer[start:start + chunk]) for start in range(0, read.length, chunk)]
+            if read.shared:
+                kept[read.key] = issued
+                kept_bytes += read.length
+                while kept_bytes > ahead_bytes and len(kept) > 1:
+                    kept_bytes -= len(kept.popitem(last=False)[1][0])
+            return issued
+
         upcoming = iter(items)
         next_item = next(upcoming, None)
         try:
             while window or next_item is not None:
                 while next_item is not None and (not window or in_flight + next_item.nbytes <= ahead_bytes):
-                    buffers = [_buffer(r.length) for r in next_item.reads]
-                    futures = [pool.submit(r.storage.read_into, r.name, r.offset + start, buffer[start:start + chunk])
-                               for r, buffer in zip(next_item.reads, buffers) for start in range(0, r.length, chunk)]
+                    issued = [issue(r) for r in next_item.reads]
+                    buffers = [buffer for buffer, _ in issued]
+                    futures = [future for _, reads in issued for future in reads]
                     window.append(_Pending(next_item, buffers, futures))
                     in_flight += next_item.nbytes
                     next_item = next(upcoming, None)

@@ -22,8 +22,8 @@ from merge_core.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates,
 # Update kinds that add a ΔW, and so can be weighted (--weight) and combined (--combine). DoRA
 # is not one: its magnitude vector was trained for the whole ΔW it normalises.
 ADDITIVE_KINDS = ("lora", "conv", "embedding", "bias", "loha", "lokr", "param")
-# A worker's fixed memory: interpreter and torch, the read-ahead and write-behind windows, and
-# the cache-sized blocks of the fuse.
+# A worker's fixed memory: interpreter and torch, the read-ahead window (and the shared adapter
+# factors it keeps), the write-behind window, and the cache-sized blocks of the fuse.
 FIXED_WORKER_BYTES = 768 * 1024 * 1024
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import time
+from collections import Counter
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
@@ -38,10 +39,13 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
     header = task.shard.header
     yield Item(_HEADER, (Read(base, task.name, 0, header.data_start),))
     targets = {t.tensor: t for t in task.targets}
+    # Factors several tensors read (the experts of one MoE layer share lora_B) are read once.
+    uses = Counter((u.adapter, f.start, f.nbytes) for t in task.targets for u in t.updates for f in u.factors)
 
     def fuse_item(target: FuseTarget) -> Item[FuseTarget]:
         info = header.tensor(target.base_tensor)
-        factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
+        factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes,
+                             shared=uses[(u.adapter, f.start, f.nbytes)] > 1)
                         for u in target.updates for f in u.factors)
         return Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))
 

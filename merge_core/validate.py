@@ -10,6 +10,7 @@ against the manifest, and compared tensor by tensor with a fresh merge of the ba
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from functools import partial
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 
 from merge_core.adapter import WEIGHTS_NAME
-from merge_core.checkpoint import read_shard_header
+from merge_core.checkpoint import CONFIG_JSON, read_shard_header
 from merge_core.errors import InputError
 from merge_core.fuse import TORCH_DTYPES, fuse, resized, tensor_from_bytes
 from merge_core.combine import CombineSpec, combine_deltas
@@ -92,6 +93,20 @@ def check_index(plan: MergePlan, index: Mapping[str, object], headers: Mapping[s
         problems.append(f"model.safetensors.index.json: total_size {index.get('metadata', {}).get('total_size')} "
                         f"but the shards hold {total} tensor bytes")
     return problems
+
+
+def check_config(plan: MergePlan, output: Storage) -> list[str]:
+    """config.json says what the merge changed: a resized vocabulary's vocab_size, an untied head's
+    tie_word_embeddings."""
+    if not plan.config_updates:
+        return []
+    where = output.describe(CONFIG_JSON)
+    try:
+        config = json.loads(output.read_bytes(CONFIG_JSON))
+    except (FileNotFoundError, ValueError):
+        return [f"{where}: missing or not JSON, but the merge changes {sorted(plan.config_updates)}"]
+    return [f"{where}: {key} is {config.get(key)!r}, the merge makes it {value!r}"
+            for key, value in plan.config_updates.items() if config.get(key) != value]
 
 
 def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: int) -> torch.Tensor:

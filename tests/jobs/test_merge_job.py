@@ -170,6 +170,11 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
     reference = peft_reference(spec, base, [adapter], str(tmp_path / "peft"), resize=100)
     out = str(tmp_path / "merged")
     common = ["--base", base, "--adapter", adapter, "--ray-address", cluster.address]
+    planned = run_cli("plan", "--base", base, "--adapter", adapter)
+    assert planned.returncode == 0, planned.stderr
+    assert "resizes model.embed_tokens.weight from [96, 64] to [100, 64]" in planned.stdout
+    assert "adds lm_head.weight (untied from model.embed_tokens.weight)" in planned.stdout
+    assert "rewrites config.json: vocab_size=100, tie_word_embeddings=False" in planned.stdout
     run = run_cli("merge", *common, "--output", out)
     assert run.returncode == 0, run.stderr
     assert_bit_identical(load_checkpoint(out), reference)
@@ -198,6 +203,11 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
 
     run = run_cli("verify", *common, "--merged", out)
     assert run.returncode == 0, run.stderr
+    with open(os.path.join(out, "config.json"), "w") as f:  # a config that ties the head again
+        json.dump(config | {"tie_word_embeddings": True}, f)
+    run = run_cli("verify", *common, "--merged", out)
+    assert run.returncode == 4
+    assert f"{out}/config.json: tie_word_embeddings is True, the merge makes it False" in run.stderr
 
 
 def test_moe_experts_stored_per_expert_through_the_cli_and_verified(two_node_cluster, tmp_path):

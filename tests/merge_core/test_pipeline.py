@@ -82,3 +82,30 @@ def test_behind_runs_in_order_and_reports_the_first_failure():
         behind.drain()
     assert seen[-1] == b"ccc", "calls after a failure are skipped"
     behind.close()
+
+
+def test_shared_reads_are_fetched_once_while_kept(storage):
+    """Items that read the same read-only range (one lora_B for many experts) share one fetch; a range
+    evicted from the kept window is fetched again; unshared reads are always fetched."""
+    blob = open(os.path.join(storage.root, "blob"), "rb").read()
+    fetched = []
+    original = storage.read_into
+
+    def counting(name, offset, view):
+        fetched.append((offset, len(view)))
+        original(name, offset, view)
+
+    storage.read_into = counting
+    common = Read(storage, "blob", 500_000, 4096, shared=True)
+    items = [Item(i, (Read(storage, "blob", i * 1000, 1000), common)) for i in range(20)]
+    items.append(Item("other", (Read(storage, "blob", 0, 1000), Read(storage, "blob", 500_000, 4096))))
+    got = list(read_ahead(items, chunk=8192, ahead_bytes=64_000, threads=4))
+    assert all(bytes(data[1]) == blob[500_000:504_096] for _, data in got)
+    assert fetched.count((500_000, 4096)) == 2, "once shared, once for the unshared read of the same range"
+
+    fetched.clear()
+    evicting = [Item(i, (Read(storage, "blob", 0, 1000), Read(storage, "blob", (i % 2) * 300_000, 40_000,
+                                                                  shared=True))) for i in range(4)]
+    for _ in read_ahead(evicting, chunk=1 << 16, ahead_bytes=50_000, threads=1):
+        pass
+    assert fetched.count((0, 40_000)) == 2 and fetched.count((300_000, 40_000)) == 2, "evicted, then fetched again"
