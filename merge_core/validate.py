@@ -25,7 +25,7 @@ from merge_core.fuse import TORCH_DTYPES, fuse, resized, tensor_from_bytes
 from merge_core.combine import CombineSpec, combine_deltas
 from merge_core.shard_merge import update_terms
 from merge_core.pipeline import Item, Read, read_ahead
-from merge_core.plan import FuseTarget, MergePlan, ShardTask
+from merge_core.plan import FuseTarget, MergePlan, ShardTask, Update
 from merge_core.safetensors_format import ShardHeader, TensorInfo
 from merge_core.storage import Storage
 
@@ -116,10 +116,11 @@ def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: in
 
 
 def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adapters: Sequence[Storage],
-              output: Storage, out_header: ShardHeader) -> str | None:
+              output: Storage, out_header: ShardHeader, sequential: bool = False) -> str | None:
     info = task.shard.header.tensor(target.tensor)
     weight = _row(base, task.name, task.shard.header.data_start, info, row).double()
     exact, bound = weight.clone(), weight.abs()
+    rounded_delta = torch.zeros_like(exact)  # |ΔW| PEFT rounds to the weight's dtype before adding it
     for u in target.updates:
         adapter = adapters[u.adapter]
         scale = u.scale * u.weight
@@ -137,20 +138,27 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
             left, right = a[:, row], b.T
         else:
             left, right = _row(adapter, WEIGHTS_NAME, u.data_start, b_info, row).double(), a
-        exact += (left @ right) * scale
+            if len(u.experts) == 2:  # one expert's share: its r columns of the row's (r, E) layout
+                left = left.reshape(-1, u.experts[0])[:, u.experts[1]]
+        term = (left @ right) * scale
+        exact += term
         bound += (left.abs() @ right.abs()) * abs(scale)
+        if u.kind == "param":
+            rounded_delta += term.abs()
     stored = _row(output, task.output_name, out_header.data_start, out_header.tensor(target.tensor), row)
     ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[info.dtype]))
     # The merge evaluates W + Σ scale·(B·A) in float32, then rounds once. Evaluating a rank-r sum
     # in float32 may err by about r·eps32·Σ|terms|, which matters where W and ΔW nearly cancel;
     # rounding then adds up to one unit of the stored value. Within that, the merge was right.
-    rank = max(u.factors[0].shape[0] if u.kind == "lora" else 1 for u in target.updates)
+    # LoRA on parameters rounds ΔW first, which may move it by half a unit of ΔW itself.
+    rank = max(u.factors[0].shape[0] if u.kind in ("lora", "param") else 1 for u in target.updates)
     finfo = torch.finfo(stored.dtype)
     magnitude = stored.double().abs()
     unit = torch.where(magnitude > 0, 2.0 ** torch.floor(torch.log2(magnitude.clamp_min(finfo.tiny))) * finfo.eps,
                        torch.full_like(magnitude, finfo.tiny))
-    allowed = unit + 4 * (rank + 2) * torch.finfo(torch.float32).eps * bound
-    # Several adapters merged one after another (--sequential) round once each.
+    allowed = unit + 4 * (rank + 2) * torch.finfo(torch.float32).eps * bound + finfo.eps * rounded_delta
+    if sequential:  # each adapter's result rounded, by up to half a unit of that intermediate value
+        allowed += (len(target.updates) - 1) * finfo.eps * bound
     bad = (ulps > len(target.updates)) & ~((stored.double() - exact).abs() <= len(target.updates) * allowed)
     if bool(bad.any()):
         return (f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: {int(bad.sum())} elements differ "
@@ -158,22 +166,33 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
     return None
 
 
+def _row_recomputable(update: Update) -> bool:
+    """Kinds whose row the spot check recomputes: LoRA on linear layers, lora_bias, and LoRA on
+    2-D parameters or on one expert's tensor."""
+    if update.kind == "bias":
+        return True
+    if update.kind == "param":
+        return len(update.experts) == 2 or update.experts == (1,)
+    return update.kind == "lora" and len(update.factors[0].shape) == 2
+
+
 def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], output: Storage,
                headers: Mapping[str, ShardHeader], seed: int = 0) -> list[str]:
     """Recompute sampled rows of sampled fused tensors in float64 and compare with what was stored.
-    Tensors updated by LoRA on linear layers (and lora_bias) are sampled: the other kinds are
+    Tensors updated by LoRA on linear layers, lora_bias and LoRA on 2-D parameters or experts
+    stored one by one are sampled: the other kinds are
     checked against a fresh merge by `lora-merge verify`, and so are merges with --combine, whose
     pruning the float64 row recomputation does not repeat."""
     if plan.combine is not None:
         return []
     rng = random.Random(seed)
-    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and f.updates and all(
-        u.kind == "bias" or (u.kind == "lora" and len(u.factors[0].shape) == 2) for u in f.updates)]
+    fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and f.updates
+             and all(_row_recomputable(u) for u in f.updates)]
     problems = []
     for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
         rows = task.shard.header.tensor(target.tensor).shape[0]
         for row in rng.sample(range(rows), min(SPOT_ROWS, rows)):
-            problem = _spot_row(task, target, row, base, adapters, output, headers[task.name])
+            problem = _spot_row(task, target, row, base, adapters, output, headers[task.name], plan.sequential)
             if problem:
                 problems.append(problem)
     return problems

@@ -9,7 +9,7 @@ import torch
 
 from merge_core.adapter import load_adapter
 from merge_core.checkpoint import load_base
-from merge_core.finalize import build_index, copy_extra_files, publish
+from merge_core.finalize import build_index, copy_extra_files, publish, validate_merge
 from merge_core.plan import plan_merge
 from merge_core.shard_merge import merge_shard
 from merge_core.storage import open_storage
@@ -19,16 +19,18 @@ from tests.reference import (assert_bit_identical, changed_tensors, load_checkpo
 
 def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                       **options) -> dict[str, torch.Tensor]:
-    """The worker and the final task's pieces, called in turn in this process. `options` go to
-    merge_shard (sequential, combine)."""
+    """The worker and the final task's pieces (validation included), called in turn in this process.
+    `options` go to merge_shard (sequential, combine)."""
     checkpoint = load_base(open_storage(base))
-    plan = plan_merge(checkpoint, [load_adapter(open_storage(a)) for a in adapters], weights or [1.0] * len(adapters))
-    for task in plan.tasks:
-        merge_shard(task, base, adapters, out, **options)
+    plan = plan_merge(checkpoint, [load_adapter(open_storage(a)) for a in adapters], weights or [1.0] * len(adapters),
+                      sequential=options.get("sequential", False), combine=options.get("combine"))
+    results = [merge_shard(task, base, adapters, out, **options) for task in plan.tasks]
     assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
+    index = build_index(plan, checkpoint.index_metadata)[0]
+    validate_merge(plan, results, index, open_storage(base), [open_storage(a) for a in adapters], open_storage(out))
     copy_extra_files(open_storage(base), open_storage(out), checkpoint.extra_files, plan.config_updates,
                      {name: open_storage(uri) for name, uri in plan.file_sources.items()})
-    publish(open_storage(out), plan, build_index(plan, checkpoint.index_metadata)[0], {}, b"")
+    publish(open_storage(out), plan, index, {}, b"")
     return load_checkpoint(out)
 
 

@@ -193,3 +193,29 @@ def test_checks_pass_a_fan_in_fan_out_merge_and_catch_a_wrong_one(tmp_path):
     rewrite_shard(out, shard_with(plan, name), lambda t: t.update({name: t[name].T.contiguous().reshape(t[name].shape)}))
     _, headers = check_headers(plan, LocalStorage(out))
     assert spot_check(plan, LocalStorage(base), [LocalStorage(adapter)], LocalStorage(out), headers)
+
+
+def test_spot_check_recomputes_experts_stored_one_by_one(tmp_path):
+    """LoRA on Mixtral's fused down_proj lands in per-expert w2 tensors: the spot check recomputes their
+    rows from each expert's slice of lora_A and its columns of lora_B (PEFT's ΔW rounding allowed for),
+    passes the merge, and catches an expert whose update went missing."""
+    from peft import LoraConfig
+
+    from tests.variant_reference import build_adapter, mixtral, save_base
+
+    spec = mixtral()
+    base = save_base(spec, str(tmp_path / "base"))
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
+        r=2, lora_alpha=6, target_parameters=["mlp.experts.down_proj"]))
+    plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
+    assert sum(len(t.targets) for t in plan.tasks) == 8  # 2 layers × 4 experts: all sampled
+    out = str(tmp_path / "out")
+    results = [merge_shard(t, base, [adapter], out) for t in plan.tasks]
+    validate_merge(plan, results, build_index(plan, {})[0], LocalStorage(base), [LocalStorage(adapter)],
+                   LocalStorage(out))
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    rewrite_shard(out, shard_with(plan, name), lambda t: t.update(
+        {name: load_file(os.path.join(base, shard_with(plan, name)))[name]}))
+    _, headers = check_headers(plan, LocalStorage(out))
+    problems = spot_check(plan, LocalStorage(base), [LocalStorage(adapter)], LocalStorage(out), headers)
+    assert problems and all(f"tensor {name} row" in p for p in problems)
