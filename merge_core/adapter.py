@@ -42,8 +42,10 @@ BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
                    "chat_template.json")
-# The embedding layers PEFT saves whole when they are targeted or resized (EMBEDDING_LAYER_NAMES).
-EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+# The modules whose rows are the vocabulary: PEFT saves the input and output embeddings whole
+# when they are targeted or resized, under the model's own names for them (Llama's embed_tokens
+# and lm_head, GPT-2's wte, BLOOM's word_embeddings, GPT-NeoX's embed_in and embed_out).
+VOCABULARY_MODULES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out")
 # Saved-key suffixes of each adapter type's tensors: suffix → role in its update.
 SUFFIXES = {
     "LORA": {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_embedding_A": "emb_A",
@@ -67,6 +69,8 @@ _SUFFIX_RE = {kind: re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.esc
 #   ia3        W ← round(W · l)                      rows or columns; the bias with the rows
 #   replace    W ← round(T)                          modules_to_save, and embeddings PEFT saved whole
 KINDS = ("lora", "conv", "embedding", "dora", "bias", "loha", "lokr", "ia3", "param", "replace")
+# The kinds whose ΔW PEFT rounds to W's dtype before adding it.
+ROUNDED_DELTA_KINDS = ("embedding", "param")
 # The order in which transformers' MoE expert modules register their parameters. PEFT wraps each
 # targeted parameter of a module (target_parameters) around the wrapper of the one before it, so
 # the last one's lora_A is saved as <module>.lora_A.weight, the one before as
@@ -217,7 +221,7 @@ def _whole_tensor(info: TensorInfo, config: Mapping[str, object], lora_modules: 
         module, saved_as = owner, wrapper_part
     elif _module_in(module, config.get("modules_to_save")):
         saved_as = "modules_to_save"
-    elif module.rpartition(".")[2] not in EMBEDDING_LAYERS:
+    elif module.rpartition(".")[2] not in VOCABULARY_MODULES:
         raise InputError(f"{where}: tensor {info.name}", "is neither an adapter weight nor a module PEFT saves whole",
                          "remove it from the adapter or re-save the adapter with PEFT")
     return ModuleUpdate(module, f"{module}.{param}", "replace", (info,), ("tensor",), saved_as=saved_as)
@@ -305,6 +309,18 @@ def _lycoris_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[
     return [ModuleUpdate(module, f"{module}.weight", kind, factors, needed, scale, rank=rank)]
 
 
+def _targeted_module(module: str, target_modules: object) -> bool:
+    """Whether target_modules names a module, as PEFT matches it (a regular expression the whole
+    name matches, or a list of names and dotted suffixes): its LoRA is then an ordinary layer's,
+    whatever a bare name in target_parameters also matches."""
+    if isinstance(target_modules, str):
+        try:
+            return re.fullmatch(target_modules, module) is not None
+        except re.error:
+            return False
+    return _module_in(module, target_modules)
+
+
 def _parameter_updates(modules: dict[str, dict[str, TensorInfo]], config: Mapping[str, object], where: str
                        ) -> list[ModuleUpdate]:
     """LoRA on parameters (target_parameters, MoE expert tensors): takes the modules it owns out
@@ -318,7 +334,7 @@ def _parameter_updates(modules: dict[str, dict[str, TensorInfo]], config: Mappin
             module, depth = module[:-len(".base_layer")], depth + 1
         matching = [t.rpartition(".")[2] for t in targets
                     if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith(f".{t}")]
-        if matching:
+        if matching and not (depth == 0 and _targeted_module(module, config.get("target_modules"))):
             nested.setdefault(module, {})[depth] = modules.pop(name)
             params[module] = sorted(set(matching), key=lambda p: ((PARAMETER_ORDER + (p,)).index(p), p))
     updates = []

@@ -40,8 +40,8 @@ class Shard:
 
 
 CONFIG_JSON = "config.json"
-# Input embeddings an output head may be tied to (Llama-style, GPT-2, BERT-style).
-TIED_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+# Input embeddings an output head may be tied to (Llama-style, GPT-2, BLOOM/BERT-style, GPT-NeoX).
+TIED_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 @dataclass(frozen=True)

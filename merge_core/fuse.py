@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from merge_core.adapter import ROUNDED_DELTA_KINDS
 from merge_core.deltas import delta_weight
 from merge_core.shard_result import FuseStats
 
@@ -126,7 +127,8 @@ def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -
     `sequential` (PEFT's merge_and_unload of several adapters: one rounding after each)."""
     stages = [_Stage("replace", [t]) for t in terms if t.kind == "replace"]
     for term in (t for t in terms if t.kind != "replace"):
-        op = {"embedding": "add_rounded", "param": "add_rounded", "dora": "dora", "ia3": "ia3"}.get(term.kind, "add")
+        op = ("add_rounded" if term.kind in ROUNDED_DELTA_KINDS else
+              {"dora": "dora", "ia3": "ia3"}.get(term.kind, "add"))
         joins = (stages and stages[-1].op == op and op in ("add", "add_rounded")
                  and (combine is not None or not sequential))
         if joins:
@@ -165,7 +167,7 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
             tensors = {k: v.to(workspace.device, compute) for k, v in term.tensors.items() if k != "magnitude"}
             return delta_weight(term.kind, tensors, term.scale, term.transpose, shape, buffer(slot), term.experts)
 
-        if combine is not None and len(stage.terms) > 1:
+        if combine is not None:  # even one adapter's ΔW is pruned, and weighted, by the combination
             delta = combine([term_delta(t, f"term{i}").contiguous() for i, t in enumerate(stage.terms)])
         else:
             delta = term_delta(first, f"delta{index}")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from merge_core.adapter import WEIGHTS_NAME, LoraAdapter, ModuleUpdate
+from merge_core.adapter import ROUNDED_DELTA_KINDS, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
 from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
 from merge_core.combine import CombineSpec, check_combine
 from merge_core.errors import InputError
@@ -241,17 +241,21 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     head_updates = []  # updates of a head tied to the embedding, which land on the embedding
     resizer = None  # the adapter that resizes the vocabulary
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
-        # A modules_to_save module's original, saved beside its trained copy, is loaded over the
-        # original; that matters only where nothing else replaces it (a tied embedding).
-        replaced = {tied_target(base, u)[0].target for u in adapter.updates
-                    if u.kind == "replace" and u.saved_as != "original_module"}
+        # One tensor saved twice by one adapter (a modules_to_save module's original beside its
+        # trained copy; a tied head's copy beside the embedding's, the same shared tensor when
+        # trained): the copy saved under the tensor's own name is the one merged.
+        own_copies = {u.target for u in adapter.updates if u.kind == "replace" and u.saved_as != "original_module"
+                      and tied_target(base, u)[0].target == u.target}
         resolved = [t for u in adapter.updates for t in (expert_targets(base, u) if u.kind == "param" else [u])]
+        # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
+        resolved.sort(key=lambda u: tied_target(base, u)[0].target != u.target)
         for update in resolved:
             subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
             if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
             head, (update, source) = update, tied_target(base, update)
-            if update.saved_as == "original_module" and update.target in replaced:
+            if (update.kind == "replace" and update.target in own_copies
+                    and (update.saved_as == "original_module" or update.target != head.target)):
                 continue
             if update.target != head.target and update.saved_as != "original_module":
                 head_updates.append(subject)
@@ -279,13 +283,22 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                 raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
                                  "then normalises by a weight it recovers by unmerging the others, which neither "
                                  "its forward pass nor lora-merge does", "give the DoRA adapter first")
-            if update.kind == "replace" and any(u.kind == "replace" for u in updates.get(update.target, ())):
+            earlier = [u.adapter for u in updates.get(update.target, ()) if u.kind == "replace"]
+            if update.kind == "replace" and index in earlier:
+                raise InputError(subject, f"is a second whole copy of {update.target} in this adapter",
+                                 "re-save the adapter with PEFT")
+            if update.kind == "replace" and earlier:
                 raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
                                  "merge adapters that save whole copies of a module one at a time")
             updates.setdefault(update.target, []).append(Update(
                 index, adapter.header.data_start, update.kind, update.factors, update.roles, update.scale, weight,
                 update.transpose, update.experts))
     vocab_size = check_vocabulary(base, shapes, added) if shapes else None
+    for name, tensor_updates in updates.items():
+        if combine is not None and len({u.kind in ROUNDED_DELTA_KINDS for u in tensor_updates}) > 1:
+            raise InputError(name, "is updated both by LoRA on its layer and by LoRA on it as a parameter, whose "
+                             "deltas PEFT rounds differently: --combine cannot combine them",
+                             "merge these adapters without --combine")
 
     tasks = []
     for shard in base.shards:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from merge_core.adapter import EMBEDDING_LAYERS, ModuleUpdate
+from merge_core.adapter import VOCABULARY_MODULES, ModuleUpdate
 from merge_core.checkpoint import TIED_INPUT_EMBEDDINGS, BaseCheckpoint
 from merge_core.errors import InputError
 
@@ -33,11 +33,12 @@ def tied_target(base: BaseCheckpoint, update: ModuleUpdate) -> tuple[ModuleUpdat
 
 
 def resizes(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
-    """Whether an update is an embedding or output head saved with a resized vocabulary: PEFT
-    saves the whole (n, H) tensor after resize_token_embeddings(n), and its copy replaces the base's."""
+    """Whether an update is an embedding or output head (or its bias) saved with a resized
+    vocabulary: PEFT saves the whole (n, H) tensor after resize_token_embeddings(n), and its copy
+    replaces the base's."""
     copy = tuple(update.factors[0].shape)
-    return (update.kind == "replace" and update.module.rpartition(".")[2] in EMBEDDING_LAYERS
-            and len(copy) == len(shape) >= 2 and copy[1:] == tuple(shape[1:]) and copy[0] != shape[0])
+    return (update.kind == "replace" and update.module.rpartition(".")[2] in VOCABULARY_MODULES
+            and len(copy) == len(shape) >= 1 and copy[1:] == tuple(shape[1:]) and copy[0] != shape[0])
 
 
 def check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]], added: Mapping[str, str]) -> int:
@@ -54,7 +55,7 @@ def check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]]
                          "merge adapters made for one vocabulary")
     old_sizes = {base_rows(name) for name in shapes}
     vocabulary = [n for n in base.weight_map if n.endswith(TIED_INPUT_EMBEDDINGS)
-                  or n.rpartition(".")[0].rpartition(".")[2] in EMBEDDING_LAYERS]
+                  or n.rpartition(".")[0].rpartition(".")[2] in VOCABULARY_MODULES]
     for name in [*vocabulary, *added]:
         rows = shapes[name][0] if name in shapes else base_rows(name)
         if base_rows(name) in old_sizes and rows != sizes[0]:

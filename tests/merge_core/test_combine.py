@@ -216,3 +216,44 @@ def test_matches_peft_merge_utils(kind, density):
         got = combine_deltas(deltas, weights, CombineSpec(method, density, majority_sign_method=sign_method), "w")
         tol = 1e-6 * peft_out.abs() + 1e-12
         assert torch.all((got - peft_out).abs() <= tol), (method, sign_method, kind, density)
+
+
+@pytest.mark.parametrize("method", COMBINE_METHODS)
+def test_a_tensor_one_adapter_touches_is_still_combined_and_weighted(method):
+    """The fuse hands even a single ΔW to the combination, so its --weight (and pruning) apply: a
+    tensor only one of the adapters updates gets combine([ΔW], [w]), not ΔW."""
+    from functools import partial
+
+    from merge_core.fuse import Term, fuse_into, workspace_for
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 6), torch.randn(8, 2)
+    spec = CombineSpec(method, 0.5, seed=3)
+    weight = torch.zeros(8, 6)
+    fuse_into(weight, [Term("lora", {"A": a, "B": b}, 1.0)], workspace_for("cpu"),
+              combine=partial(combine_deltas, weights=[0.5], spec=spec, tensor_name="w"))
+    expected = combine_deltas([b @ a], [0.5], spec, "w")
+    assert torch.equal(weight, expected) and not torch.equal(weight, b @ a)
+
+
+def test_combining_layer_and_parameter_lora_of_one_weight_is_refused(tmp_path):
+    """PEFT rounds a parameter LoRA's ΔW before adding it and a layer LoRA's not: they cannot be combined."""
+    from peft import LoraConfig
+
+    from merge_core.adapter import load_adapter
+    from merge_core.checkpoint import load_base
+    from merge_core.plan import plan_merge
+    from merge_core.storage import LocalStorage
+    from tests.reference import make_base
+    from tests.variant_reference import build_adapter, causal_lm
+
+    spec = causal_lm()
+    base = make_base(str(tmp_path / "base"))
+    as_parameter = build_adapter(spec, base, str(tmp_path / "p"), LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=["self_attn.q_proj.weight"]))
+    as_layer = build_adapter(spec, base, str(tmp_path / "l"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    adapters = [load_adapter(LocalStorage(a)) for a in (as_parameter, as_layer)]
+    with pytest.raises(InputError, match=r"q_proj.weight: is updated both by LoRA on its layer and by LoRA on it as "
+                                         r"a parameter.*--combine cannot combine them"):
+        plan_merge(load_base(LocalStorage(base)), adapters, [0.5, 0.5], combine=CombineSpec("ties", 0.5))
+    plan_merge(load_base(LocalStorage(base)), adapters, [0.5, 0.5])  # a weighted sum is fine

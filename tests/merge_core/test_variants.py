@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from merge_core.errors import InputError
 from tests.merge_core.test_parity import merge_without_ray
-from tests.reference import assert_bit_identical, changed_tensors, load_checkpoint, make_base
+from tests.reference import TINY, assert_bit_identical, changed_tensors, load_checkpoint, make_base
 from tests.variant_reference import (adapter_keys, assert_within_ulps, build_adapter, causal_lm, gpt_oss,
                                      llama_seq_cls, mixtral, peft_reference, qwen3_moe, read_config, resnet,
                                      save_base)
@@ -127,6 +127,37 @@ def test_resized_vocabulary(tmp_path, case):
         k: v for k, v in read_config(base).items() if k != "vocab_size"}, "only vocab_size changes"
 
 
+def phi():
+    """Phi's output head has a bias, which a resized vocabulary resizes too."""
+    from transformers import PhiConfig, PhiForCausalLM
+    return PhiForCausalLM, PhiConfig(**TINY)
+
+
+RESIZED_MODELS = {
+    # only the embedding is stored; PEFT saves it and the (same, shared) head: one tensor, still tied
+    "llama-tied": (lambda: causal_lm(tie_word_embeddings=True), ["model.embed_tokens.weight"]),
+    "phi-head-bias": (phi, ["model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"]),
+    "gpt2-wte": (lambda: causal_lm("gpt2"), ["transformer.wte.weight"]),  # GPT-2's names, tied
+}
+
+
+@pytest.mark.parametrize("case", list(RESIZED_MODELS))
+def test_resized_vocabulary_of_other_models(tmp_path, case):
+    from peft import LoraConfig
+
+    model, resized = RESIZED_MODELS[case]
+    spec = model()
+    base = save_base(spec, str(tmp_path / "base"))
+    targets = ["c_attn"] if case.startswith("gpt2") else ATTN
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+                            resize=100)
+    reference, base_ckpt = merge_both(tmp_path, spec, base, [adapter], BF16, resize=100)
+    assert all(reference[name].shape[0] == 100 != base_ckpt[name].shape[0] for name in resized)
+    out = str(tmp_path / "ours")
+    assert_bit_identical(merge_without_ray(base, [adapter], out), reference)
+    assert read_config(out)["vocab_size"] == read_config(str(tmp_path / "peft"))["vocab_size"] == 100
+
+
 def test_resized_vocabulary_without_its_head_is_refused(tmp_path):
     """embed_tokens targeted after a resize but lm_head (untied) neither targeted nor saved: the adapter
     has no 100-row head, and PEFT's merge would take the new head rows from resize_token_embeddings'
@@ -175,6 +206,8 @@ TIED_CASES = {
     "embed-lora": (dict(target_modules=["embed_tokens", "q_proj"]), True),
     # lm_head LoRA on a tied model: PEFT adds the lm_head delta to the shared tensor, i.e. to embed_tokens
     "lm-head-lora": (dict(target_modules=["lm_head", "q_proj"]), True),
+    # both LoRA-targeted: the adapter saves the shared tensor twice (embed_tokens and lm_head base_layer)
+    "embed-and-head-lora": (dict(target_modules=["embed_tokens", "lm_head", "q_proj"]), True),
     # a trained lm_head copy: the embeddings diverge, PEFT unties them and writes lm_head.weight
     "lm-head-modules-to-save": (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), False),
     # a trained embedding copy: the head keeps the base's embedding, written as lm_head.weight
@@ -276,6 +309,8 @@ PARAMETER_CASES = {
     "mixtral": (mixtral, EXPERTS, per_expert("block_sparse_moe", "w1", "w2", "w3")),
     # the same with gate_proj / up_proj / down_proj per expert, as most MoE families store them
     "qwen3-moe": (qwen3_moe, EXPERTS, per_expert("mlp", "gate_proj", "up_proj", "down_proj")),
+    # a bare parameter name, which PEFT matches only on modules that own such a parameter (not q_proj)
+    "mixtral-bare-name": (mixtral, ["down_proj"], per_expert("block_sparse_moe", "w2")),
     # one expert parameter only: a single wrapper, no nesting
     "mixtral-down-only": (mixtral, ["mlp.experts.down_proj"], per_expert("block_sparse_moe", "w2")),
     # a 2-D weight adapted as a parameter: Linear's ΔW, but PEFT rounds it before the add
