@@ -44,9 +44,14 @@ def render_plan(plan: MergePlan, device: str) -> str:
     for name, source in changes["added_tensors"].items():
         lines.append(f"adds {name} (untied from {source})")
     if changes["config"]:
-        lines.append(f"rewrites config.json: {', '.join(f'{k}={v}' for k, v in changes['config'].items())}")
+        shown = [f"{key}.vocab_size={value['vocab_size']}" if isinstance(value, dict) else f"{key}={value}"
+                 for key, value in changes["config"].items()]
+        lines.append(f"rewrites config.json: {', '.join(shown)}")
     for name, source in changes["files_from_adapters"].items():
         lines.append(f"takes {name} from {source}")
+    if changes["base_files_left_out"]:
+        lines.append(f"leaves out the base's {', '.join(changes['base_files_left_out'])} (the adapter's tokenizer "
+                     "replaces the base's)")
     gpu = "1 GPU" if device == "cuda" else "a GPU where the cluster has them" if device == "auto" else "no GPU"
     lines.append(f"each task asks Ray for 1 CPU, {gpu}, and the memory shown")
     return "\n".join(lines)

@@ -69,10 +69,10 @@ def _param(t: Mapping[str, torch.Tensor], scale: float, transpose: bool, experts
     a, b = t["A"], t["B"]
     count = experts[0]
     if count == 1:  # a 2-D parameter: PEFT takes Linear's formula
-        return (b @ a) * scale
-    if len(experts) == 1:
+        return (b @ a).mul_(scale)
+    if len(experts) == 1:  # scaled in place (the same bits as PEFT's `* scaling`): ΔW of all experts is large
         equation = "o r e, e r i -> e i o" if transpose else "o r e, e r i -> e o i"
-        return torch.einsum(equation, b.reshape(b.shape[0], -1, count), a.reshape(count, -1, a.shape[-1])) * scale
+        return torch.einsum(equation, b.reshape(b.shape[0], -1, count), a.reshape(count, -1, a.shape[-1])).mul_(scale)
     # expert e's share, stored as a tensor of its own: A holds its r rows, B the share's rows
     e = experts[1]
     share = torch.einsum("o r e, e r i -> e o i", b.reshape(b.shape[0], -1, count)[:, :, e:e + 1],

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from merge_core.adapter import ROUNDED_DELTA_KINDS, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
+from merge_core.adapter import ROUNDED_DELTA_KINDS, TOKENIZER_FILES, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
 from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
 from merge_core.combine import CombineSpec, check_combine
 from merge_core.errors import InputError
@@ -67,11 +67,15 @@ class ShardTask:
 
     @property
     def adapter_bytes(self) -> int:
-        return sum(f.nbytes for t in self.targets for u in t.updates for f in u.factors)
+        """Adapter bytes the worker reads (a factor several experts share, once)."""
+        factors = {(u.adapter, f.start, f.nbytes) for t in self.targets for u in t.updates for f in u.factors}
+        return sum(nbytes for _, _, nbytes in factors)
 
     @property
     def read_bytes(self) -> int:
-        return self.shard.size + self.adapter_bytes
+        """The shard, the adapter factors, and again the base tensors new tensors start from."""
+        again = sum(self.shard.header.tensor(t.source).nbytes for t in self.targets if t.source is not None)
+        return self.shard.size + self.adapter_bytes + again
 
     @property
     def output_tensors(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
@@ -95,14 +99,17 @@ class ShardTask:
     def memory_bytes(self) -> int:
         """What the worker needs at its peak, whatever the shard's size: for the largest fused
         tensor, ΔW in float32 (a second buffer when several updates sum), and the tensor's bytes
-        twice (one being fused in place, the one before it still being written), plus the fixed part."""
+        twice (one being fused in place, the one before it still being written), plus the base's
+        bytes of a tensor an adapter resizes (read, then fused in a buffer of the new size), plus
+        the fixed part."""
         by_name = {name: (dtype, shape) for name, dtype, shape in self.output_tensors}
         largest = 0
         for target in self.targets:
             dtype, shape = by_name[target.tensor]
             compute = 8 if dtype == "F64" else 4
             per_element = compute * (2 if len(target.updates) > 1 else 1) + 2 * DTYPE_BYTES[dtype]
-            largest = max(largest, per_element * math.prod(shape))
+            resized_from = self.shard.header.tensor(target.base_tensor).nbytes if target.shape else 0
+            largest = max(largest, per_element * math.prod(shape) + resized_from)
         return FIXED_WORKER_BYTES + largest
 
 
@@ -116,8 +123,10 @@ class MergePlan:
     # config.json keys the merge changes (vocab_size of a resized vocabulary, tie_word_embeddings)
     config_updates: Mapping[str, object] = field(default_factory=dict)
     # files taken from an adapter rather than the base: the tokenizer saved with the adapter that
-    # resized the vocabulary (name → adapter URI)
+    # resized the vocabulary (name → adapter URI); and the base's tokenizer files it replaces
+    # as a whole, which the output leaves out
     file_sources: Mapping[str, str] = field(default_factory=dict)
+    files_left_out: tuple[str, ...] = ()
 
     @property
     def model_changes(self) -> dict:
@@ -126,7 +135,7 @@ class MergePlan:
                    for t in self.tasks for f in t.targets if f.shape is not None and f.source is None}
         added = {f.tensor: f.source for t in self.tasks for f in t.targets if f.source is not None}
         return {"config": dict(self.config_updates), "resized_tensors": resized, "added_tensors": added,
-                "files_from_adapters": dict(self.file_sources)}
+                "files_from_adapters": dict(self.file_sources), "base_files_left_out": list(self.files_left_out)}
 
     @property
     def arithmetic(self) -> dict:
@@ -308,6 +317,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                         for name in names)
         unvalidated = UNVALIDATED_SINGLE_NAME if not base.indexed else shard.name
         tasks.append(ShardTask(shard, targets, unvalidated))
+    tokenizer = resizer.tokenizer_files if resizer else ()
     return MergePlan(base.uri, tuple(a.uri for a in adapters), tuple(tasks), sequential, combine,
-                     config_updates(base, vocab_size, bool(added)),
-                     {name: resizer.uri for name in resizer.tokenizer_files} if resizer else {})
+                     config_updates(base, vocab_size, bool(added)), {name: resizer.uri for name in tokenizer},
+                     tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer))

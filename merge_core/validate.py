@@ -228,7 +228,7 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         reads = [Read(merged, task.name, header.data_start + info.start, info.nbytes)]
         target = targets.get(info.name)
         if info.name not in planned:
-            problems.append(f"{where}: tensor {info.name} is not in the base shard")
+            problems.append(f"{where}: tensor {info.name} is neither in the base shard nor added by the merge")
             items.append(Item((info, None), tuple(reads)))
             continue
         base_info = base_header.tensor(target.base_tensor if target else info.name)

@@ -67,8 +67,10 @@ def check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]]
 
 def config_updates(base: BaseCheckpoint, vocab_size: int | None, untied: bool) -> dict[str, object]:
     """config.json's keys the merge changes: vocab_size (top level, or a multimodal model's
-    text_config), and tie_word_embeddings when the merge unties the head."""
+    text_config), and tie_word_embeddings when the merge unties the head. None without a config.json."""
     updates: dict[str, object] = {}
+    if not base.config:
+        return updates
     if vocab_size is not None:
         text_config = base.config.get("text_config")
         if "vocab_size" not in base.config and isinstance(text_config, dict) and "vocab_size" in text_config:

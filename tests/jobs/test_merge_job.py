@@ -163,8 +163,9 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
     base = make_base(str(tmp_path / "base"), tie_word_embeddings=True)
     adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]), resize=100)
-    # the tokenizer with the 4 new tokens, saved beside the adapter
+    # the tokenizer with the 4 new tokens, saved beside the adapter, replaces the base's whole
     (tmp_path / "base" / "tokenizer_config.json").write_text('{"base": true}')
+    (tmp_path / "base" / "tokenizer.model").write_bytes(b"the base's vocabulary")
     (tmp_path / "adapter" / "tokenizer_config.json").write_text('{"added": 4}')
     (tmp_path / "adapter" / "added_tokens.json").write_text('{"<a>": 96, "<b>": 97, "<c>": 98, "<d>": 99}')
     reference = peft_reference(spec, base, [adapter], str(tmp_path / "peft"), resize=100)
@@ -194,7 +195,9 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
         "config": {"vocab_size": 100, "tie_word_embeddings": False},
         "resized_tensors": {"model.embed_tokens.weight": [[96, 64], [100, 64]]},
         "added_tensors": {"lm_head.weight": "model.embed_tokens.weight"},
-        "files_from_adapters": {"added_tokens.json": adapter, "tokenizer_config.json": adapter}}
+        "files_from_adapters": {"added_tokens.json": adapter, "tokenizer_config.json": adapter},
+        "base_files_left_out": ["tokenizer.model"]}
+    assert not os.path.exists(os.path.join(out, "tokenizer.model"))
     for name in ("tokenizer_config.json", "added_tokens.json"):  # the adapter's tokenizer, not the base's
         assert open(os.path.join(out, name)).read() == open(os.path.join(adapter, name)).read()
     assert {f["name"]: f["source"] for f in manifest["output"]["files"]}["tokenizer_config.json"] == adapter
