@@ -55,7 +55,7 @@ def expert_targets(base: BaseCheckpoint, update: ModuleUpdate) -> list[ModuleUpd
             if not all(n in base.weight_map for row in names for n in row) or b.shape[0] % len(parts):
                 continue
             rows = b.shape[0] // len(parts)
-            return [dataclasses.replace(update, target=name, experts=(experts, e),
-                                        factors=(row_slice(a, e * rank, (e + 1) * rank), row_slice(b, j * rows, (j + 1) * rows)))
+            return [dataclasses.replace(update, target=name, experts=(experts, e), factors=(
+                        row_slice(a, e * rank, (e + 1) * rank), row_slice(b, j * rows, (j + 1) * rows)))
                     for e, row in enumerate(names) for j, name in enumerate(row)]
     return [update]

@@ -227,6 +227,29 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
         raise InputError(subject, what, "check that the adapter was trained on this base model")
 
 
+def _check_together(update: ModuleUpdate, subject: str, index: int, weight: float, uri: str,
+                    earlier: Sequence[Update], combine: CombineSpec | None) -> None:
+    """An update goes with its adapter's --weight, --combine, and the updates of the same tensor
+    planned before it."""
+    if combine is not None and update.kind not in ADDITIVE_KINDS:
+        raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
+                         "(it combines additive deltas)", "merge this adapter without --combine")
+    if weight != 1 and update.kind not in ADDITIVE_KINDS:
+        raise InputError(f"--weight {weight:g}", f"{uri} updates {update.target} by {update.kind}, "
+                         "which is not a sum: it cannot be weighted", "give this adapter weight 1")
+    if update.kind == "dora" and any(u.kind != "replace" for u in earlier):
+        raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
+                         "then normalises by a weight it recovers by unmerging the others, which neither "
+                         "its forward pass nor lora-merge does", "give the DoRA adapter first")
+    copies = [u.adapter for u in earlier if u.kind == "replace"]
+    if update.kind == "replace" and index in copies:
+        raise InputError(subject, f"is a second whole copy of {update.target} in this adapter",
+                         "re-save the adapter with PEFT")
+    if update.kind == "replace" and copies:
+        raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
+                         "merge adapters that save whole copies of a module one at a time")
+
+
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
                sequential: bool = False, combine: CombineSpec | None = None,
                allow_base_mismatch: bool = False) -> MergePlan:
@@ -273,8 +296,9 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
             if source is not None:
                 added[update.target] = source
             if added and head_updates:  # the head's update would belong to the untied original
-                raise InputError(head_updates[0], f"updates lm_head, which the base ties to {tied}, while a trained "
-                                 "copy of one of them unties the two", "merge this adapter with PEFT's merge_and_unload")
+                raise InputError(head_updates[0], f"updates lm_head, which the base ties to {tied}, while a "
+                                 "trained copy of one of them unties the two",
+                                 "merge this adapter with PEFT's merge_and_unload")
             resized_before = update.target in shapes
             _check_target(base, update, subject, source, shapes)
             if update.target in shapes and not resized_before:
@@ -282,23 +306,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                     raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
                                      "old size", "give the adapter that resizes the vocabulary first")
                 resizer = adapter
-            if combine is not None and update.kind not in ADDITIVE_KINDS:
-                raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
-                                 "(it combines additive deltas)", "merge this adapter without --combine")
-            if weight != 1 and update.kind not in ADDITIVE_KINDS:
-                raise InputError(f"--weight {weight:g}", f"{adapter.uri} updates {update.target} by {update.kind}, "
-                                 "which is not a sum: it cannot be weighted", "give this adapter weight 1")
-            if update.kind == "dora" and any(u.kind != "replace" for u in updates.get(update.target, ())):
-                raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
-                                 "then normalises by a weight it recovers by unmerging the others, which neither "
-                                 "its forward pass nor lora-merge does", "give the DoRA adapter first")
-            earlier = [u.adapter for u in updates.get(update.target, ()) if u.kind == "replace"]
-            if update.kind == "replace" and index in earlier:
-                raise InputError(subject, f"is a second whole copy of {update.target} in this adapter",
-                                 "re-save the adapter with PEFT")
-            if update.kind == "replace" and earlier:
-                raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
-                                 "merge adapters that save whole copies of a module one at a time")
+            _check_together(update, subject, index, weight, adapter.uri, updates.get(update.target, []), combine)
             updates.setdefault(update.target, []).append(Update(
                 index, adapter.header.data_start, update.kind, update.factors, update.roles, update.scale, weight,
                 update.transpose, update.experts))

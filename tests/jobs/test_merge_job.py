@@ -189,7 +189,8 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
     base_index = json.load(open(os.path.join(base, INDEX_NAME)))
     embed_shard = base_index["weight_map"]["model.embed_tokens.weight"]
     assert index["weight_map"] == base_index["weight_map"] | {"lm_head.weight": embed_shard}
-    assert index["metadata"]["total_size"] == base_index["metadata"]["total_size"] + (4 + 100) * 64 * 2  # 4 new rows, a new head
+    new_bytes = (4 + 100) * 64 * 2  # 4 new embedding rows, a new 100-row head
+    assert index["metadata"]["total_size"] == base_index["metadata"]["total_size"] + new_bytes
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
     assert manifest["model_changes"] == {
         "config": {"vocab_size": 100, "tie_word_embeddings": False},

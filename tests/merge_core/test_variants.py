@@ -149,8 +149,8 @@ def test_resized_vocabulary_of_other_models(tmp_path, case):
     spec = model()
     base = save_base(spec, str(tmp_path / "base"))
     targets = ["c_attn"] if case.startswith("gpt2") else ATTN
-    adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(r=4, lora_alpha=8, target_modules=targets),
-                            resize=100)
+    adapter = build_adapter(spec, base, str(tmp_path / "adapter"),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=targets), resize=100)
     reference, base_ckpt = merge_both(tmp_path, spec, base, [adapter], BF16, resize=100)
     assert all(reference[name].shape[0] == 100 != base_ckpt[name].shape[0] for name in resized)
     out = str(tmp_path / "ours")
