@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.bench                      # ~4.5 GB Llama-shaped bf16, local disk
     .venv/bin/python -m bench.bench --size-gb 1 --rounds 3
     .venv/bin/python -m bench.bench --storage s3         # S3→S3 on a local SeaweedFS, vs boto3 copy
+    .venv/bin/python -m bench.bench --moe 64 --hidden 2048   # MoE experts stored one by one (target_parameters)
 
 Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
 `sync`, so every method pays for getting its bytes to disk. Reported: median wall time, peak
@@ -20,7 +21,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.checkpoint import build
+from bench.checkpoint import build, build_moe
 from bench.proctree import Measured, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,10 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="local", choices=("local", "s3"))
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-merge-bench"))
     parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
+                        "experts per layer, stored one by one, and LoRA on them through target_parameters")
     args = parser.parse_args(argv)
 
-    base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
-                          hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
+    if args.moe:
+        base, adapter = build_moe(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}-moe{args.moe}"),
+                                  args.size_gb, hidden=args.hidden, experts=args.moe, shard_gb=args.shard_gb)
+        described = f"Qwen3-MoE-shaped, {args.moe} experts per layer stored one by one, LoRA r=16 on attention " \
+                    "and (target_parameters) on the experts"
+    else:
+        base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
+                              hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
+        described = "LoRA r=16 on every linear layer"
     nbytes = checkpoint_bytes(base)
     server = None
     out = os.path.join(args.workdir, "out")
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if server:
             s3_server.stop(server)
     print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16, hidden {args.hidden}, {args.shard_gb:g} GB shards, "
-          f"LoRA r=16 on every linear layer; storage {args.storage}; device {args.device}; "
+          f"{described}; storage {args.storage}; device {args.device}; "
           f"{args.rounds} rounds; machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     print(table(results, nbytes, "lora-merge"))

@@ -33,12 +33,40 @@ def _module_path(layer: int, module: str) -> str:
     return f"model.layers.{layer}.{group}.{module}"
 
 
+def _write_shards(base: str, names: list[tuple[str, tuple[int, ...]]], shard_gb: float,
+                  generator: torch.Generator) -> None:
+    """Random bf16 tensors of these names and shapes, in shards of about shard_gb, and the index."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in names:
+        nbytes = 2 * torch.Size(shape).numel()
+        if shards[-1] and size + nbytes > shard_gb * 1e9:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        data = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in shard}
+        save_file(data, os.path.join(base, file), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in data.values())
+        weight_map.update({n: file for n, _ in shard})
+        del data
+    with open(os.path.join(base, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _built(base: str, adapter: str) -> bool:
+    return os.path.exists(os.path.join(base, "model.safetensors.index.json")) and os.path.exists(
+        os.path.join(adapter, "adapter_model.safetensors"))
+
+
 def build(path: str, size_gb: float = 4.5, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
           kv_heads: int = 8, vocab: int = 32000, shard_gb: float = 1.0, rank: int = 16, seed: int = 0) -> tuple[str, str]:
     """Write base/ and adapter/ under path (kept if already complete); returns their paths."""
     base, adapter = os.path.join(path, "base"), os.path.join(path, "adapter")
-    if os.path.exists(os.path.join(base, "model.safetensors.index.json")) and os.path.exists(
-            os.path.join(adapter, "adapter_model.safetensors")):
+    if _built(base, adapter):
         return base, adapter
     from peft import LoraConfig
     from transformers import LlamaConfig
@@ -62,26 +90,7 @@ def build(path: str, size_gb: float = 4.5, hidden: int = 4096, intermediate: int
         yield "model.norm.weight", (hidden,)
         yield "lm_head.weight", (vocab, hidden)
 
-    names = list(tensors())
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in names:
-        nbytes = 2 * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > shard_gb * 1e9:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
-    weight_map, total = {}, 0
-    for number, shard in enumerate(shards, 1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        data = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in shard}
-        save_file(data, os.path.join(base, file), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in data.values())
-        weight_map.update({n: file for n, _ in shard})
-        del data
-    with open(os.path.join(base, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _write_shards(base, list(tensors()), shard_gb, generator)
 
     os.makedirs(adapter, exist_ok=True)
     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LINEAR), task_type="CAUSAL_LM").save_pretrained(adapter)
@@ -92,5 +101,74 @@ def build(path: str, size_gb: float = 4.5, hidden: int = 4096, intermediate: int
             prefix = f"base_model.model.{_module_path(layer, module)}"
             lora[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
             lora[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    save_file(lora, os.path.join(adapter, "adapter_model.safetensors"))
+    return base, adapter
+
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def build_moe(path: str, size_gb: float = 4.5, hidden: int = 2048, experts: int = 64, moe_intermediate: int = 768,
+              heads: int = 16, kv_heads: int = 4, vocab: int = 32000, shard_gb: float = 1.0, rank: int = 16,
+              seed: int = 0) -> tuple[str, str]:
+    """A Qwen3-MoE-shaped checkpoint (experts stored one tensor per expert and projection, as
+    most MoE families store them) and an adapter with LoRA on the attention projections and on
+    the fused expert parameters (target_parameters gate_up_proj and down_proj)."""
+    base, adapter = os.path.join(path, "base"), os.path.join(path, "adapter")
+    if _built(base, adapter):
+        return base, adapter
+    from peft import LoraConfig
+    from transformers import Qwen3MoeConfig
+
+    head_dim = hidden // heads
+    attention = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
+                 "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim)}
+    expert = {"gate_proj": (moe_intermediate, hidden), "up_proj": (moe_intermediate, hidden),
+              "down_proj": (hidden, moe_intermediate)}
+    per_layer = 2 * (sum(o * i for o, i in attention.values()) + experts * sum(o * i for o, i in expert.values()))
+    layers = max(1, round((size_gb * 1e9 - 2 * 2 * vocab * hidden) / per_layer))
+    config = Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, head_dim=head_dim, moe_intermediate_size=moe_intermediate,
+                            num_experts=experts, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                            tie_word_embeddings=False, torch_dtype="bfloat16")
+    os.makedirs(base, exist_ok=True)
+    config.save_pretrained(base)
+
+    def tensors():
+        yield "model.embed_tokens.weight", (vocab, hidden)
+        for layer in range(layers):
+            prefix = f"model.layers.{layer}"
+            for module, shape in attention.items():
+                yield f"{prefix}.self_attn.{module}.weight", shape
+            yield f"{prefix}.self_attn.q_norm.weight", (head_dim,)
+            yield f"{prefix}.self_attn.k_norm.weight", (head_dim,)
+            yield f"{prefix}.mlp.gate.weight", (experts, hidden)
+            for e in range(experts):
+                for projection, shape in expert.items():
+                    yield f"{prefix}.mlp.experts.{e}.{projection}.weight", shape
+            yield f"{prefix}.input_layernorm.weight", (hidden,)
+            yield f"{prefix}.post_attention_layernorm.weight", (hidden,)
+        yield "model.norm.weight", (hidden,)
+        yield "lm_head.weight", (vocab, hidden)
+
+    generator = torch.Generator().manual_seed(seed)
+    _write_shards(base, list(tensors()), shard_gb, generator)
+
+    os.makedirs(adapter, exist_ok=True)
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(attention), task_type="CAUSAL_LM",
+               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]).save_pretrained(adapter)
+    lora = {}
+    for layer in range(layers):
+        for module, (out_features, in_features) in attention.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            lora[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
+            lora[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+        # nested ParamWrappers: gate_up_proj (E, 2I, H) innermost, down_proj (E, H, I) outermost
+        experts_module = f"base_model.model.model.layers.{layer}.mlp.experts"
+        for wrapper, (out_features, in_features) in ((f"{experts_module}.base_layer", (2 * moe_intermediate, hidden)),
+                                                     (experts_module, (hidden, moe_intermediate))):
+            lora[f"{wrapper}.lora_A.weight"] = (torch.randn(rank * experts, in_features, generator=generator)
+                                                / in_features ** 0.5)
+            lora[f"{wrapper}.lora_B.weight"] = torch.randn(out_features, rank * experts, generator=generator) * 0.01
     save_file(lora, os.path.join(adapter, "adapter_model.safetensors"))
     return base, adapter
