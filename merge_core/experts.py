@@ -14,6 +14,7 @@ import dataclasses
 
 from merge_core.adapter import ModuleUpdate
 from merge_core.checkpoint import BaseCheckpoint
+from merge_core.errors import InputError
 from merge_core.safetensors_format import TensorInfo
 
 # Expert tensors stored one per expert: transformers fuses <experts>.{e}.<part>.weight into the
@@ -33,10 +34,11 @@ def row_slice(info: TensorInfo, first: int, end: int) -> TensorInfo:
                       info.start + end * row_bytes)
 
 
-def expert_targets(base: BaseCheckpoint, update: ModuleUpdate) -> list[ModuleUpdate]:
+def expert_targets(base: BaseCheckpoint, update: ModuleUpdate, where: str) -> list[ModuleUpdate]:
     """Where LoRA on a parameter (target_parameters) lands in the checkpoint: the parameter itself
     (2-D, or 3-D experts (E, out, in), or (E, in, out) where the model transposes them), or each
-    expert's share of it where the checkpoint stores the experts one by one."""
+    expert's share of it where the checkpoint stores the experts one by one. `where`: the adapter
+    file, for messages."""
     a, b = update.factor("A"), update.factor("B")
     experts, rank = update.experts[0], update.rank
     if update.target in base.weight_map:
@@ -54,6 +56,13 @@ def expert_targets(base: BaseCheckpoint, update: ModuleUpdate) -> list[ModuleUpd
             names = [[f"{stored}.{e}.{part}.weight" for part in parts] for e in range(experts)]
             if not all(n in base.weight_map for row in names for n in row) or b.shape[0] % len(parts):
                 continue
+            stored_count = experts
+            while f"{stored}.{stored_count}.{parts[0]}.weight" in base.weight_map:
+                stored_count += 1
+            if stored_count != experts:
+                raise InputError(f"{where}: tensor {a.name}", f"holds LoRA for {experts} experts of "
+                                 f"{update.target}, but the base stores {stored_count}",
+                                 "check that the adapter was trained on this base model")
             rows = b.shape[0] // len(parts)
             return [dataclasses.replace(update, target=name, experts=(experts, e), factors=(
                         row_slice(a, e * rank, (e + 1) * rank), row_slice(b, j * rows, (j + 1) * rows)))

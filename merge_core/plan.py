@@ -278,11 +278,12 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         # trained): the copy saved under the tensor's own name is the one merged.
         own_copies = {u.target for u in adapter.updates if u.kind == "replace" and u.saved_as != "original_module"
                       and tied_target(base, u)[0].target == u.target}
-        resolved = [t for u in adapter.updates for t in (expert_targets(base, u) if u.kind == "param" else [u])]
+        where = f"{adapter.uri}/{WEIGHTS_NAME}"
+        resolved = [t for u in adapter.updates for t in (expert_targets(base, u, where) if u.kind == "param" else [u])]
         # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
         resolved.sort(key=lambda u: tied_target(base, u)[0].target != u.target)
         for update in resolved:
-            subject = f"{adapter.uri}/{WEIGHTS_NAME}: tensor {update.factors[0].name}"
+            subject = f"{where}: tensor {update.factors[0].name}"
             if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
             head, (update, source) = update, tied_target(base, update)

@@ -198,15 +198,15 @@ def test_lora_bias_on_a_layer_without_a_bias_is_refused(tmp_path):
         plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
 
 
-def expert_adapter(path, depths: int, params: list[str], experts: int = 4, rank: int = 2) -> None:
-    """A target_parameters adapter on an experts module with `depths` nested wrappers."""
+def expert_adapter(path, depths: int, params: list[str], experts: int = 4, rank: int = 2, sizes=(8, 6),
+                   layers=(0,)) -> None:
+    """A target_parameters adapter on experts modules with `depths` nested wrappers ((in, out) each)."""
     path.mkdir(exist_ok=True)
-    module = "base_model.model.model.layers.0.mlp.experts"
     tensors = {}
-    for depth in range(depths):
-        name = module + ".base_layer" * depth
-        tensors[f"{name}.lora_A.weight"] = torch.randn(rank * experts, 8)
-        tensors[f"{name}.lora_B.weight"] = torch.randn(6, rank * experts)
+    for depth, layer in ((d, layer) for d in range(depths) for layer in layers):
+        name = f"base_model.model.model.layers.{layer}.mlp.experts" + ".base_layer" * depth
+        tensors[f"{name}.lora_A.weight"] = torch.randn(rank * experts, sizes[0])
+        tensors[f"{name}.lora_B.weight"] = torch.randn(sizes[1], rank * experts)
     save_file(tensors, str(path / WEIGHTS))
     (path / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": None,
@@ -238,4 +238,15 @@ def test_expert_parameters_the_base_does_not_store_are_refused(tmp_path):
     base = load_base(LocalStorage(make_base(str(tmp_path / "base"))))
     with pytest.raises(InputError, match=r"targets model.layers.0.mlp.experts.down_proj, which the base checkpoint "
                                          r"does not have \(neither whole nor one tensor per expert\)"):
+        plan_merge(base, [load_adapter(LocalStorage(str(tmp_path / "adapter")))], [1.0])
+
+
+def test_adapter_for_fewer_experts_than_the_base_stores_is_refused(tmp_path):
+    """Merging 2 experts' LoRA into a 4-expert base would leave half the experts untouched: refused."""
+    from tests.variant_reference import mixtral, save_base
+
+    base = load_base(LocalStorage(save_base(mixtral(), str(tmp_path / "base"))))
+    expert_adapter(tmp_path / "adapter", 1, ["down_proj"], experts=2, sizes=(32, 64), layers=(0, 1))
+    with pytest.raises(InputError, match=r"lora_A.weight: holds LoRA for 2 experts of model.layers.0.mlp.experts."
+                                         r"down_proj, but the base stores 4"):
         plan_merge(base, [load_adapter(LocalStorage(str(tmp_path / "adapter")))], [1.0])
