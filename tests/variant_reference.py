@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tests.reference import TINY, load_checkpoint
+from tests.reference import TINY, changed_tensors, load_checkpoint
 
 # ---------------------------------------------------------------- models
 
@@ -192,3 +192,25 @@ def assert_within_ulps(ours: dict[str, torch.Tensor], reference: dict[str, torch
     assert not worst, (f"{len(worst)} tensors differ from PEFT's merge by more than {max_ulps} ulp, e.g. "
                        f"{sorted(worst, reverse=True)[:3]} ({fraction:.4%} of elements bit-identical)")
     return fraction
+
+
+# ---------------------------------------------------------------- test helpers
+
+BF16, FP16 = torch.bfloat16, torch.float16
+ATTN = ["q_proj", "v_proj"]
+
+
+def merge_both(tmp_path, spec, base, adapters, dtype, resize=None):
+    """PEFT's merged checkpoint (the reference) and the base checkpoint."""
+    reference = peft_reference(spec, base, adapters, str(tmp_path / "peft"), dtype, resize=resize)
+    return reference, load_checkpoint(base)
+
+
+def assert_changes(base_ckpt, reference, expected):
+    """The builders made adapters that change what they target, and PEFT merged them."""
+    changed = set(changed_tensors(base_ckpt, reference))
+    assert set(expected) <= changed, f"PEFT's merge left {sorted(set(expected) - changed)[:3]} unchanged"
+
+
+def layer_tensors(*names, layers=(0, 1)):
+    return [f"model.layers.{i}.{n}" for i in layers for n in names]
