@@ -62,9 +62,7 @@ def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, ext
     index, total_size = build_index(plan, base_index_metadata)
     if validate:
         validate_merge(plan, results, index, base, [open_storage(u, options) for u in plan.adapter_uris], output)
-    sources = {name: open_storage(uri, options) for name, uri in plan.file_sources.items()}
-    copied = copy_extra_files(base, output, [n for n in extra_files if n not in plan.files_left_out],
-                              plan.config_updates, sources)
+    copied = copy_extra_files(plan, base, output, extra_files, options)
     timings = dict(timings) | {"finalize_seconds": time.perf_counter() - started}
     manifest = build_manifest(plan, adapter_records, results, copied, total_size, timings, cluster, retries, reused)
     publish(output, plan, index, manifest, build_report(plan, results))

@@ -332,8 +332,9 @@ def _parameter_updates(modules: dict[str, dict[str, TensorInfo]], config: Mappin
         module, depth = name, 0
         while module.endswith(".base_layer"):
             module, depth = module[:-len(".base_layer")], depth + 1
-        matching = [t.rpartition(".")[2] for t in targets
-                    if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith(f".{t}")]
+        # PEFT matches <module>.<parameter> against each target, whole or as a dotted suffix
+        keys = {t: f"{module}.{t.rpartition('.')[2]}" for t in targets}
+        matching = [key.rpartition(".")[2] for t, key in keys.items() if key == t or key.endswith(f".{t}")]
         if matching and not (depth == 0 and _targeted_module(module, config.get("target_modules"))):
             nested.setdefault(module, {})[depth] = modules.pop(name)
             params[module] = sorted(set(matching), key=lambda p: ((PARAMETER_ORDER + (p,)).index(p), p))

@@ -14,7 +14,7 @@ from merge_core.checkpoint import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFES
 from merge_core.errors import ValidationError
 from merge_core.plan import MergePlan
 from merge_core.shard_result import ShardResult
-from merge_core.storage import Storage, copy_object
+from merge_core.storage import Storage, StorageOptions, copy_object, open_storage
 from merge_core.validate import check_headers, check_index, spot_check
 
 
@@ -43,18 +43,17 @@ def validate_merge(plan: MergePlan, results: Sequence[ShardResult], index: Mappi
         raise ValidationError(problems)
 
 
-def copy_extra_files(base: Storage, output: Storage, names: Sequence[str],
-                     config_updates: Mapping[str, object] | None = None,
-                     sources: Mapping[str, Storage] | None = None) -> list[dict]:
-    """The base's other files, as they are; config.json with the keys the merge changes
-    (a resized vocabulary's vocab_size, tie_word_embeddings of an untied head) rewritten; and
-    the files `sources` names taken from there instead (the tokenizer of a resized vocabulary)."""
-    sources = sources or {}
+def copy_extra_files(plan: MergePlan, base: Storage, output: Storage, names: Sequence[str],
+                     options: StorageOptions = StorageOptions()) -> list[dict]:
+    """The base's other files (`names`), as they are, except: config.json with the keys the merge
+    changes rewritten (a resized vocabulary's vocab_size, an untied head's tie_word_embeddings),
+    and the tokenizer files of the adapter that resized the vocabulary in place of the base's."""
+    sources = {name: open_storage(uri, options) for name, uri in plan.file_sources.items()}
     copied = []
-    for name in sorted(set(names) | set(sources)):
+    for name in sorted({n for n in names if n not in plan.files_left_out} | set(sources)):
         source = sources.get(name, base)
-        if name == CONFIG_JSON and config_updates:
-            config = json.loads(base.read_bytes(name)) | dict(config_updates)
+        if name == CONFIG_JSON and plan.config_updates:
+            config = json.loads(base.read_bytes(name)) | dict(plan.config_updates)
             data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
             output.write_bytes(name, data)
             size, sha = len(data), hashlib.sha256(data).hexdigest()

@@ -273,20 +273,21 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     head_updates = []  # updates of a head tied to the embedding, which land on the embedding
     resizer = None  # the adapter that resizes the vocabulary
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        where = f"{adapter.uri}/{WEIGHTS_NAME}"
+        # (as saved, where it lands, the base tensor a new tensor starts from)
+        placed = [(u, *tied_target(base, u)) for saved in adapter.updates
+                  for u in (expert_targets(base, saved, where) if saved.kind == "param" else [saved])]
         # One tensor saved twice by one adapter (a modules_to_save module's original beside its
         # trained copy; a tied head's copy beside the embedding's, the same shared tensor when
         # trained): the copy saved under the tensor's own name is the one merged.
-        own_copies = {u.target for u in adapter.updates if u.kind == "replace" and u.saved_as != "original_module"
-                      and tied_target(base, u)[0].target == u.target}
-        where = f"{adapter.uri}/{WEIGHTS_NAME}"
-        resolved = [t for u in adapter.updates for t in (expert_targets(base, u, where) if u.kind == "param" else [u])]
+        own_copies = {u.target for u, landed, _ in placed if u.kind == "replace" and u.saved_as != "original_module"
+                      and landed.target == u.target}
         # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
-        resolved.sort(key=lambda u: tied_target(base, u)[0].target != u.target)
-        for update in resolved:
+        placed.sort(key=lambda p: p[1].target != p[0].target)
+        for head, update, source in placed:
             subject = f"{where}: tensor {update.factors[0].name}"
-            if update.kind == "ia3" and update.roles[0] == "bias" and update.target not in base.weight_map:
+            if update.kind == "ia3" and update.roles[0] == "bias" and head.target not in base.weight_map:
                 continue  # IA3 scales the bias of output-side layers that have one
-            head, (update, source) = update, tied_target(base, update)
             if (update.kind == "replace" and update.target in own_copies
                     and (update.saved_as == "original_module" or update.target != head.target)):
                 continue

@@ -28,9 +28,7 @@ def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[fl
     assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
     index = build_index(plan, checkpoint.index_metadata)[0]
     validate_merge(plan, results, index, open_storage(base), [open_storage(a) for a in adapters], open_storage(out))
-    copy_extra_files(open_storage(base), open_storage(out),
-                     [n for n in checkpoint.extra_files if n not in plan.files_left_out], plan.config_updates,
-                     {name: open_storage(uri) for name, uri in plan.file_sources.items()})
+    copy_extra_files(plan, open_storage(base), open_storage(out), checkpoint.extra_files)
     publish(open_storage(out), plan, index, {}, b"")
     return load_checkpoint(out)
 
