@@ -73,7 +73,7 @@ def methods(args, base: str, adapter: str, out: str) -> dict[str, list[str]]:
 
 def clear(out: str, storage: str) -> None:
     if storage == "s3":
-        from merge_core.storage import open_storage
+        from merge_core.io.registry import open_storage
         output = open_storage(out)
         for name in output.list_names():
             output.delete(name)

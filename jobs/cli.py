@@ -9,10 +9,10 @@ import sys
 import traceback
 from typing import Sequence
 
-from merge_core.combine import COMBINE_METHODS
 from merge_core.errors import InputError, ValidationError
-from merge_core.manifest import tool_version
-from merge_core.storage import DEFAULT_PART_BYTES, StorageOptions
+from merge_core.io.storage import DEFAULT_PART_BYTES, StorageOptions
+from merge_core.numerics.combine import COMBINE_METHODS
+from merge_core.publish.manifest import tool_version
 
 EXIT_OK, EXIT_INPUT, EXIT_RUNTIME, EXIT_VALIDATION = 0, 2, 3, 4
 EXIT_CODES = """exit codes: 0 done; 2 bad input (one line naming the file or tensor and the fix; nothing
@@ -190,8 +190,8 @@ def _verify(args: argparse.Namespace, storage: StorageOptions) -> int:
 
 
 def _plan(args: argparse.Namespace, storage: StorageOptions) -> int:
-    from jobs.plan_view import run_plan
     from jobs.driver import MergeInputs
+    from jobs.plan_view import run_plan
 
     text, data = run_plan(MergeInputs(base=args.base, adapters=args.adapters, weights=args.weights, **_arithmetic(args),
                                       device=args.device, storage=storage))

@@ -13,25 +13,23 @@ from jobs.progress import Progress
 from jobs.runner import get_with_retries, run_over_lanes
 from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
-from merge_core.adapter import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter,
-                                scan_adapter, stage_pickled_adapter)
-from merge_core.checkpoint import INDEX_NAME, BaseCheckpoint, load_base
-from merge_core.combine import CombineSpec
 from merge_core.errors import InputError, TransientStorageError
-from merge_core.journal import fingerprint, proven, read_journal, write_journal
-from merge_core.manifest import adapter_record
-from merge_core.plan import MergePlan, plan_merge
-from merge_core.s3_storage import MAX_PARTS, MIN_PART_BYTES
-from merge_core.shard_result import ShardResult
-from merge_core.pipeline import sha256_of
-from merge_core.storage import Storage, StorageOptions, open_storage
+from merge_core.inputs.adapter import LoraAdapter, load_adapter, scan_adapter, stage_pickled_adapter
+from merge_core.inputs.checkpoint import BaseCheckpoint, load_base
+from merge_core.io.pipeline import sha256_of
+from merge_core.io.registry import open_storage
+from merge_core.io.storage import Storage, StorageOptions
+from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, INDEX_NAME, STAGING_DIR
+from merge_core.numerics.combine import CombineSpec
+from merge_core.planning.plan import MergePlan, plan_merge
+from merge_core.publish.journal import fingerprint, proven, read_journal, write_journal
+from merge_core.publish.manifest import adapter_record
+from merge_core.worker.shard_result import ShardResult
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
 # The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
-# Where --allow-pickle puts converted adapters: under the output, so that every worker can read them.
-STAGING_DIR = ".lora-merge-staging"
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
     adapters = []
     for number, uri in enumerate(inputs.adapters):
         storage = open_storage(uri, inputs.storage)
-        if pickle_staging and not storage.exists(WEIGHTS_NAME) and storage.exists(PICKLE_WEIGHTS_NAME):
+        if pickle_staging and not storage.exists(ADAPTER_WEIGHTS_NAME) and storage.exists(ADAPTER_PICKLE_NAME):
             staged = open_storage(f"{pickle_staging}/adapter-{number}", inputs.storage)
             stage_pickled_adapter(storage, staged)
             storage = staged
@@ -131,18 +129,6 @@ def _check_output(output: Storage, options: MergeOptions) -> None:
                          "pass --resume to finish it, --overwrite to start over, or choose an empty --output")
 
 
-def _check_parts(output: Storage, plan: MergePlan, options: MergeOptions) -> None:
-    if output.uri.startswith("s3://"):
-        part_size = options.storage.part_size
-        if part_size < MIN_PART_BYTES:
-            raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
-                             "use --part-size-mb 5 or more")
-        largest = max(t.shard.size for t in plan.tasks)
-        if largest > part_size * MAX_PARTS:
-            raise InputError("--part-size-mb", f"a {largest}-byte shard needs more than {MAX_PARTS} parts",
-                             f"use --part-size-mb {-(-largest // MAX_PARTS // 2**20)} or more")
-
-
 def _clear_output(output: Storage) -> None:
     """--overwrite replaces the old output whole: stale shards of another layout would otherwise
     sit beside the new ones, and a loader may pick a stale model.safetensors over the index.
@@ -166,9 +152,9 @@ def connect(address: str | None) -> None:
 
 def _adapter_files(adapter: LoraAdapter, options: StorageOptions) -> list[dict]:
     storage = open_storage(adapter.uri, options)
-    config_size = storage.size(CONFIG_NAME)
-    return [{"name": CONFIG_NAME, "size": config_size, "sha256": sha256_of(storage, CONFIG_NAME, config_size)},
-            {"name": WEIGHTS_NAME, "size": storage.size(WEIGHTS_NAME), "sha256": scan_adapter(storage, adapter)}]
+    config_size = storage.size(ADAPTER_CONFIG_NAME)
+    return [{"name": ADAPTER_CONFIG_NAME, "size": config_size, "sha256": sha256_of(storage, ADAPTER_CONFIG_NAME, config_size)},
+            {"name": ADAPTER_WEIGHTS_NAME, "size": storage.size(ADAPTER_WEIGHTS_NAME), "sha256": scan_adapter(storage, adapter)}]
 
 
 def _describe(result: ShardResult) -> str:
@@ -187,7 +173,7 @@ def run_merge(options: MergeOptions) -> MergeSummary:
         if plan.model_changes["resized_tensors"] and not plan.file_sources:
             log.warning("the adapter resizes the vocabulary but has no tokenizer files beside it: the base's "
                         "tokenizer is copied; ship the tokenizer with the new tokens with the merged model")
-        _check_parts(output, plan, options)
+        output.check_object_size(max(t.shard.size for t in plan.tasks))
         records = [adapter_record(a, w, _adapter_files(a, options.storage)) | {"given_as": uri}
                    for a, w, uri in zip(prepared.adapters, prepared.weights, options.adapters)]
     except BaseException:

@@ -12,7 +12,8 @@ from typing import Mapping
 import yaml
 
 from merge_core.errors import InputError
-from merge_core.storage import StorageOptions, open_storage
+from merge_core.io.registry import open_storage
+from merge_core.io.storage import StorageOptions
 
 # key: (type, what the value must be)
 KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.driver import MergeInputs, prepare
-from merge_core.plan import MergePlan
+from merge_core.planning.plan import MergePlan
 
 
 def plan_as_dict(plan: MergePlan, device: str) -> dict:

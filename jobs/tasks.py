@@ -14,18 +14,19 @@ from typing import Mapping, Sequence
 
 import ray
 
-from merge_core.combine import CombineSpec
-from merge_core.plan import MergePlan, ShardTask
-from merge_core.shard_result import ShardResult
-from merge_core.storage import StorageOptions, open_storage
+from merge_core.io.registry import open_storage
+from merge_core.io.storage import StorageOptions
+from merge_core.numerics.combine import CombineSpec
+from merge_core.planning.plan import MergePlan, ShardTask
+from merge_core.worker.shard_result import ShardResult
 
 
 @ray.remote(max_retries=0)
 def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
                      device: str, options: StorageOptions, allow_nonfinite: bool, validate: bool,
                      sequential: bool = False, combine: CombineSpec | None = None) -> ShardResult:
-    from merge_core.fuse import resolve_device
-    from merge_core.shard_merge import merge_shard
+    from merge_core.numerics.workspace import resolve_device
+    from merge_core.worker.shard_merge import merge_shard
 
     gpu_assigned = bool(ray.get_gpu_ids())
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
@@ -40,7 +41,7 @@ def merge_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str]
 def verify_shard_task(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], merged_uri: str,
                       options: StorageOptions, expected_size: int | None, expected_sha256: str | None,
                       fused_ulps: int, sequential: bool = False, combine: CombineSpec | None = None):
-    from merge_core.validate import verify_shard
+    from merge_core.publish.validate import verify_shard
 
     return verify_shard(task, open_storage(base_uri, options), [open_storage(u, options) for u in adapter_uris],
                         open_storage(merged_uri, options), expected_size, expected_sha256, fused_ulps, sequential,
@@ -53,9 +54,9 @@ def finalize_task(plan: MergePlan, output_uri: str, options: StorageOptions, ext
                   results: Sequence[ShardResult], timings: Mapping[str, float],
                   cluster: Mapping[str, object], retries: Mapping[str, int], reused: Sequence[str],
                   validate: bool) -> dict:
-    from merge_core.finalize import build_index, copy_extra_files, publish, validate_merge
-    from merge_core.manifest import build_manifest
-    from merge_core.report import build_report
+    from merge_core.publish.finalize import build_index, copy_extra_files, publish, validate_merge
+    from merge_core.publish.manifest import build_manifest
+    from merge_core.publish.report import build_report
 
     started = time.perf_counter()
     output, base = open_storage(output_uri, options), open_storage(plan.base_uri, options)

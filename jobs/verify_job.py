@@ -13,10 +13,10 @@ from jobs.progress import Progress
 from jobs.runner import run_over_lanes
 from jobs.scheduling import plan_lanes
 from jobs.tasks import verify_shard_task
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
 from merge_core.errors import InputError, ValidationError
-from merge_core.storage import open_storage
-from merge_core.validate import ShardVerdict, check_config, check_headers, check_index
+from merge_core.io.registry import open_storage
+from merge_core.names import INDEX_NAME, MANIFEST_NAME
+from merge_core.publish.validate import ShardVerdict, check_config, check_headers, check_index
 
 log = logging.getLogger("lora_merge")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+
 import torch
 from safetensors.torch import load_file
 
@@ -15,8 +16,7 @@ MEDIUM = dict(hidden_size=512, intermediate_size=1024, vocab_size=8192)
 
 
 def model_class(family: str):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     return {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
             "gpt2": (GPT2Config, GPT2LMHeadModel)}[family]
 

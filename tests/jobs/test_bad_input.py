@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jobs.cli import main
+from merge_core.names import INDEX_NAME
 from tests.jobs.conftest import run_cli
-from merge_core.checkpoint import INDEX_NAME
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from infra import s3_server
-from merge_core.checkpoint import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
+from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import LORA_MERGE, OBJECT_STORE_BYTES, Models, run_cli
 from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged

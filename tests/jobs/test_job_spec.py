@@ -12,7 +12,7 @@ import time
 import pytest
 
 from jobs.cli import main
-from tests.jobs.conftest import LORA_MERGE, run_cli
+from tests.jobs.conftest import run_cli
 from tests.reference import assert_bit_identical, load_checkpoint
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

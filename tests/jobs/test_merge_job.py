@@ -9,7 +9,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
+from merge_core.names import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
 from tests.jobs.conftest import run_cli
 from tests.reference import assert_bit_identical, load_checkpoint
 

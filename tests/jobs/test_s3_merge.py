@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from merge_core.checkpoint import INDEX_NAME, MANIFEST_NAME
+from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from tests.conftest import BUCKET, SENTINEL_SECRET, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import Models, run_cli
 from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged

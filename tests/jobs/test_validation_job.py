@@ -6,17 +6,16 @@ import io
 import json
 import math
 import os
-import shutil
-import struct
 import time
 
 import pytest
 import torch
 
 from jobs.progress import Progress
-from merge_core.checkpoint import INDEX_NAME, read_shard_header
-from merge_core.safetensors_format import encode_header
-from merge_core.storage import LocalStorage
+from merge_core.format.header import encode_header
+from merge_core.inputs.checkpoint import read_shard_header
+from merge_core.io.local import LocalStorage
+from merge_core.names import INDEX_NAME
 from tests.jobs.conftest import run_cli
 from tests.reference import make_adapter, make_base
 

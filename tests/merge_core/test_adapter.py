@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_core.adapter import load_adapter, lora_scale, pattern_key
-from merge_core.checkpoint import load_base
 from merge_core.errors import InputError
-from merge_core.plan import plan_merge
-from merge_core.storage import LocalStorage
+from merge_core.inputs.adapter import load_adapter, lora_scale, pattern_key
+from merge_core.inputs.checkpoint import load_base
+from merge_core.io.local import LocalStorage
+from merge_core.planning.plan import plan_merge
 from tests.reference import make_adapter, make_base
 
 WEIGHTS = "adapter_model.safetensors"

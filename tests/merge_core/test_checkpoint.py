@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from merge_core.checkpoint import INDEX_NAME, load_base
 from merge_core.errors import InputError
-from merge_core.storage import LocalStorage
+from merge_core.inputs.checkpoint import load_base
+from merge_core.io.local import LocalStorage
+from merge_core.names import INDEX_NAME
 from tests.reference import make_base
 
 

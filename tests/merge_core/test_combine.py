@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from merge_core.combine import (COMBINE_METHODS, CombineSpec, check_combine, combine_deltas, dare_keep_mask,
-                                mask_seed)
 from merge_core.errors import InputError
+from merge_core.numerics.combine import (
+    COMBINE_METHODS,
+    CombineSpec,
+    check_combine,
+    combine_deltas,
+    dare_keep_mask,
+    mask_seed,
+)
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -224,7 +230,8 @@ def test_a_tensor_one_adapter_touches_is_still_combined_and_weighted(method):
     tensor only one of the adapters updates gets combine([ΔW], [w]), not ΔW."""
     from functools import partial
 
-    from merge_core.fuse import Term, fuse_into, workspace_for
+    from merge_core.numerics.fuse import Term, fuse_into
+    from merge_core.numerics.workspace import workspace_for
 
     torch.manual_seed(0)
     a, b = torch.randn(2, 6), torch.randn(8, 2)
@@ -240,10 +247,10 @@ def test_combining_layer_and_parameter_lora_of_one_weight_is_refused(tmp_path):
     """PEFT rounds a parameter LoRA's ΔW before adding it and a layer LoRA's not: they cannot be combined."""
     from peft import LoraConfig
 
-    from merge_core.adapter import load_adapter
-    from merge_core.checkpoint import load_base
-    from merge_core.plan import plan_merge
-    from merge_core.storage import LocalStorage
+    from merge_core.inputs.adapter import load_adapter
+    from merge_core.inputs.checkpoint import load_base
+    from merge_core.io.local import LocalStorage
+    from merge_core.planning.plan import plan_merge
     from tests.reference import make_base
     from tests.variant_reference import build_adapter, causal_lm
 

@@ -9,9 +9,19 @@ import pytest
 
 from tests.merge_core.test_parity import merge_without_ray
 from tests.reference import assert_bit_identical
-from tests.variant_reference import (BF16, adapter_keys, assert_changes, build_adapter, causal_lm, gpt_oss,
-                                     layer_tensors, merge_both, mixtral, qwen3_moe, save_base)
-
+from tests.variant_reference import (
+    BF16,
+    adapter_keys,
+    assert_changes,
+    build_adapter,
+    causal_lm,
+    gpt_oss,
+    layer_tensors,
+    merge_both,
+    mixtral,
+    qwen3_moe,
+    save_base,
+)
 
 # ---------------------------------------------------------------- target_parameters (MoE experts)
 

@@ -6,15 +6,14 @@ import os
 import shutil
 
 import pytest
-from safetensors.torch import load_file, save_file
 
-from merge_core.adapter import load_adapter
-from merge_core.checkpoint import load_base
 from merge_core.errors import InputError
-from merge_core.journal import fingerprint, proven, read_journal, write_journal
-from merge_core.plan import plan_merge
-from merge_core.shard_merge import merge_shard
-from merge_core.storage import LocalStorage
+from merge_core.inputs.adapter import load_adapter
+from merge_core.inputs.checkpoint import load_base
+from merge_core.io.local import LocalStorage
+from merge_core.planning.plan import plan_merge
+from merge_core.publish.journal import fingerprint, proven, read_journal, write_journal
+from merge_core.worker.shard_merge import merge_shard
 from tests.reference import make_adapter, make_base
 
 

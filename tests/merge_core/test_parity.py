@@ -7,14 +7,13 @@ import os
 import pytest
 import torch
 
-from merge_core.adapter import load_adapter
-from merge_core.checkpoint import load_base
-from merge_core.finalize import build_index, copy_extra_files, publish, validate_merge
-from merge_core.plan import plan_merge
-from merge_core.shard_merge import merge_shard
-from merge_core.storage import open_storage
-from tests.reference import (assert_bit_identical, changed_tensors, load_checkpoint, make_adapter, make_base,
-                             peft_merged)
+from merge_core.inputs.adapter import load_adapter
+from merge_core.inputs.checkpoint import load_base
+from merge_core.io.registry import open_storage
+from merge_core.planning.plan import plan_merge
+from merge_core.publish.finalize import build_index, copy_extra_files, publish, validate_merge
+from merge_core.worker.shard_merge import merge_shard
+from tests.reference import assert_bit_identical, changed_tensors, load_checkpoint, make_adapter, make_base, peft_merged
 
 
 def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[float] | None = None,

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from merge_core.pipeline import Behind, Item, Read, read_ahead
-from merge_core.storage import LocalStorage
+from merge_core.io.local import LocalStorage
+from merge_core.io.pipeline import Behind, Item, Read, read_ahead
 
 
 class SlowCountingStorage(LocalStorage):

@@ -6,13 +6,14 @@ import os
 
 import pytest
 
-from merge_core.adapter import load_adapter
-from merge_core.checkpoint import load_base
 from merge_core.errors import InputError
-from merge_core.plan import plan_merge
-from merge_core.s3_storage import MIN_PART_BYTES
-from merge_core.shard_merge import merge_shard
-from merge_core.storage import StorageOptions, open_storage
+from merge_core.inputs.adapter import load_adapter
+from merge_core.inputs.checkpoint import load_base
+from merge_core.io.registry import open_storage
+from merge_core.io.s3 import MIN_PART_BYTES
+from merge_core.io.storage import StorageOptions
+from merge_core.planning.plan import plan_merge
+from merge_core.worker.shard_merge import merge_shard
 from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
 from tests.reference import MEDIUM, make_adapter, make_base
 

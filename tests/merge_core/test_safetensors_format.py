@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_core.checkpoint import read_shard_header
 from merge_core.errors import InputError
-from merge_core.safetensors_format import MAX_HEADER_BYTES, encode_header, parse_header
-from merge_core.storage import LocalStorage
+from merge_core.format.header import MAX_HEADER_BYTES, encode_header, parse_header
+from merge_core.inputs.checkpoint import read_shard_header
+from merge_core.io.local import LocalStorage
 
 
 def write_raw(tmp_path, header: object, data: bytes = b"", raw_header: bytes | None = None) -> LocalStorage:

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_core.adapter import load_adapter
-from merge_core.checkpoint import load_base, read_shard_header
 from merge_core.errors import ValidationError
-from merge_core.finalize import build_index, validate_merge
-from merge_core.plan import plan_merge
-from merge_core.shard_merge import merge_shard
-from merge_core.shard_result import check_stored
-from merge_core.storage import LocalStorage, open_storage
-from merge_core.validate import check_headers, check_index, spot_check, ulp_distance, verify_shard
+from merge_core.inputs.adapter import load_adapter
+from merge_core.inputs.checkpoint import load_base, read_shard_header
+from merge_core.io.local import LocalStorage
+from merge_core.planning.plan import plan_merge
+from merge_core.publish.finalize import build_index, validate_merge
+from merge_core.publish.validate import check_headers, check_index, spot_check, ulp_distance, verify_shard
+from merge_core.worker.shard_merge import merge_shard
+from merge_core.worker.shard_result import check_stored
 from tests.reference import make_adapter, make_base
 
 

@@ -25,8 +25,19 @@ from safetensors.torch import load_file, save_file
 from merge_core.errors import InputError
 from tests.merge_core.test_parity import merge_without_ray
 from tests.reference import assert_bit_identical, changed_tensors, load_checkpoint, make_base
-from tests.variant_reference import (BF16, FP16, adapter_keys, assert_changes, assert_within_ulps, build_adapter,
-                                     causal_lm, layer_tensors, merge_both, resnet, save_base)
+from tests.variant_reference import (
+    BF16,
+    FP16,
+    adapter_keys,
+    assert_changes,
+    assert_within_ulps,
+    build_adapter,
+    causal_lm,
+    layer_tensors,
+    merge_both,
+    resnet,
+    save_base,
+)
 
 # Embeddings, heads and whole-module copies: test_vocabulary.py; LoRA on parameters: test_experts.py.
 

@@ -12,9 +12,20 @@ import torch
 from merge_core.errors import InputError
 from tests.merge_core.test_parity import merge_without_ray
 from tests.reference import TINY, assert_bit_identical, load_checkpoint, make_base
-from tests.variant_reference import (ATTN, BF16, FP16, adapter_keys, assert_changes, build_adapter, causal_lm,
-                                     layer_tensors, llama_seq_cls, merge_both, read_config, save_base)
-
+from tests.variant_reference import (
+    ATTN,
+    BF16,
+    FP16,
+    adapter_keys,
+    assert_changes,
+    build_adapter,
+    causal_lm,
+    layer_tensors,
+    llama_seq_cls,
+    merge_both,
+    read_config,
+    save_base,
+)
 
 # ---------------------------------------------------------------- embedding LoRA, resized vocabulary
 

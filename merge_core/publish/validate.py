@@ -12,22 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping, Sequence
 
 import torch
 
-from merge_core.adapter import WEIGHTS_NAME
-from merge_core.checkpoint import CONFIG_JSON, read_shard_header
 from merge_core.errors import InputError
-from merge_core.fuse import TORCH_DTYPES, fuse, resized, tensor_from_bytes
-from merge_core.combine import CombineSpec, combine_deltas
-from merge_core.shard_merge import update_terms
-from merge_core.pipeline import Item, Read, read_ahead
-from merge_core.plan import FuseTarget, MergePlan, ShardTask, Update
-from merge_core.safetensors_format import ShardHeader, TensorInfo
-from merge_core.storage import Storage
+from merge_core.format.header import ShardHeader, TensorInfo
+from merge_core.format.tensors import TORCH_DTYPES, resized, tensor_from_bytes
+from merge_core.inputs.checkpoint import read_shard_header
+from merge_core.io.pipeline import Item, Read, read_ahead
+from merge_core.io.storage import Storage
+from merge_core.names import ADAPTER_WEIGHTS_NAME, CONFIG_JSON
+from merge_core.numerics.combine import CombineSpec, combine_deltas
+from merge_core.numerics.fuse import fuse
+from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, Update
+from merge_core.worker.shard_merge import update_terms
 
 SPOT_TENSORS = 8
 SPOT_ROWS = 4
@@ -125,19 +126,19 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
         adapter = adapters[u.adapter]
         scale = u.scale * u.weight
         if u.kind == "bias":  # element `row` of lora_B's bias, scaled
-            b_elem = _row(adapter, WEIGHTS_NAME, u.data_start, u.factors[0], row).double()
+            b_elem = _row(adapter, ADAPTER_WEIGHTS_NAME, u.data_start, u.factors[0], row).double()
             exact += b_elem * scale
             bound += b_elem.abs() * abs(scale)
             continue
         a_info, b_info = u.factors[u.roles.index("A")], u.factors[u.roles.index("B")]
-        a = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + a_info.start, a_info.nbytes),
+        a = tensor_from_bytes(adapter.read_range(ADAPTER_WEIGHTS_NAME, u.data_start + a_info.start, a_info.nbytes),
                               a_info.dtype, a_info.shape).double()
         if u.transpose:  # row `row` of (B @ A)ᵀ is B @ A[:, row]
-            b = tensor_from_bytes(adapter.read_range(WEIGHTS_NAME, u.data_start + b_info.start, b_info.nbytes),
+            b = tensor_from_bytes(adapter.read_range(ADAPTER_WEIGHTS_NAME, u.data_start + b_info.start, b_info.nbytes),
                                   b_info.dtype, b_info.shape).double()
             left, right = a[:, row], b.T
         else:
-            left, right = _row(adapter, WEIGHTS_NAME, u.data_start, b_info, row).double(), a
+            left, right = _row(adapter, ADAPTER_WEIGHTS_NAME, u.data_start, b_info, row).double(), a
             if len(u.experts) == 2:  # one expert's share: its r columns of the row's (r, E) layout
                 left = left.reshape(-1, u.experts[0])[:, u.experts[1]]
         term = (left @ right) * scale
@@ -234,7 +235,7 @@ def verify_shard(task: ShardTask, base: Storage, adapters: Sequence[Storage], me
         base_info = base_header.tensor(target.base_tensor if target else info.name)
         reads.append(Read(base, task.name, base_header.data_start + base_info.start, base_info.nbytes))
         if target:
-            reads += [Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
+            reads += [Read(adapters[u.adapter], ADAPTER_WEIGHTS_NAME, u.data_start + f.start, f.nbytes)
                       for u in target.updates for f in u.factors]
         items.append(Item((info, base_info), tuple(reads)))
     checked = 0

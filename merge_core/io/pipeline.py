@@ -10,16 +10,16 @@ the next ones are already arriving.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
 import hashlib
 import threading
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy
 
-from merge_core.storage import Storage
+from merge_core.io.storage import Storage
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_AHEAD_BYTES = 128 * 1024 * 1024

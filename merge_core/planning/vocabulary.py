@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from merge_core.adapter import VOCABULARY_MODULES, ModuleUpdate
-from merge_core.checkpoint import TIED_INPUT_EMBEDDINGS, BaseCheckpoint
 from merge_core.errors import InputError
+from merge_core.inputs.adapter import VOCABULARY_MODULES, ModuleUpdate
+from merge_core.inputs.checkpoint import TIED_INPUT_EMBEDDINGS, BaseCheckpoint
 
 # The output head a merge writes when it unties it from the input embedding.
 UNTIED_HEAD = "lm_head.weight"

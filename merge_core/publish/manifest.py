@@ -7,9 +7,9 @@ import datetime
 from importlib import metadata
 from typing import Mapping, Sequence
 
-from merge_core.adapter import LoraAdapter
-from merge_core.plan import MergePlan
-from merge_core.shard_result import ShardResult
+from merge_core.inputs.adapter import LoraAdapter
+from merge_core.planning.plan import MergePlan
+from merge_core.worker.shard_result import ShardResult
 
 MANIFEST_VERSION = 1
 

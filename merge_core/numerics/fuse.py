@@ -1,7 +1,7 @@
 """The fuse: each base tensor W becomes the merged W', computed as PEFT computes it.
 
 PEFT's merge_and_unload on a CPU works in float32: the adapter weights are float32 (PEFT upcasts
-them on load), each ΔW is computed as merge_core.deltas says, and the in-place update of W
+them on load), each ΔW is computed as merge_core.numerics.deltas says, and the in-place update of W
 computes in float32 and rounds once to W's dtype. Keeping the same operations in the same order
 is what makes the result bit-identical. Updates are applied in stages (see _stages), each
 rounded as PEFT rounds it; the work runs over cache-sized blocks of rows in reused buffers.
@@ -9,105 +9,26 @@ rounded as PEFT rounds it; the work runs over cache-sized blocks of rows in reus
 
 from __future__ import annotations
 
-import math
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from merge_core.adapter import ROUNDED_DELTA_KINDS
-from merge_core.deltas import delta_weight
-from merge_core.shard_result import FuseStats
-
-TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    TORCH_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-
-
-def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]) -> torch.Tensor:
-    """A tensor over `data` (safetensors is little-endian, as is every platform we run on)."""
-    if len(data) == 0:
-        return torch.empty(tuple(shape), dtype=TORCH_DTYPES[dtype])
-    with warnings.catch_warnings():
-        # Read-only buffers are fine: the fuse never writes into its inputs.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(data, dtype=TORCH_DTYPES[dtype])
-    return flat.reshape(tuple(shape))
-
-
-def resized(weight: torch.Tensor, shape: Sequence[int]) -> tuple[bytearray, torch.Tensor]:
-    """A buffer of another first dimension (a resized vocabulary) holding W's leading rows, zeros
-    past them. The adapter's copy replaces it whole; W's rows give the report a meaningful ΔW."""
-    buffer = bytearray(math.prod(shape) * weight.element_size())
-    grown = tensor_from_bytes(buffer, DTYPE_NAMES[weight.dtype], shape)
-    rows = min(grown.shape[0], weight.shape[0])
-    grown[:rows].copy_(weight[:rows])
-    return buffer, grown
-
-
-@contextmanager
-def exact_float32_matmul() -> Iterator[None]:
-    """TF32 would round matmul inputs to 10 mantissa bits on CUDA; the merge must not."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous[0]
-        torch.set_float32_matmul_precision(previous[1])
-
-
-# On a CPU the elementwise work runs over row blocks of about this many elements, so that W's
-# float32 copy, ΔW's block and the result stay in cache; on a GPU the whole tensor is one block.
-BLOCK_ELEMENTS = 1 << 18
-
-
-class Workspace:
-    """Buffers a worker reuses from tensor to tensor and task to task: a fresh allocation of
-    hundreds of MB costs more in page faults than the arithmetic done in it. Each slot grows to
-    the largest tensor it has held. On a GPU, a pinned host buffer stages the copies both ways."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._slots: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def buffer(self, slot: str, dtype: torch.dtype, numel: int, pinned: bool = False) -> torch.Tensor:
-        current = self._slots.get((slot, dtype))
-        if current is None or current.numel() < numel:
-            self._slots.pop((slot, dtype), None)  # free the old one before taking a bigger one
-            current = (torch.empty(numel, dtype=dtype, pin_memory=True) if pinned
-                       else torch.empty(numel, dtype=dtype, device=self.device))
-            self._slots[(slot, dtype)] = current
-        return current[:numel]
-
-
-_WORKSPACES: dict[str, Workspace] = {}
-
-
-def workspace_for(device: str | torch.device) -> Workspace:
-    """This process's workspace for a device, kept between tasks (Ray reuses worker processes)."""
-    device = torch.device(device)
-    return _WORKSPACES.setdefault(str(device), Workspace(device))
+from merge_core.inputs.adapter import ROUNDED_DELTA_KINDS
+from merge_core.numerics.deltas import delta_weight
+from merge_core.numerics.stats import FuseStats
+from merge_core.numerics.workspace import BLOCK_ELEMENTS, Workspace, exact_float32_matmul, workspace_for
 
 
 @dataclass(frozen=True)
 class Term:
     """One adapter's update of the tensor being fused, with its tensors loaded."""
-    kind: str  # see merge_core.adapter.KINDS
+    kind: str  # see merge_core.inputs.adapter.KINDS
     tensors: Mapping[str, torch.Tensor]  # by role: A, B, magnitude, l, tensor, w1_a, ...
     scale: float = 1.0
     transpose: bool = False
     role: str = ""  # ia3: which side the vector scales ("in", "out" or "bias")
-    experts: tuple[int, ...] = ()  # param: see merge_core.adapter.ModuleUpdate
+    experts: tuple[int, ...] = ()  # param: see merge_core.inputs.adapter.ModuleUpdate
 
 
 @dataclass
@@ -276,15 +197,3 @@ def fuse(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace | Non
     """fuse_into() on a copy: (W', stats), W untouched."""
     merged = weight.clone()
     return merged, fuse_into(merged, terms, workspace or workspace_for("cpu"), **options)
-
-
-def resolve_device(requested: str, gpu_assigned: bool) -> str:
-    """The torch device for a worker: CUDA when it was given a GPU it can see, else the CPU."""
-    if requested == "cpu" or not gpu_assigned:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if requested == "cuda":
-        raise RuntimeError("this worker was given a GPU but torch here cannot use CUDA; "
-                           "install a CUDA build of torch on the workers or use --device cpu")
-    return "cpu"  # auto on a node whose GPU torch cannot drive (e.g. a logical GPU)

@@ -18,16 +18,19 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from merge_core.adapter import WEIGHTS_NAME
-from merge_core.combine import CombineSpec, combine_deltas
 from merge_core.errors import ValidationError
-from merge_core.fuse import Term, Workspace, fuse_into, resized, tensor_from_bytes, workspace_for
-from merge_core.plan import FuseTarget, ShardTask
-from merge_core.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
-from merge_core.shard_result import FuseStats, ShardResult, check_stored
-from merge_core.shard_writer import ShardStreamWriter
-from merge_core.storage import Storage, StorageOptions, open_storage
-
+from merge_core.format.shard_writer import ShardStreamWriter
+from merge_core.format.tensors import resized, tensor_from_bytes
+from merge_core.io.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
+from merge_core.io.registry import open_storage
+from merge_core.io.storage import Storage, StorageOptions
+from merge_core.names import ADAPTER_WEIGHTS_NAME
+from merge_core.numerics.combine import CombineSpec, combine_deltas
+from merge_core.numerics.fuse import Term, fuse_into
+from merge_core.numerics.stats import FuseStats
+from merge_core.numerics.workspace import Workspace, workspace_for
+from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.shard_result import ShardResult, check_stored
 
 _HEADER, _COPY = "header", "copy"
 
@@ -44,7 +47,7 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
 
     def fuse_item(target: FuseTarget) -> Item[FuseTarget]:
         info = header.tensor(target.base_tensor)
-        factors = tuple(Read(adapters[u.adapter], WEIGHTS_NAME, u.data_start + f.start, f.nbytes,
+        factors = tuple(Read(adapters[u.adapter], ADAPTER_WEIGHTS_NAME, u.data_start + f.start, f.nbytes,
                              shared=uses[(u.adapter, f.start, f.nbytes)] > 1)
                         for u in target.updates for f in u.factors)
         return Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))

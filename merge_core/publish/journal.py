@@ -13,13 +13,14 @@ import hashlib
 import json
 from typing import Mapping, Sequence
 
-from merge_core.checkpoint import JOURNAL_NAME
 from merge_core.errors import InputError, ValidationError
-from merge_core.manifest import tool_version
-from merge_core.plan import MergePlan
-from merge_core.pipeline import sha256_of
-from merge_core.shard_result import FuseStats, ShardResult, check_stored
-from merge_core.storage import Storage
+from merge_core.io.pipeline import sha256_of
+from merge_core.io.storage import Storage
+from merge_core.names import JOURNAL_NAME
+from merge_core.numerics.stats import FuseStats
+from merge_core.planning.plan import MergePlan
+from merge_core.publish.manifest import tool_version
+from merge_core.worker.shard_result import ShardResult, check_stored
 
 
 def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mapping[str, object]) -> str:

@@ -14,11 +14,11 @@ from typing import Callable, Iterator, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from merge_core.errors import InputError, TransientStorageError
-from merge_core.storage import ObjectWriter, Storage, StorageOptions, check_plain_name
+from merge_core.io.storage import ObjectWriter, Storage, StorageOptions, check_plain_name
 
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's own floor for every part but the last
 MAX_PARTS = 10_000
@@ -67,6 +67,15 @@ class S3Storage(Storage):
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.options = options
         self.client = make_client()
+
+    def check_object_size(self, nbytes: int) -> None:
+        part_size = self.options.part_size
+        if part_size < MIN_PART_BYTES:
+            raise InputError("--part-size-mb", f"{part_size // 2**20} MiB is below S3's 5 MiB minimum part size",
+                             "use --part-size-mb 5 or more")
+        if nbytes > part_size * MAX_PARTS:
+            raise InputError("--part-size-mb", f"a {nbytes}-byte object needs more than {MAX_PARTS} parts of "
+                             f"{part_size // 2**20} MiB", f"use --part-size-mb {-(-nbytes // MAX_PARTS // 2**20)} or more")
 
     def _key(self, name: str) -> str:
         check_plain_name(name, self.uri)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from merge_core.adapter import ModuleUpdate
-from merge_core.checkpoint import BaseCheckpoint
 from merge_core.errors import InputError
-from merge_core.safetensors_format import TensorInfo
+from merge_core.format.header import TensorInfo
+from merge_core.inputs.adapter import ModuleUpdate
+from merge_core.inputs.checkpoint import BaseCheckpoint
 
 # Expert tensors stored one per expert: transformers fuses <experts>.{e}.<part>.weight into the
 # 3-D parameter PEFT adapts, the parts' rows one after another ((E, out, in), out = the parts').

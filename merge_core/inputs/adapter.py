@@ -14,15 +14,13 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from merge_core.checkpoint import read_json, read_shard_header
 from merge_core.errors import InputError
-from merge_core.pipeline import Item, Read, read_ahead
-from merge_core.safetensors_format import FLOAT_DTYPES, ShardHeader, TensorInfo, count_nonfinite
-from merge_core.storage import Storage
+from merge_core.format.header import FLOAT_DTYPES, ShardHeader, TensorInfo, count_nonfinite
+from merge_core.inputs.checkpoint import read_json, read_shard_header
+from merge_core.io.pipeline import Item, Read, read_ahead
+from merge_core.io.storage import Storage
+from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "LOHA", "LOKR")
 # Config fields each supported type needs.
@@ -38,10 +36,6 @@ UNSUPPORTED_SWITCHES = (
 # untouched base would not be. Adapters converted on save (path_initial_model_for_weight_conversion)
 # say init_lora_weights=true and merge as plain LoRA.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-# A Hugging Face tokenizer's files, as tokenizer.save_pretrained writes them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-                   "chat_template.json")
 # The modules whose rows are the vocabulary: PEFT saves the input and output embeddings whole
 # when they are targeted or resized, under the model's own names for them (Llama's embed_tokens
 # and lm_head, GPT-2's wte, BLOOM's word_embeddings, GPT-NeoX's embed_in and embed_out).
@@ -126,7 +120,7 @@ def pattern_key(pattern_keys: Sequence[str], module: str) -> str | None:
             if re.match(rf"(.*\.)?({key})$", module):
                 return key
         except re.error as exc:
-            raise InputError(CONFIG_NAME, f"pattern {key!r} in rank_pattern/alpha_pattern is not a valid regular "
+            raise InputError(ADAPTER_CONFIG_NAME, f"pattern {key!r} in rank_pattern/alpha_pattern is not a valid regular "
                              f"expression ({exc})", "fix the pattern") from None
     return None
 
@@ -367,14 +361,14 @@ UPDATE_BUILDERS = {"LORA": _lora_updates, "IA3": _ia3_updates, "LOHA": _lycoris_
 def scan_adapter(storage: Storage, adapter: LoraAdapter) -> str:
     """Read the adapter's weights once, in order: every tensor must be finite. Returns the file's sha256."""
     header = adapter.header
-    items = [Item(None, (Read(storage, WEIGHTS_NAME, 0, header.data_start),))]
-    items += [Item(info, (Read(storage, WEIGHTS_NAME, header.data_start + info.start, info.nbytes),))
+    items = [Item(None, (Read(storage, ADAPTER_WEIGHTS_NAME, 0, header.data_start),))]
+    items += [Item(info, (Read(storage, ADAPTER_WEIGHTS_NAME, header.data_start + info.start, info.nbytes),))
               for info in header.tensors]
     digest = hashlib.sha256()
     for info, (data,) in read_ahead(items):
         digest.update(data)
         if info is not None and count_nonfinite(data, info.dtype):
-            raise InputError(f"{storage.describe(WEIGHTS_NAME)}: tensor {info.name}", "holds NaN or Inf values",
+            raise InputError(f"{storage.describe(ADAPTER_WEIGHTS_NAME)}: tensor {info.name}", "holds NaN or Inf values",
                              "the adapter is broken; retrain it or export it again")
     return digest.hexdigest()
 
@@ -388,32 +382,32 @@ def stage_pickled_adapter(source: Storage, staging: Storage) -> None:
     import torch
     from safetensors.torch import save as save_safetensors
 
-    where = source.describe(PICKLE_WEIGHTS_NAME)
+    where = source.describe(ADAPTER_PICKLE_NAME)
     try:
-        state = torch.load(io.BytesIO(source.read_bytes(PICKLE_WEIGHTS_NAME)), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(source.read_bytes(ADAPTER_PICKLE_NAME)), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(where, f"is not a plain pickle of tensors ({type(exc).__name__})",
                          "re-save the adapter with safe_serialization=True") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise InputError(where, "does not hold a map of names to tensors", "re-save the adapter with PEFT")
-    staging.write_bytes(CONFIG_NAME, source.read_bytes(CONFIG_NAME))
-    staging.write_bytes(WEIGHTS_NAME, save_safetensors({k: v.contiguous().clone() for k, v in state.items()}))
+    staging.write_bytes(ADAPTER_CONFIG_NAME, source.read_bytes(ADAPTER_CONFIG_NAME))
+    staging.write_bytes(ADAPTER_WEIGHTS_NAME, save_safetensors({k: v.contiguous().clone() for k, v in state.items()}))
 
 
 def load_adapter(storage: Storage) -> LoraAdapter:
-    config = _check_config(read_json(storage, CONFIG_NAME, "point --adapter at a PEFT adapter directory"),
-                           storage.describe(CONFIG_NAME))
-    if not storage.exists(WEIGHTS_NAME):
-        if storage.exists(PICKLE_WEIGHTS_NAME):
-            raise InputError(storage.describe(PICKLE_WEIGHTS_NAME), "adapter is stored only as a pickle, "
+    config = _check_config(read_json(storage, ADAPTER_CONFIG_NAME, "point --adapter at a PEFT adapter directory"),
+                           storage.describe(ADAPTER_CONFIG_NAME))
+    if not storage.exists(ADAPTER_WEIGHTS_NAME):
+        if storage.exists(ADAPTER_PICKLE_NAME):
+            raise InputError(storage.describe(ADAPTER_PICKLE_NAME), "adapter is stored only as a pickle, "
                              "which lora-merge does not unpickle unasked",
                              "re-save the adapter with safe_serialization=True, or pass --allow-pickle to load it "
                              "with torch.load(weights_only=True)")
-        raise InputError(storage.describe(WEIGHTS_NAME), "file not found",
+        raise InputError(storage.describe(ADAPTER_WEIGHTS_NAME), "file not found",
                          "point --adapter at a PEFT adapter directory")
-    where = storage.describe(WEIGHTS_NAME)
-    header = read_shard_header(storage, WEIGHTS_NAME)
+    where = storage.describe(ADAPTER_WEIGHTS_NAME)
+    header = read_shard_header(storage, ADAPTER_WEIGHTS_NAME)
     if not header.tensors:
         raise InputError(where, "holds no tensors", "the adapter is empty; re-save it after training")
 

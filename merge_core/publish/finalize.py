@@ -10,12 +10,13 @@ import hashlib
 import json
 from typing import Mapping, Sequence
 
-from merge_core.checkpoint import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.errors import ValidationError
-from merge_core.plan import MergePlan
-from merge_core.shard_result import ShardResult
-from merge_core.storage import Storage, StorageOptions, copy_object, open_storage
-from merge_core.validate import check_headers, check_index, spot_check
+from merge_core.io.registry import open_storage
+from merge_core.io.storage import Storage, StorageOptions, copy_object
+from merge_core.names import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
+from merge_core.planning.plan import MergePlan
+from merge_core.publish.validate import check_headers, check_index, spot_check
+from merge_core.worker.shard_result import ShardResult
 
 
 def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[dict, int]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 from typing import Mapping, Sequence
 
-from merge_core.pipeline import Behind
-from merge_core.safetensors_format import TensorInfo, encode_header
-from merge_core.storage import ObjectWriter
+from merge_core.format.header import TensorInfo, encode_header
+from merge_core.io.pipeline import Behind
+from merge_core.io.storage import ObjectWriter
 
 
 class ShardStreamWriter:

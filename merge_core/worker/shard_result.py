@@ -8,18 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from merge_core.errors import ValidationError
-from merge_core.pipeline import sha256_of
-from merge_core.storage import Storage
-
-
-@dataclass(frozen=True)
-class FuseStats:
-    """What one fuse did to one tensor, for the report: ‖ΔW‖, max |ΔW|, ‖W‖ (float32 ΔW, before rounding)."""
-    delta_norm: float
-    delta_max: float
-    weight_norm: float
-    nonfinite_introduced: int  # NaN/Inf elements in W' beyond those already in W
-
+from merge_core.io.pipeline import sha256_of
+from merge_core.io.storage import Storage
+from merge_core.numerics.stats import FuseStats
 
 
 @dataclass(frozen=True)

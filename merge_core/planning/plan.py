@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from merge_core.adapter import ROUNDED_DELTA_KINDS, TOKENIZER_FILES, WEIGHTS_NAME, LoraAdapter, ModuleUpdate
-from merge_core.checkpoint import UNVALIDATED_SINGLE_NAME, BaseCheckpoint, Shard
-from merge_core.combine import CombineSpec, check_combine
 from merge_core.errors import InputError
-from merge_core.experts import expert_targets
-from merge_core.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
-from merge_core.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates, resizes, tied_target
+from merge_core.format.header import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo
+from merge_core.inputs.adapter import ROUNDED_DELTA_KINDS, LoraAdapter, ModuleUpdate
+from merge_core.inputs.checkpoint import BaseCheckpoint, Shard
+from merge_core.names import ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES, UNVALIDATED_SINGLE_NAME
+from merge_core.numerics.combine import CombineSpec, check_combine
+from merge_core.planning.experts import expert_targets
+from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates, resizes, tied_target
 
 # Update kinds that add a ΔW, and so can be weighted (--weight) and combined (--combine). DoRA
 # is not one: its magnitude vector was trained for the whole ΔW it normalises.
@@ -29,7 +30,7 @@ FIXED_WORKER_BYTES = 768 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Update:
-    """One adapter's update of one base tensor (see merge_core.adapter.KINDS)."""
+    """One adapter's update of one base tensor (see merge_core.inputs.adapter.KINDS)."""
     adapter: int  # index into the plan's adapter URIs
     data_start: int  # where the adapter file's tensor data begins
     kind: str
@@ -38,7 +39,7 @@ class Update:
     scale: float  # the adapter's own scale (alpha/r), without its --weight
     weight: float = 1.0  # the adapter's --weight
     transpose: bool = False  # W stored in×out (fan_in_fan_out, embeddings): ΔW is transposed
-    experts: tuple[int, ...] = ()  # param: see merge_core.adapter.ModuleUpdate
+    experts: tuple[int, ...] = ()  # param: see merge_core.inputs.adapter.ModuleUpdate
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     head_updates = []  # updates of a head tied to the embedding, which land on the embedding
     resizer = None  # the adapter that resizes the vocabulary
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
-        where = f"{adapter.uri}/{WEIGHTS_NAME}"
+        where = f"{adapter.uri}/{ADAPTER_WEIGHTS_NAME}"
         # (as saved, where it lands, the base tensor a new tensor starts from)
         placed = [(u, *tied_target(base, u)) for saved in adapter.updates
                   for u in (expert_targets(base, saved, where) if saved.kind == "param" else [saved])]

@@ -8,8 +8,8 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from merge_core.plan import MergePlan
-from merge_core.shard_result import ShardResult
+from merge_core.planning.plan import MergePlan
+from merge_core.worker.shard_result import ShardResult
 
 SCHEMA = pa.schema([
     ("name", pa.string()),

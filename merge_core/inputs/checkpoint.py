@@ -12,20 +12,18 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.errors import InputError
-from merge_core.safetensors_format import LENGTH_PREFIX_BYTES, ShardHeader, header_length, parse_header
-from merge_core.storage import Storage, check_plain_name
+from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, header_length, parse_header
+from merge_core.io.storage import Storage, check_plain_name
+from merge_core.names import (
+    CONFIG_JSON,
+    INDEX_NAME,
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    SINGLE_NAME,
+    WEIGHT_FILE_SUFFIXES,
+)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MANIFEST_NAME = "merge_manifest.json"
-REPORT_NAME = "merge_report.parquet"
-JOURNAL_NAME = ".lora-merge-journal.json"  # an unfinished merge's record, for --resume
-# A single-file model is written under this name and renamed when validated: loaders take a
-# model.safetensors they find even without the index, so it may not appear before it is checked.
-UNVALIDATED_SINGLE_NAME = ".model.safetensors.unvalidated"
-# Files that hold weights in some format: never copied verbatim, or the output would ship
-# unmerged weights beside the merged ones.
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 HEADER_READ_THREADS = 16
 
 
@@ -39,7 +37,6 @@ class Shard:
         return self.header.file_size
 
 
-CONFIG_JSON = "config.json"
 # Input embeddings an output head may be tied to (Llama-style, GPT-2, BLOOM/BERT-style, GPT-NeoX).
 TIED_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 

@@ -1,0 +1,66 @@
+"""Where the fuse runs: the device, exact float32 products on it, and the buffers it reuses."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+@contextmanager
+def exact_float32_matmul() -> Iterator[None]:
+    """TF32 would round matmul inputs to 10 mantissa bits on CUDA; the merge must not."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous[0]
+        torch.set_float32_matmul_precision(previous[1])
+
+
+# On a CPU the elementwise work runs over row blocks of about this many elements, so that W's
+# float32 copy, ΔW's block and the result stay in cache; on a GPU the whole tensor is one block.
+BLOCK_ELEMENTS = 1 << 18
+
+
+class Workspace:
+    """Buffers a worker reuses from tensor to tensor and task to task: a fresh allocation of
+    hundreds of MB costs more in page faults than the arithmetic done in it. Each slot grows to
+    the largest tensor it has held. On a GPU, a pinned host buffer stages the copies both ways."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._slots: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def buffer(self, slot: str, dtype: torch.dtype, numel: int, pinned: bool = False) -> torch.Tensor:
+        current = self._slots.get((slot, dtype))
+        if current is None or current.numel() < numel:
+            self._slots.pop((slot, dtype), None)  # free the old one before taking a bigger one
+            current = (torch.empty(numel, dtype=dtype, pin_memory=True) if pinned
+                       else torch.empty(numel, dtype=dtype, device=self.device))
+            self._slots[(slot, dtype)] = current
+        return current[:numel]
+
+
+_WORKSPACES: dict[str, Workspace] = {}
+
+
+def workspace_for(device: str | torch.device) -> Workspace:
+    """This process's workspace for a device, kept between tasks (Ray reuses worker processes)."""
+    device = torch.device(device)
+    return _WORKSPACES.setdefault(str(device), Workspace(device))
+
+
+def resolve_device(requested: str, gpu_assigned: bool) -> str:
+    """The torch device for a worker: CUDA when it was given a GPU it can see, else the CPU."""
+    if requested == "cpu" or not gpu_assigned:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError("this worker was given a GPU but torch here cannot use CUDA; "
+                           "install a CUDA build of torch on the workers or use --device cpu")
+    return "cpu"  # auto on a node whose GPU torch cannot drive (e.g. a logical GPU)
