@@ -5,58 +5,34 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import ray
 
+from jobs.options import MergeInputs, MergeOptions
 from jobs.progress import Progress
 from jobs.runner import get_with_retries, run_over_lanes
 from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.errors import InputError, TransientStorageError
-from merge_core.inputs.adapter import LoraAdapter, load_adapter, scan_adapter, stage_pickled_adapter
+from merge_core.inputs.adapter import LoraAdapter, load_adapter
+from merge_core.inputs.adapter_files import scan_adapter, stage_pickled_adapter
 from merge_core.inputs.checkpoint import BaseCheckpoint, load_base
 from merge_core.io.pipeline import sha256_of
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions
 from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, INDEX_NAME, STAGING_DIR
-from merge_core.numerics.combine import CombineSpec
-from merge_core.planning.plan import MergePlan, plan_merge
+from merge_core.planning.plan import MergePlan
+from merge_core.planning.planner import plan_merge
 from merge_core.publish.journal import fingerprint, proven, read_journal, write_journal
 from merge_core.publish.manifest import adapter_record
+from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
+from merge_core.worker.spec import MergeSpec
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
 # The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class MergeInputs:
-    base: str
-    adapters: Sequence[str]
-    weights: Sequence[float] = ()
-    sequential: bool = False
-    combine: str | None = None
-    density: float = 1.0
-    seed: int = 0
-    allow_base_mismatch: bool = False
-    device: str = "auto"
-    ray_address: str | None = None
-    storage: StorageOptions = StorageOptions()
-
-
-@dataclass(frozen=True)
-class MergeOptions(MergeInputs):
-    output: str = ""
-    overwrite: bool = False
-    resume: bool = False
-    allow_nonfinite: bool = False
-    allow_pickle: bool = False
-    validate: bool = True
-    task_cpus: int = 1
-    task_resources: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,9 +81,8 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             stage_pickled_adapter(storage, staged)
             storage = staged
         adapters.append(load_adapter(storage))
-    combine = CombineSpec(inputs.combine, inputs.density, inputs.seed) if inputs.combine else None
-    return Prepared(base, tuple(adapters), weights, plan_merge(base, adapters, weights, inputs.sequential, combine,
-                                                                inputs.allow_base_mismatch))
+    plan = plan_merge(base, adapters, weights, inputs.sequential, inputs.combine_spec, inputs.allow_base_mismatch)
+    return Prepared(base, tuple(adapters), weights, plan)
 
 
 def _remove_staging(output: Storage, options: StorageOptions) -> None:
@@ -150,11 +125,20 @@ def connect(address: str | None) -> None:
                  logging_level=logging.WARNING)
 
 
-def _adapter_files(adapter: LoraAdapter, options: StorageOptions) -> list[dict]:
-    storage = open_storage(adapter.uri, options)
-    config_size = storage.size(ADAPTER_CONFIG_NAME)
-    return [{"name": ADAPTER_CONFIG_NAME, "size": config_size, "sha256": sha256_of(storage, ADAPTER_CONFIG_NAME, config_size)},
-            {"name": ADAPTER_WEIGHTS_NAME, "size": storage.size(ADAPTER_WEIGHTS_NAME), "sha256": scan_adapter(storage, adapter)}]
+def _adapter_record(adapter: LoraAdapter, weight: float, given_as: str, storage: StorageOptions) -> dict:
+    """The manifest's record of an adapter, with its files' sizes and sha256 (the weights read
+    whole, which also proves them finite)."""
+    files = open_storage(adapter.uri, storage)
+    config_size = files.size(ADAPTER_CONFIG_NAME)
+    hashed = [{"name": ADAPTER_CONFIG_NAME, "size": config_size,
+               "sha256": sha256_of(files, ADAPTER_CONFIG_NAME, config_size)},
+              {"name": ADAPTER_WEIGHTS_NAME, "size": files.size(ADAPTER_WEIGHTS_NAME),
+               "sha256": scan_adapter(files, adapter)}]
+    return adapter_record(adapter, weight, hashed) | {"given_as": given_as}
+
+
+def _weights_sha256(record: dict) -> str:
+    return next(f["sha256"] for f in record["files"] if f["name"] == ADAPTER_WEIGHTS_NAME)
 
 
 def _describe(result: ShardResult) -> str:
@@ -162,9 +146,9 @@ def _describe(result: ShardResult) -> str:
             f"fuse {result.fuse_seconds:.2f} s, waiting on reads {result.read_wait_seconds:.2f} s")
 
 
-def run_merge(options: MergeOptions) -> MergeSummary:
-    started = time.perf_counter()
-    output = open_storage(options.output, options.storage)
+def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, list[dict]]:
+    """Every input read and checked, the plan made, the adapters hashed; nothing written but the
+    staged copy of a pickle-only adapter (--allow-pickle), removed again on failure."""
     _check_output(output, options)
     staging = f"{output.uri}/{STAGING_DIR}" if options.allow_pickle else None
     try:
@@ -174,25 +158,25 @@ def run_merge(options: MergeOptions) -> MergeSummary:
             log.warning("the adapter resizes the vocabulary but has no tokenizer files beside it: the base's "
                         "tokenizer is copied; ship the tokenizer with the new tokens with the merged model")
         output.check_object_size(max(t.shard.size for t in plan.tasks))
-        records = [adapter_record(a, w, _adapter_files(a, options.storage)) | {"given_as": uri}
+        records = [_adapter_record(a, w, uri, options.storage)
                    for a, w, uri in zip(prepared.adapters, prepared.weights, options.adapters)]
     except BaseException:
         if staging:
             _remove_staging(output, options.storage)
         raise
-    journal_key = fingerprint(plan, [r["files"][1]["sha256"] for r in records],
-                              {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
-    reused = (proven(output, open_storage(options.base, options.storage), read_journal(output, journal_key), plan)
-              if options.resume else [])
-    planned = time.perf_counter()
+    return prepared, records
 
-    connect(options.ray_address)
-    lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus)
-    check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
-    if options.overwrite:
-        _clear_output(output)
-    elif options.resume:
-        output.discard_incomplete()  # temp files and uploads of the interrupted run's unfinished shards
+
+def _resume(output: Storage, options: MergeOptions, plan: MergePlan, journal_key: str) -> list[ShardResult]:
+    """With --resume, the shards of the interrupted run that storage still proves complete."""
+    if not options.resume:
+        return []
+    return proven(output, open_storage(options.base, options.storage), read_journal(output, journal_key), plan)
+
+
+def _run_shards(plan: MergePlan, spec: MergeSpec, output: Storage, options: MergeOptions, lanes,
+                reused: list[ShardResult], journal_key: str):
+    """One task per shard not reused, over the lanes, the journal rewritten after each."""
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, output.uri)
     progress = Progress(len(plan.tasks), plan.write_bytes)
@@ -211,33 +195,52 @@ def run_merge(options: MergeOptions) -> MergeSummary:
 
     def submit(task, lane_options):
         return merge_shard_task.options(**lane_options, memory=memory[task.name],
-                                        resources=dict(options.task_resources) or None).remote(
-            task, plan.base_uri, plan.adapter_uris, output.uri, options.device, options.storage,
-            options.allow_nonfinite, options.validate, plan.sequential, plan.combine)
+                                        resources=dict(options.task_resources) or None).remote(task, spec)
 
-    reused_names = [r.name for r in reused]
+    reused_names = {r.name for r in reused}
     try:
         outcome = run_over_lanes([t for t in plan.tasks if t.name not in reused_names], lanes, submit,
                                  lambda t: t.name, finished, progress)
     except BaseException:
-        # Writers abort their own uploads; a worker that was killed could not.
-        output.discard_incomplete()
+        output.discard_incomplete()  # writers abort their own uploads; a worker that was killed could not
         raise
     finally:
         progress.close()
-    results = done
+    return done, outcome
+
+
+def run_merge(options: MergeOptions) -> MergeSummary:
+    """Check and plan, find what an interrupted run left (--resume), merge the shards, publish."""
+    started = time.perf_counter()
+    output = open_storage(options.output, options.storage)
+    prepared, records = _check_and_plan(output, options)
+    plan = prepared.plan
+    journal_key = fingerprint(plan, [_weights_sha256(r) for r in records],
+                              {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
+    reused = _resume(output, options, plan, journal_key)
+    planned = time.perf_counter()
+
+    connect(options.ray_address)
+    lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus)
+    check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
+    if options.overwrite:
+        _clear_output(output)
+    elif options.resume:
+        output.discard_incomplete()  # temp files and uploads of the interrupted run's unfinished shards
+    spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
+                        allow_nonfinite=options.allow_nonfinite, read_back=options.validate)
+    results, outcome = _run_shards(plan, spec, output, options, lanes, reused, journal_key)
     merged = time.perf_counter()
 
-    timings = {"plan_seconds": planned - started, "merge_seconds": merged - planned}
     cluster = {"resources": ray.cluster_resources(), "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                "lanes": {lane.name: lane.slots for lane in lanes}}
-    manifest = get_with_retries(lambda: finalize_task.remote(
-        plan, output.uri, options.storage, prepared.base.extra_files, prepared.base.index_metadata, records, results,
-        timings, cluster, outcome.retries, reused_names, options.validate), "the final task")
-    if staging:
+    publication = Publication(tuple(results), prepared.base.extra_files, prepared.base.index_metadata,
+                              tuple(records), {"plan_seconds": planned - started, "merge_seconds": merged - planned},
+                              cluster, outcome.retries, tuple(r.name for r in reused))
+    manifest = get_with_retries(lambda: finalize_task.remote(plan, spec, publication), "the final task")
+    if options.allow_pickle:
         _remove_staging(output, options.storage)
-    seconds = time.perf_counter() - started
     return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,
-                        plan.read_bytes, sum(r.size for r in results), seconds,
+                        plan.read_bytes, sum(r.size for r in results), time.perf_counter() - started,
                         ",".join(sorted({r.device for r in results})), sum(outcome.retries.values()),
                         len(reused), options.validate, sorted({r.node for r in results}), manifest)

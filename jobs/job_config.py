@@ -11,41 +11,21 @@ from typing import Mapping
 
 import yaml
 
+from jobs.options import MergeOptions, spec_keys
 from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
-from merge_core.io.storage import StorageOptions
-
-# key: (type, what the value must be)
-KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
-    "base": (str, "a URI"),
-    "adapters": (list, "a list of URIs or of {uri, weight}"),
-    "output": (str, "a URI"),
-    "device": (str, "auto, cpu or cuda"),
-    "sequential": (bool, "true or false"),
-    "combine": (str, "ties, dare_linear, dare_ties or magnitude_prune"),
-    "density": ((int, float), "a fraction, 0 < density <= 1"),
-    "seed": (int, "a whole number"),
-    "allow_base_mismatch": (bool, "true or false"),
-    "ray_address": (str, "a Ray address"),
-    "overwrite": (bool, "true or false"),
-    "resume": (bool, "true or false"),
-    "allow_nonfinite": (bool, "true or false"),
-    "allow_pickle": (bool, "true or false"),
-    "validate": (bool, "true or false"),
-    "part_size_mb": (int, "a whole number of MiB"),
-    "report": (str, "a file path"),
-    "task_cpus": (int, "CPUs each shard task asks Ray for"),
-    "task_resources": (dict, "extra Ray resources per shard task, name: amount"),
-}
 
 
-def load_job_config(uri: str) -> dict:
-    """Read and check a job spec (a local path or s3:// URI); returns argparse-style values."""
+def load_job_config(uri: str, keys: Mapping[str, tuple] | None = None) -> dict:
+    """Read and check a job spec (a local path or s3:// URI) against `keys` (name → (type, what
+    the value must be); by default merge's, jobs.options.spec_keys(MergeOptions)); returns option
+    values."""
+    keys = spec_keys(MergeOptions) if keys is None else keys
     if "/" in uri.rstrip("/"):
         directory, name = uri.rstrip("/").rsplit("/", 1)
     else:
         directory, name = ".", uri
-    storage = open_storage(directory, StorageOptions())
+    storage = open_storage(directory)
     where = storage.describe(name)
     try:
         spec = yaml.safe_load(storage.read_bytes(name).decode("utf-8"))
@@ -55,11 +35,11 @@ def load_job_config(uri: str) -> dict:
         raise InputError(where, f"not valid YAML ({str(exc).splitlines()[0]})", "fix the file") from None
     if not isinstance(spec, dict):
         raise InputError(where, "is not a mapping of option names to values", "see README.md, Job specs")
-    unknown = sorted(set(spec) - set(KEYS))
+    unknown = sorted(set(spec) - set(keys))
     if unknown:
-        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(KEYS)}")
+        raise InputError(where, f"unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(keys)}")
     for key, value in spec.items():
-        kind, what = KEYS[key]
+        kind, what = keys[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise InputError(where, f"{key} is {value!r}, not {what}", f"fix {key}")
     values = {k: v for k, v in spec.items() if k != "adapters"}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.driver import MergeInputs, prepare
+from jobs.driver import prepare
+from jobs.options import MergeInputs
 from merge_core.planning.plan import MergePlan
 
 

@@ -20,6 +20,7 @@ from merge_core.errors import InputError, TransientStorageError, ValidationError
 
 log = logging.getLogger("lora_merge")
 MAX_ATTEMPTS = 4
+CANCEL_WAIT_SECONDS = 10  # how long a cancelled task may take to die before the output is cleaned
 # Failures a second attempt may cure: the store or network, or the worker or node under the task.
 TRANSIENT = (TransientStorageError, ConnectionError, TimeoutError, ray_errors.WorkerCrashedError,
              ray_errors.NodeDiedError, ray_errors.ObjectLostError, ray_errors.OwnerDiedError,
@@ -81,10 +82,18 @@ def run_over_lanes(jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[
             outcome.results.append(result)
             on_result(job, result)
     except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        cancel_all(list(pending))
         raise
     return outcome
+
+
+def cancel_all(refs: Sequence[ray.ObjectRef]) -> None:
+    """Kill the tasks behind `refs` and wait (briefly) until they are gone, so that nothing they
+    were writing can appear after the caller has cleaned up the output."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    if refs:
+        ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_WAIT_SECONDS)
 
 
 def get_with_retries(submit: Callable[[], ray.ObjectRef], name: str):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 
-from jobs.driver import MergeInputs, connect, prepare
+from jobs.driver import connect, prepare
+from jobs.options import VerifyOptions
 from jobs.progress import Progress
 from jobs.runner import run_over_lanes
 from jobs.scheduling import plan_lanes
@@ -16,14 +18,13 @@ from jobs.tasks import verify_shard_task
 from merge_core.errors import InputError, ValidationError
 from merge_core.io.registry import open_storage
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
-from merge_core.publish.validate import ShardVerdict, check_config, check_headers, check_index
+from merge_core.publish.validate import check_config, check_headers, check_index
+from merge_core.worker.spec import MergeSpec
+
+if TYPE_CHECKING:
+    from merge_core.publish.verify import ShardVerdict
 
 log = logging.getLogger("lora_merge")
-
-
-@dataclass(frozen=True)
-class VerifyOptions(MergeInputs):
-    merged: str = ""
 
 
 @dataclass
@@ -64,12 +65,11 @@ def run_verify(options: VerifyOptions) -> VerifySummary:
     lanes = plan_lanes(ray.nodes(), options.device if options.device != "cuda" else "auto")
     progress = Progress(len(plan.tasks), plan.write_bytes)
 
+    spec = MergeSpec.of(plan, merged.uri, storage=options.storage)
+
     def submit(task, lane_options):
         size, sha = recorded.get(task.name, (None, None))
-        return verify_shard_task.options(**lane_options).remote(task, plan.base_uri, plan.adapter_uris, merged.uri,
-                                                               options.storage, size, sha,
-                                                               1 if task.name in on_gpu else 0, plan.sequential,
-                                                               plan.combine)
+        return verify_shard_task.options(**lane_options).remote(task, spec, size, sha, 1 if task.name in on_gpu else 0)
 
     def done(task, verdict: ShardVerdict):
         progress.shard_done(verdict.name, verdict.size, f"{verdict.tensors_checked} tensors checked, "

@@ -130,11 +130,82 @@ def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(delta.shape)
 
 
+class _Pruner:
+    """Each adapter's pruned delta p_i and its keep mask, recomputed on demand (not stored: n of
+    them would not fit beside the tensor)."""
+
+    def __init__(self, deltas: list, spec: CombineSpec, tensor_name: str):
+        import torch  # here, not at import: the driver plans with this module and never loads torch
+
+        self.device = deltas[0].device
+        self.deltas = [d.to(device=self.device, dtype=torch.float32) for d in deltas]  # no copy when already so
+        self.shape = deltas[0].shape
+        self.spec, self.tensor_name = spec, tensor_name
+        self.density = float(spec.density)
+
+    def keep_mask(self, i: int) -> torch.Tensor | None:
+        if self.density >= 1.0:
+            return None
+        if self.spec.method in _MAGNITUDE:
+            return magnitude_keep_mask(self.deltas[i], self.density)
+        return dare_keep_mask(self.shape, self.density, self.spec.seed, self.tensor_name, i, self.device)
+
+    def pruned(self, i: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """p_i as a fresh tensor the caller may modify in place."""
+        if mask is None:
+            return self.deltas[i].clone()
+        p = self.deltas[i] * mask  # PEFT: tensor * mask
+        if self.spec.method not in _MAGNITUDE:
+            p.div_(self.density)  # PEFT: pruned_tensor / density
+        return p
+
+
+def _weighted_sum(pruner: _Pruner, weights: list[float]) -> torch.Tensor:
+    """magnitude_prune, dare_linear: Σ w_i · p_i."""
+    import torch
+
+    out = torch.zeros(pruner.shape, dtype=torch.float32, device=pruner.device)
+    for i, weight in enumerate(weights):
+        p = pruner.pruned(i, pruner.keep_mask(i))
+        p.mul_(float(weight))
+        out.add_(p)
+        del p
+    return out
+
+
+def _elected_mean(pruner: _Pruner, weights: list[float]) -> torch.Tensor:
+    """ties, dare_ties: the majority sign elected on the unweighted p_i, then the mean of the
+    weighted p_i over the adapters that agree with it."""
+    import torch
+
+    masks: list[torch.Tensor | None] = []
+    elect = torch.zeros(pruner.shape, dtype=torch.float32, device=pruner.device)
+    for i in range(len(weights)):
+        masks.append(pruner.keep_mask(i))
+        p = pruner.pruned(i, masks[i])
+        elect.add_(p if pruner.spec.majority_sign_method == "total" else p.sign_())
+        del p
+    positive = elect >= 0  # majority sign: +1 where the sum is >= 0, else -1
+    del elect
+    out = torch.zeros(pruner.shape, dtype=torch.float32, device=pruner.device)
+    count = torch.zeros(pruner.shape, dtype=torch.float32, device=pruner.device)
+    for i, weight in enumerate(weights):
+        p = pruner.pruned(i, masks[i])
+        masks[i] = None
+        agree = torch.where(positive, p > 0, p < 0)  # sign(p_i) == majority sign
+        p.mul_(float(weight))  # weights after the election, before the merge (PEFT)
+        p.mul_(agree)
+        out.add_(p)
+        del p
+        count.add_(agree)
+        del agree
+    del positive
+    return out.div_(count.clamp_(min=1.0))
+
+
 def combine_deltas(deltas: list[torch.Tensor], weights: list[float], spec: CombineSpec,
                    tensor_name: str) -> torch.Tensor:
     """The combined float32 ΔW of `deltas` (adapter order) with `weights`; see the module docstring."""
-    import torch  # here, not at import: the driver plans with this module and never loads torch
-
     check_combine(spec)
     if not deltas:
         raise ValueError(f"{tensor_name}: no deltas to combine")
@@ -146,66 +217,5 @@ def combine_deltas(deltas: list[torch.Tensor], weights: list[float], spec: Combi
             raise InputError(tensor_name, f"adapter {i}'s delta has shape {tuple(delta.shape)}, "
                              f"adapter 0's has {tuple(shape)}",
                              "combine only adapters trained on the same base model")
-    device = deltas[0].device
-    deltas = [d.to(device=device, dtype=torch.float32) for d in deltas]  # no copy when already so
-    method, density = spec.method, float(spec.density)
-    prune = density < 1.0
-
-    def keep_mask(i: int) -> torch.Tensor | None:
-        if not prune:
-            return None
-        if method in _MAGNITUDE:
-            return magnitude_keep_mask(deltas[i], density)
-        return dare_keep_mask(shape, density, spec.seed, tensor_name, i, device)
-
-    def pruned(i: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """p_i as a fresh tensor the caller may modify in place."""
-        if mask is None:
-            return deltas[i].clone()
-        p = deltas[i] * mask  # PEFT: tensor * mask
-        if method not in _MAGNITUDE:
-            p.div_(density)  # PEFT: pruned_tensor / density
-        return p
-
-    if method not in _ELECTING:  # magnitude_prune, dare_linear: Σ w_i · p_i
-        out = torch.zeros(shape, dtype=torch.float32, device=device)
-        for i, weight in enumerate(weights):
-            mask = keep_mask(i)
-            p = pruned(i, mask)
-            del mask
-            p.mul_(float(weight))
-            out.add_(p)
-            del p
-        return out
-
-    # ties, dare_ties. Pass 1: keep masks, and the election sum over the unweighted p_i.
-    masks: list[torch.Tensor | None] = []
-    elect = torch.zeros(shape, dtype=torch.float32, device=device)
-    for i in range(len(deltas)):
-        mask = keep_mask(i)
-        masks.append(mask)
-        p = pruned(i, mask)
-        if spec.majority_sign_method == "total":
-            elect.add_(p)
-        else:
-            elect.add_(p.sign_())
-        del p
-    positive = elect >= 0  # majority sign: +1 where the sum is >= 0, else -1
-    del elect
-
-    # Pass 2: disjoint merge of the weighted p_i over the agreeing entries.
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
-    count = torch.zeros(shape, dtype=torch.float32, device=device)
-    for i, weight in enumerate(weights):
-        p = pruned(i, masks[i])
-        masks[i] = None
-        agree = torch.where(positive, p > 0, p < 0)  # sign(p_i) == majority sign
-        p.mul_(float(weight))  # weights after the election, before the merge (PEFT)
-        p.mul_(agree)
-        out.add_(p)
-        del p
-        count.add_(agree)
-        del agree
-    del positive
-    out.div_(count.clamp_(min=1.0))
-    return out
+    pruner = _Pruner(deltas, spec, tensor_name)
+    return _elected_mean(pruner, weights) if spec.method in _ELECTING else _weighted_sum(pruner, weights)

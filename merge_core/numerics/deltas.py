@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from merge_core.kinds import ExpertShare, Kind, is_conv_kernel
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -64,44 +66,36 @@ def _lokr(t: Mapping[str, torch.Tensor], scale: float, shape: Sequence[int]) -> 
     return (torch.kron(w1, w2.contiguous()) * scale).reshape(tuple(shape))
 
 
-def _param(t: Mapping[str, torch.Tensor], scale: float, transpose: bool, experts: Sequence[int],
-           shape: Sequence[int]) -> torch.Tensor:
+def _param(t: Mapping[str, torch.Tensor], scale: float, transpose: bool, experts: ExpertShare) -> torch.Tensor:
     a, b = t["A"], t["B"]
-    count = experts[0]
+    count = experts.count
     if count == 1:  # a 2-D parameter: PEFT takes Linear's formula
         return (b @ a).mul_(scale)
-    if len(experts) == 1:  # scaled in place (the same bits as PEFT's `* scaling`): ΔW of all experts is large
+    if experts.index is None:  # scaled in place (the same bits as PEFT's `* scaling`): ΔW of all experts is large
         equation = "o r e, e r i -> e i o" if transpose else "o r e, e r i -> e o i"
         return torch.einsum(equation, b.reshape(b.shape[0], -1, count), a.reshape(count, -1, a.shape[-1])).mul_(scale)
     # expert e's share, stored as a tensor of its own: A holds its r rows, B the share's rows
-    e = experts[1]
+    e = experts.index
     share = torch.einsum("o r e, e r i -> e o i", b.reshape(b.shape[0], -1, count)[:, :, e:e + 1],
                          a.reshape(1, -1, a.shape[-1]))
     return share[0] * scale
 
 
-def conv_like(a_shape: Sequence[int]) -> bool:
-    """Whether lora_A belongs to a convolution PEFT merges with convNd (all but 1×1 Conv2d)."""
-    return len(a_shape) > 2 and not (len(a_shape) == 4 and tuple(a_shape[2:]) == (1, 1))
-
-
-def delta_weight(kind: str, tensors: Mapping[str, torch.Tensor], scale: float, transpose: bool,
+def delta_weight(kind: Kind, tensors: Mapping[str, torch.Tensor], scale: float, transpose: bool,
                  shape: Sequence[int], buffer: Callable[[tuple[int, ...]], torch.Tensor],
-                 experts: Sequence[int] = ()) -> torch.Tensor:
+                 experts: ExpertShare | None = None) -> torch.Tensor:
     """ΔW for one update, shaped as the stored W (possibly a transposed view). Matmul kinds
     compute into `buffer(shape)`, reused between tensors; the rarer kinds allocate."""
-    if kind in ("lora", "embedding", "dora"):
-        if conv_like(tensors["A"].shape):
+    if kind in (Kind.LORA, Kind.EMBEDDING, Kind.DORA, Kind.CONV):
+        if kind is Kind.CONV or is_conv_kernel(tensors["A"].shape):  # DoRA on a conv, too
             return _conv(tensors, scale, shape)
         return _lora(tensors, scale, transpose, shape, buffer)
-    if kind == "conv":
-        return _conv(tensors, scale, shape)
-    if kind == "bias":
+    if kind is Kind.BIAS:
         return tensors["bias"] * scale
-    if kind == "loha":
+    if kind is Kind.LOHA:
         return _loha(tensors, scale, shape)
-    if kind == "lokr":
+    if kind is Kind.LOKR:
         return _lokr(tensors, scale, shape)
-    if kind == "param":
-        return _param(tensors, scale, transpose, experts, shape)
+    if kind is Kind.PARAM:
+        return _param(tensors, scale, transpose, experts)
     raise ValueError(f"no ΔW formula for {kind!r}")

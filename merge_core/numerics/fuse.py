@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from merge_core.inputs.adapter import ROUNDED_DELTA_KINDS
+from merge_core.kinds import ExpertShare, Kind
 from merge_core.numerics.deltas import delta_weight
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import BLOCK_ELEMENTS, Workspace, exact_float32_matmul, workspace_for
@@ -23,12 +23,12 @@ from merge_core.numerics.workspace import BLOCK_ELEMENTS, Workspace, exact_float
 @dataclass(frozen=True)
 class Term:
     """One adapter's update of the tensor being fused, with its tensors loaded."""
-    kind: str  # see merge_core.inputs.adapter.KINDS
+    kind: Kind
     tensors: Mapping[str, torch.Tensor]  # by role: A, B, magnitude, l, tensor, w1_a, ...
     scale: float = 1.0
     transpose: bool = False
-    role: str = ""  # ia3: which side the vector scales ("in", "out" or "bias")
-    experts: tuple[int, ...] = ()  # param: see merge_core.inputs.adapter.ModuleUpdate
+    side: str = ""  # ia3: which side the vector scales ("in", "out" or "bias")
+    experts: ExpertShare | None = None  # param: the experts it covers
 
 
 @dataclass
@@ -46,10 +46,9 @@ def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -
     """Replacements first (PEFT loads whole-tensor copies before it merges), then the updates in
     adapter order. Additive updates share one stage, so that W + ΣΔW is rounded once, unless
     `sequential` (PEFT's merge_and_unload of several adapters: one rounding after each)."""
-    stages = [_Stage("replace", [t]) for t in terms if t.kind == "replace"]
-    for term in (t for t in terms if t.kind != "replace"):
-        op = ("add_rounded" if term.kind in ROUNDED_DELTA_KINDS else
-              {"dora": "dora", "ia3": "ia3"}.get(term.kind, "add"))
+    stages = [_Stage("replace", [t]) for t in terms if t.kind is Kind.REPLACE]
+    for term in (t for t in terms if t.kind is not Kind.REPLACE):
+        op = term.kind.facts.stage
         joins = (stages and stages[-1].op == op and op in ("add", "add_rounded")
                  and (combine is not None or not sequential))
         if joins:
@@ -76,12 +75,12 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
         stage.data = _rows_of(first.tensors["tensor"].to(workspace.device))
     elif stage.op == "ia3":
         vector = first.tensors["l"].to(workspace.device, compute)
-        if first.role == "bias":
+        if first.side == "bias":
             multiplier = vector.reshape(shape)
         elif weight.dim() == 2:
             multiplier = vector.T if first.transpose else vector
         else:  # convolutions: (1, C_in, 1, …) on feedforward layers, (1, C_out, 1, …) transposed otherwise
-            multiplier = (vector if first.role == "in" else vector.transpose(0, 1)).expand(shape)
+            multiplier = (vector if first.side == "in" else vector.transpose(0, 1)).expand(shape)
         stage.data = multiplier.reshape(multiplier.shape[0], -1) if multiplier.dim() > 1 else multiplier.reshape(1, -1)
     else:
         def term_delta(term: Term, slot: str) -> torch.Tensor:
@@ -123,6 +122,58 @@ def _apply(stage: _Stage, x: torch.Tensor, rows: slice, weight: torch.Tensor) ->
             x.mul_((stage.magnitude[rows] / torch.linalg.norm(x, dim=1)).view(-1, 1))
 
 
+class _Tally:
+    """‖W‖², ‖ΔW‖², max |ΔW| and the NaN/Inf W' gained, summed over blocks for the report."""
+
+    def __init__(self) -> None:
+        self.weight_sq = self.delta_sq = self.delta_max = 0.0
+        self.introduced = 0
+
+    def add(self, before: torch.Tensor, after: torch.Tensor, stored: torch.Tensor, limit: float) -> None:
+        """`before`: the block of W (overwritten with -ΔW as applied); `after`: W' in float32;
+        `stored`: where W' goes, in W's dtype."""
+        self.weight_sq += float(torch.linalg.vector_norm(before)) ** 2
+        low, high = torch.aminmax(after)
+        finite = bool(torch.maximum(-low, high) <= limit)  # else NaN or Inf, or rounds past W's dtype
+        before.sub_(after)
+        low_d, high_d = torch.aminmax(before)
+        self.delta_max = max(self.delta_max, float(torch.maximum(-low_d, high_d)))
+        self.delta_sq += float(torch.linalg.vector_norm(before)) ** 2
+        already = 0 if finite else int((~stored.isfinite()).sum())
+        stored.copy_(after)
+        if not finite:
+            self.introduced += int((~stored.isfinite()).sum()) - already
+
+    def stats(self) -> FuseStats:
+        return FuseStats(self.delta_sq ** 0.5, self.delta_max, self.weight_sq ** 0.5, max(self.introduced, 0))
+
+
+def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Tensor, workspace: Workspace,
+               compute: torch.dtype, whole: bool, tally: _Tally) -> None:
+    """Every stage over `target` (W as rows × rest, on the workspace's device), a block of rows at a
+    time, in float32 buffers reused between blocks; W' is written back over `target`."""
+    rows, width = target.shape
+    step = rows if whole else max(1, BLOCK_ELEMENTS // max(1, width))
+    block = min(rows, step) * width
+    x_all = workspace.buffer("block", compute, block)
+    before_all = workspace.buffer("before", compute, block)
+    rounded_all = workspace.buffer("rounded", weight.dtype, block)
+    limit = torch.finfo(weight.dtype).max
+    for start in range(0, rows, step):
+        rows_here = slice(start, start + step)
+        w = target[rows_here]
+        x, before = x_all[:w.numel()].view(w.shape), before_all[:w.numel()].view(w.shape)
+        rounded = rounded_all[:w.numel()].view(w.shape)
+        before.copy_(w)
+        x.copy_(before)
+        for number, stage in enumerate(stages):
+            if number:  # the previous stage's result, rounded as PEFT stores it in the weight
+                rounded.copy_(x)
+                x.copy_(rounded)
+            _apply(stage, x, rows_here, weight)
+        tally.add(before, x, w, limit)
+
+
 def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
               before_writing: Callable[[], object] | None = None, sequential: bool = False,
               combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> FuseStats:
@@ -139,57 +190,27 @@ def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     on_gpu = workspace.device.type == "cuda"
     stages = _stages(terms, sequential, combine)
+    tally = _Tally()
     with exact_float32_matmul():
         for index, stage in enumerate(stages):
             _prepare(stage, index, weight, workspace, compute, combine)
-        target = _rows_of(weight)
         if before_writing is not None:
             before_writing()
-        if on_gpu:
-            staged = workspace.buffer("host", weight.dtype, weight.numel(), pinned=True).view(target.shape)
-            staged.copy_(target)
-            target = workspace.buffer("weight", weight.dtype, weight.numel()).view(target.shape)
-            target.copy_(staged, non_blocking=True)
-        rows, width = target.shape
+        # A DoRA norm per column (W stored in×out) needs every row at once, as does the GPU.
         whole = on_gpu or any(s.op == "dora" and s.terms[0].transpose for s in stages)
-        step = rows if whole else max(1, BLOCK_ELEMENTS // max(1, width))
-        block = min(rows, step) * width
-        x_all = workspace.buffer("block", compute, block)
-        before_all = workspace.buffer("before", compute, block)
-        rounded_all = workspace.buffer("rounded", weight.dtype, block)
-        limit = torch.finfo(weight.dtype).max
-        delta_sq = weight_sq = delta_max = 0.0
-        introduced = 0
-        for start in range(0, rows, step):
-            rows_here = slice(start, start + step)
-            w = target[rows_here]
-            x, before = x_all[:w.numel()].view(w.shape), before_all[:w.numel()].view(w.shape)
-            rounded = rounded_all[:w.numel()].view(w.shape)
-            before.copy_(w)
-            x.copy_(before)
-            for number, stage in enumerate(stages):
-                if number:  # the previous stage's result, rounded as PEFT stores it in the weight
-                    rounded.copy_(x)
-                    x.copy_(rounded)
-                _apply(stage, x, rows_here, weight)
-            weight_sq += float(torch.linalg.vector_norm(before)) ** 2
-            low, high = torch.aminmax(x)
-            finite = bool(torch.maximum(-low, high) <= limit)  # else NaN or Inf, or rounds past W's dtype
-            before.sub_(x)  # -ΔW as applied, for the report
-            low_d, high_d = torch.aminmax(before)
-            delta_max = max(delta_max, float(torch.maximum(-low_d, high_d)))
-            delta_sq += float(torch.linalg.vector_norm(before)) ** 2
-            if finite:
-                w.copy_(x)
-            else:
-                already = int((~w.isfinite()).sum())
-                w.copy_(x)
-                introduced += int((~w.isfinite()).sum()) - already
-        if on_gpu:
-            staged.copy_(target, non_blocking=True)
-            torch.cuda.current_stream(workspace.device).synchronize()
-            _rows_of(weight).copy_(staged)
-    return FuseStats(delta_sq ** 0.5, delta_max, weight_sq ** 0.5, max(introduced, 0))
+        if not on_gpu:
+            _fuse_rows(_rows_of(weight), stages, weight, workspace, compute, whole, tally)
+            return tally.stats()
+        rows = _rows_of(weight)
+        staged = workspace.buffer("host", weight.dtype, weight.numel(), pinned=True).view(rows.shape)
+        staged.copy_(rows)
+        target = workspace.buffer("weight", weight.dtype, weight.numel()).view(rows.shape)
+        target.copy_(staged, non_blocking=True)
+        _fuse_rows(target, stages, weight, workspace, compute, whole, tally)
+        staged.copy_(target, non_blocking=True)
+        torch.cuda.current_stream(workspace.device).synchronize()
+        rows.copy_(staged)
+    return tally.stats()
 
 
 def fuse(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace | None = None, **options

@@ -16,6 +16,7 @@ from merge_core.errors import InputError
 from merge_core.format.header import TensorInfo
 from merge_core.inputs.adapter import ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
+from merge_core.kinds import ExpertShare
 
 # Expert tensors stored one per expert: transformers fuses <experts>.{e}.<part>.weight into the
 # 3-D parameter PEFT adapts, the parts' rows one after another ((E, out, in), out = the parts').
@@ -40,7 +41,7 @@ def expert_targets(base: BaseCheckpoint, update: ModuleUpdate, where: str) -> li
     expert's share of it where the checkpoint stores the experts one by one. `where`: the adapter
     file, for messages."""
     a, b = update.factor("A"), update.factor("B")
-    experts, rank = update.experts[0], update.rank
+    experts, rank = update.experts.count, update.rank
     if update.target in base.weight_map:
         shape = base.shard(base.weight_map[update.target]).header.tensor(update.target).shape
         if len(shape) != 3:
@@ -64,7 +65,7 @@ def expert_targets(base: BaseCheckpoint, update: ModuleUpdate, where: str) -> li
                                  f"{update.target}, but the base stores {stored_count}",
                                  "check that the adapter was trained on this base model")
             rows = b.shape[0] // len(parts)
-            return [dataclasses.replace(update, target=name, experts=(experts, e), factors=(
+            return [dataclasses.replace(update, target=name, experts=ExpertShare(experts, e), factors=(
                         row_slice(a, e * rank, (e + 1) * rank), row_slice(b, j * rows, (j + 1) * rows)))
                     for e, row in enumerate(names) for j, name in enumerate(row)]
     return [update]

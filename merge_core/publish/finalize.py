@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Mapping, Sequence
 
 from merge_core.errors import ValidationError
@@ -15,8 +16,13 @@ from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions, copy_object
 from merge_core.names import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.planning.plan import MergePlan
-from merge_core.publish.validate import check_headers, check_index, spot_check
+from merge_core.publish.manifest import build_manifest
+from merge_core.publish.publication import Publication
+from merge_core.publish.report import build_report
+from merge_core.publish.spot_check import spot_check
+from merge_core.publish.validate import check_headers, check_index
 from merge_core.worker.shard_result import ShardResult
+from merge_core.worker.spec import MergeSpec
 
 
 def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[dict, int]:
@@ -82,3 +88,20 @@ def publish(output: Storage, plan: MergePlan, index: Mapping[str, object], manif
         output.delete(JOURNAL_NAME)  # the model is complete: nothing is left to resume
     except Exception:  # published is published; a stale journal is only clutter
         pass
+
+
+def finalize_merge(plan: MergePlan, spec: MergeSpec, publication: Publication) -> dict:
+    """Validate (with spec.read_back), copy the other files, write the manifest, the report and,
+    last, the index. Returns the manifest."""
+    started = time.perf_counter()
+    output, base = open_storage(spec.output_uri, spec.storage), open_storage(spec.base_uri, spec.storage)
+    index, total_size = build_index(plan, publication.index_metadata)
+    if spec.read_back:
+        adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
+        validate_merge(plan, publication.results, index, base, adapters, output)
+    copied = copy_extra_files(plan, base, output, publication.extra_files, spec.storage)
+    timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
+    manifest = build_manifest(plan, publication.adapter_records, publication.results, copied, total_size, timings,
+                              publication.cluster, publication.retries, publication.reused)
+    publish(output, plan, index, manifest, build_report(plan, publication.results))
+    return manifest

@@ -31,7 +31,8 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
         "base": [(t.name, t.shard.size, [(i.name, i.dtype, i.shape, i.start) for i in t.shard.header.tensors])
                  for t in plan.tasks],
         "adapters": list(adapter_sha256),
-        "updates": [(f.tensor, f.source, [(u.adapter, u.kind, u.scale, u.weight, u.transpose, u.experts)
+        "updates": [(f.tensor, f.source, [(u.adapter, u.kind, u.scale, u.weight, u.transpose, u.side,
+                                           dataclasses.asdict(u.experts) if u.experts else None)
                                           for u in f.updates]) for t in plan.tasks for f in t.targets],
         "output": [t.output_tensors for t in plan.tasks],
         "settings": dict(settings),

@@ -12,25 +12,21 @@ from __future__ import annotations
 import hashlib
 import socket
 import time
-from collections import Counter
-from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from merge_core.errors import ValidationError
 from merge_core.format.shard_writer import ShardStreamWriter
-from merge_core.format.tensors import resized, tensor_from_bytes
 from merge_core.io.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.io.registry import open_storage
-from merge_core.io.storage import Storage, StorageOptions
-from merge_core.names import ADAPTER_WEIGHTS_NAME
-from merge_core.numerics.combine import CombineSpec, combine_deltas
-from merge_core.numerics.fuse import Term, fuse_into
+from merge_core.io.storage import Storage
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import Workspace, workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.merged_tensor import merged_tensor, shared_factors, tensor_reads
 from merge_core.worker.shard_result import ShardResult, check_stored
+from merge_core.worker.spec import MergeSpec
 
 _HEADER, _COPY = "header", "copy"
 
@@ -42,15 +38,10 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
     header = task.shard.header
     yield Item(_HEADER, (Read(base, task.name, 0, header.data_start),))
     targets = {t.tensor: t for t in task.targets}
-    # Factors several tensors read (the experts of one MoE layer share lora_B) are read once.
-    uses = Counter((u.adapter, f.start, f.nbytes) for t in task.targets for u in t.updates for f in u.factors)
+    uses = shared_factors(task)
 
     def fuse_item(target: FuseTarget) -> Item[FuseTarget]:
-        info = header.tensor(target.base_tensor)
-        factors = tuple(Read(adapters[u.adapter], ADAPTER_WEIGHTS_NAME, u.data_start + f.start, f.nbytes,
-                             shared=uses[(u.adapter, f.start, f.nbytes)] > 1)
-                        for u in target.updates for f in u.factors)
-        return Item(target, (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors))
+        return Item(target, tensor_reads(task, target, base, adapters, uses))
 
     run_start = None
     for info in header.tensors:
@@ -74,40 +65,6 @@ def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[
         yield Item(_COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
-def update_terms(target: FuseTarget, factor_bytes: Sequence, combining: bool = False) -> list[Term]:
-    """The fuse's terms from the bytes read for a target's updates (each update's factors, in
-    turn). Each adapter's --weight is folded into its scale, unless the adapters are combined
-    (--combine), which weighs their full deltas itself."""
-    remaining = iter(factor_bytes)
-    terms = []
-    for u in target.updates:
-        side = u.roles[0] if u.kind == "ia3" else ""  # IA3's one role says which side its vector scales
-        roles = ("l",) if side else u.roles
-        tensors = {role: tensor_from_bytes(next(remaining), f.dtype, f.shape) for role, f in zip(roles, u.factors)}
-        terms.append(Term(u.kind, tensors, u.scale if combining else u.scale * u.weight, u.transpose, side,
-                          u.experts))
-    return terms
-
-
-def _fuse_target(task: ShardTask, target: FuseTarget, data: list, workspace: Workspace,
-                 before_writing: Callable[[], object], sequential: bool, combine: CombineSpec | None
-                 ) -> tuple[memoryview, FuseStats]:
-    """Fuse one tensor in the buffer its bytes were read into, which then holds the merged bytes
-    (in a buffer of its own when an adapter resizes it)."""
-    info = task.shard.header.tensor(target.base_tensor)
-    buffer = data[0]
-    weight = tensor_from_bytes(buffer, info.dtype, info.shape)
-    if target.shape is not None:
-        buffer, weight = resized(weight, target.shape)
-    combiner = None
-    if combine is not None:
-        weights = [u.weight for u in target.updates]  # the plan allows only additive updates with --combine
-        combiner = partial(combine_deltas, weights=weights, spec=combine, tensor_name=target.tensor)
-    stats = fuse_into(weight, update_terms(target, data[1:], combine is not None), workspace, before_writing,
-                      sequential, combiner)
-    return buffer, stats
-
-
 class _Laps:
     """Wall time split into buckets: each lap() charges the time since the previous one."""
 
@@ -121,54 +78,61 @@ class _Laps:
         self._mark = now
 
 
-def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], output_uri: str,
-                device: str = "cpu", options: StorageOptions = StorageOptions(), allow_nonfinite: bool = False,
-                read_back: bool = True, threads: int | None = None, sequential: bool = False,
-                combine: CombineSpec | None = None) -> ShardResult:
-    """Write the merged shard. With read_back, the published bytes are read again and hashed.
-    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless allow_nonfinite.
-    `threads`: the CPU cores the float32 math may use (the task's share of the node).
-    `sequential`: several adapters are merged one after another, rounding after each (PEFT's
-    merge_and_unload); else W + ΣΔW is rounded once. `combine`: TIES/DARE/... of the deltas."""
+class _ShardStream:
+    """One shard on its way through: base bytes hashed behind, tensors fused here, output written behind."""
+
+    def __init__(self, task: ShardTask, spec: MergeSpec, base: Storage, stream: ShardStreamWriter,
+                 workspace: Workspace):
+        self.task, self.spec, self.base, self.stream, self.workspace = task, spec, base, stream, workspace
+        self.layout = {i.name: i for i in stream.layout}
+        self.base_sha = hashlib.sha256()
+        self.hasher = Behind("hash-base")
+        self.fused: list[tuple[str, FuseStats]] = []
+        self.laps = _Laps()
+
+    def run(self, items: Sequence[Item]) -> None:
+        for tag, data in read_ahead(items):
+            self.laps.lap("wait")
+            new_tensor = isinstance(tag, FuseTarget) and tag.source is not None
+            # every base byte once, in order: a new tensor's bytes were read a second time
+            hashed = self.hasher.submit(self.base_sha.update, b"" if new_tensor else data[0])
+            if isinstance(tag, FuseTarget):
+                self.fuse(tag, data, hashed.result)
+            elif tag is _COPY:
+                self.stream.write_data(data[0])
+            self.laps.lap("write")  # the base's own header is only hashed: the output has its own
+
+    def fuse(self, target: FuseTarget, data: list, before_writing) -> None:
+        merged, stats = merged_tensor(self.task, target, data, self.spec, self.workspace, before_writing)
+        if stats.nonfinite_introduced and not self.spec.allow_nonfinite:
+            raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {target.tensor}: fusing produced "
+                                   f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
+                                   "(check the adapter, or pass --allow-nonfinite)"])
+        self.fused.append((target.tensor, stats))
+        self.laps.lap("fuse")
+        self.stream.write_tensor(self.layout[target.tensor], merged)
+
+
+def merge_shard(task: ShardTask, spec: MergeSpec, device: str = "cpu", threads: int | None = None) -> ShardResult:
+    """Write the merged shard. With spec.read_back, the published bytes are read again and hashed.
+    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless spec.allow_nonfinite.
+    `device`: the torch device to fuse on; `threads`: the CPU cores the float32 math may use (the
+    task's share of the node)."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    base, output = open_storage(base_uri, options), open_storage(output_uri, options)
-    adapters = [open_storage(u, options) for u in adapter_uris]
-    header = task.shard.header
-    torch_device = torch.device(device)
-    workspace = workspace_for(torch_device)
-    base_sha = hashlib.sha256()
-    hasher = Behind("hash-base")
-    fused_stats: list[tuple[str, FuseStats]] = []
-
-    stream = ShardStreamWriter(output.open_writer(task.output_name), task.output_tensors, header.metadata)
-    layout = {i.name: i for i in stream.layout}
+    base, output = open_storage(spec.base_uri, spec.storage), open_storage(spec.output_uri, spec.storage)
+    adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
+    stream = ShardStreamWriter(output.open_writer(task.output_name), task.output_tensors, task.shard.header.metadata)
+    shard = _ShardStream(task, spec, base, stream, workspace_for(device))
     try:
-        laps = _Laps()
-        for tag, data in read_ahead(list(_items(task, base, adapters))):
-            laps.lap("wait")
-            new_tensor = isinstance(tag, FuseTarget) and tag.source is not None
-            # every base byte once, in order: a new tensor's bytes were read a second time
-            hashed = hasher.submit(base_sha.update, b"" if new_tensor else data[0])
-            if isinstance(tag, FuseTarget):
-                merged, stats = _fuse_target(task, tag, data, workspace, hashed.result, sequential, combine)
-                if stats.nonfinite_introduced and not allow_nonfinite:
-                    raise ValidationError([f"{base.describe(task.name)}: tensor {tag.tensor}: fusing produced "
-                                           f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
-                                           "(check the adapter, or pass --allow-nonfinite)"])
-                fused_stats.append((tag.tensor, stats))
-                laps.lap("fuse")
-                stream.write_tensor(layout[tag.tensor], merged)
-            elif tag is _COPY:
-                stream.write_data(data[0])
-            laps.lap("write")  # the base's own header is only hashed: the output has its own
+        shard.run(list(_items(task, base, adapters)))
         size, sha = stream.commit()
-        hasher.drain()
-        laps.lap("write")
-        if read_back:
+        shard.hasher.drain()
+        shard.laps.lap("write")
+        if spec.read_back:
             check_stored(output, task.output_name, size, sha)
-            laps.lap("wait")
+            shard.laps.lap("wait")
     except BaseException:
         try:
             stream.abort()
@@ -176,7 +140,8 @@ def merge_shard(task: ShardTask, base_uri: str, adapter_uris: Sequence[str], out
             pass
         raise
     finally:
-        hasher.close()
-    return ShardResult(task.name, size, sha, base_sha.hexdigest(), len(stream.layout), len(task.targets),
-                       laps.seconds["wait"], laps.seconds["fuse"], laps.seconds["write"],
-                       time.perf_counter() - started, str(torch_device), socket.gethostname(), tuple(fused_stats))
+        shard.hasher.close()
+    laps = shard.laps.seconds
+    return ShardResult(task.name, size, sha, shard.base_sha.hexdigest(), len(stream.layout), len(task.targets),
+                       laps["wait"], laps["fuse"], laps["write"], time.perf_counter() - started,
+                       str(torch.device(device)), socket.gethostname(), tuple(shard.fused))

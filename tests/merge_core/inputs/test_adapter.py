@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_core.errors import InputError
-from merge_core.inputs.adapter import load_adapter, lora_scale, pattern_key
+from merge_core.inputs.adapter import load_adapter
+from merge_core.inputs.adapter_config import lora_scale, pattern_key
 from merge_core.inputs.checkpoint import load_base
 from merge_core.io.local import LocalStorage
-from merge_core.planning.plan import plan_merge
+from merge_core.kinds import ExpertShare
+from merge_core.planning.planner import plan_merge
 from tests.reference import make_adapter, make_base
 
 WEIGHTS = "adapter_model.safetensors"
@@ -220,7 +222,7 @@ def test_parameter_wrappers_are_told_apart_by_nesting_depth(tmp_path):
     module = "model.layers.0.mlp.experts"
     assert updates[f"{module}.gate_up_proj"].factors[0].name.endswith("experts.base_layer.lora_A.weight")
     assert updates[f"{module}.down_proj"].factors[0].name.endswith("experts.lora_A.weight")
-    assert {u.kind for u in updates.values()} == {"param"} and updates[f"{module}.down_proj"].experts == (4,)
+    assert {u.kind for u in updates.values()} == {"param"} and updates[f"{module}.down_proj"].experts == ExpertShare(4)
 
 
 @pytest.mark.parametrize("depths, params, message", [

@@ -1,13 +1,13 @@
-"""LoRA on parameters (target_parameters: PEFT's ParamWrapper, MoE experts; see merge_core/experts.py):
+"""LoRA on parameters (target_parameters: PEFT's ParamWrapper, MoE experts; see merge_core/planning/experts.py):
 lora-merge writes what PEFT's merge_and_unload + save_pretrained writes, bit for bit, whichever way the
-checkpoint stores the experts. How the tests are built: see tests/merge_core/test_variants.py.
+checkpoint stores the experts. How the tests are built: see tests/merge_core/numerics/test_variants.py.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.merge_core.test_parity import merge_without_ray
+from tests.local_merge import merge_without_ray
 from tests.reference import assert_bit_identical
 from tests.variant_reference import (
     BF16,

@@ -1,7 +1,7 @@
-"""Embeddings, output heads and whole-module copies (see merge_core/vocabulary.py): lora-merge writes what
+"""Embeddings, output heads and whole-module copies (see merge_core/planning/vocabulary.py): lora-merge writes what
 PEFT's merge_and_unload + save_pretrained writes, bit for bit, including the changes of the model's
 layout (a resized vocabulary, an untied head) and of its config.json. How the tests are built: see
-tests/merge_core/test_variants.py.
+tests/merge_core/numerics/test_variants.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from merge_core.errors import InputError
-from tests.merge_core.test_parity import merge_without_ray
+from tests.local_merge import merge_without_ray
 from tests.reference import TINY, assert_bit_identical, load_checkpoint, make_base
 from tests.variant_reference import (
     ATTN,

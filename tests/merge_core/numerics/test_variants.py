@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_core.errors import InputError
-from tests.merge_core.test_parity import merge_without_ray
+from tests.local_merge import merge_without_ray
 from tests.reference import assert_bit_identical, changed_tensors, load_checkpoint, make_base
 from tests.variant_reference import (
     BF16,

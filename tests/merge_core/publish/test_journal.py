@@ -11,9 +11,10 @@ from merge_core.errors import InputError
 from merge_core.inputs.adapter import load_adapter
 from merge_core.inputs.checkpoint import load_base
 from merge_core.io.local import LocalStorage
-from merge_core.planning.plan import plan_merge
+from merge_core.planning.planner import plan_merge
 from merge_core.publish.journal import fingerprint, proven, read_journal, write_journal
 from merge_core.worker.shard_merge import merge_shard
+from merge_core.worker.spec import MergeSpec
 from tests.reference import make_adapter, make_base
 
 
@@ -23,7 +24,7 @@ def test_shards_of_another_base_with_the_same_layout_are_not_reused(tmp_path):
     adapter = make_adapter(str(tmp_path / "adapter"))
     out = LocalStorage(str(tmp_path / "out"))
     plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
-    results = [merge_shard(t, base, [adapter], out.root) for t in plan.tasks]
+    results = [merge_shard(t, MergeSpec.of(plan, out.root)) for t in plan.tasks]
     key = fingerprint(plan, ["a"], {})
     write_journal(out, key, results)
     assert [r.name for r in proven(out, LocalStorage(base), read_journal(out, key), plan)] == \

@@ -230,6 +230,7 @@ def test_a_tensor_one_adapter_touches_is_still_combined_and_weighted(method):
     tensor only one of the adapters updates gets combine([ΔW], [w]), not ΔW."""
     from functools import partial
 
+    from merge_core.kinds import Kind
     from merge_core.numerics.fuse import Term, fuse_into
     from merge_core.numerics.workspace import workspace_for
 
@@ -237,7 +238,7 @@ def test_a_tensor_one_adapter_touches_is_still_combined_and_weighted(method):
     a, b = torch.randn(2, 6), torch.randn(8, 2)
     spec = CombineSpec(method, 0.5, seed=3)
     weight = torch.zeros(8, 6)
-    fuse_into(weight, [Term("lora", {"A": a, "B": b}, 1.0)], workspace_for("cpu"),
+    fuse_into(weight, [Term(Kind.LORA, {"A": a, "B": b}, 1.0)], workspace_for("cpu"),
               combine=partial(combine_deltas, weights=[0.5], spec=spec, tensor_name="w"))
     expected = combine_deltas([b @ a], [0.5], spec, "w")
     assert torch.equal(weight, expected) and not torch.equal(weight, b @ a)
@@ -250,7 +251,7 @@ def test_combining_layer_and_parameter_lora_of_one_weight_is_refused(tmp_path):
     from merge_core.inputs.adapter import load_adapter
     from merge_core.inputs.checkpoint import load_base
     from merge_core.io.local import LocalStorage
-    from merge_core.planning.plan import plan_merge
+    from merge_core.planning.planner import plan_merge
     from tests.reference import make_base
     from tests.variant_reference import build_adapter, causal_lm
 

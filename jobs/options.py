@@ -1,0 +1,147 @@
+"""Every option of every command, declared once: its default, its flag, its help, and what a job
+spec (--config) may set it to. The CLI's flags, the job-spec keys and the defaults are all made
+from these dataclasses' fields; the driver takes the dataclass itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from merge_core.io.storage import DEFAULT_PART_BYTES, StorageOptions
+from merge_core.numerics.combine import COMBINE_METHODS, CombineSpec
+
+BOOL = (bool, "true or false")
+
+
+def option(default, flag: str | None = None, help: str = "", *, spec: tuple | None = None, required: bool = False,
+           factory=None, **argparse_kwargs):
+    """A field with its command-line flag (None: job spec only) and its job-spec type and wording
+    (None: command line only). argparse_kwargs: action, type, choices, metavar."""
+    metadata = {"flag": flag, "help": help, "spec": spec, "required": required, "argparse": argparse_kwargs}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What every command reads: the base, the adapters, and how they are put together."""
+    base: str = option("", "--base", "base checkpoint: a directory or s3://bucket/prefix holding model.safetensors "
+                       "or model.safetensors.index.json with its shards", spec=(str, "a URI"), required=True,
+                       metavar="URI")
+    adapters: tuple[str, ...] = option((), "--adapter", "PEFT adapter directory or prefix; repeat to merge several",
+                                       spec=(list, "a list of URIs or of {uri, weight}"), required=True,
+                                       action="append", metavar="URI")
+    weights: tuple[float, ...] = option((), "--weight", "weight of the adapter in the same position (default 1)",
+                                        action="append", type=float, metavar="W")
+    sequential: bool = option(False, "--sequential", "merge several adapters one after another, rounding after each, "
+                              "in the order given: bit-identical to PEFT's merge_and_unload(adapter_names=[...]) "
+                              "(default: W + Σ wᵢ·ΔWᵢ, rounded once)", spec=BOOL, action="store_true")
+    combine: str | None = option(None, "--combine", "combine the adapters' full deltas per tensor: ties, "
+                                 "dare_linear, dare_ties or magnitude_prune (see README.md, Several adapters)",
+                                 spec=(str, "ties, dare_linear, dare_ties or magnitude_prune"),
+                                 choices=COMBINE_METHODS)
+    density: float = option(1.0, "--density", "with --combine: the fraction of each delta kept, 0 < D <= 1 "
+                            "(default 1)", spec=((int, float), "a fraction, 0 < density <= 1"), type=float,
+                            metavar="D")
+    seed: int = option(0, "--seed", "with --combine dare_*: the seed of the random masks (default 0)",
+                       spec=(int, "a whole number"), type=int)
+    allow_base_mismatch: bool = option(False, "--allow-base-mismatch", "merge adapters whose configs name "
+                                       "different base models", spec=BOOL, action="store_true")
+    device: str = option("auto", "--device", "where to fuse: cuda needs GPUs in the cluster; auto uses them when "
+                         "present", spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
+    part_size_mb: int = option(DEFAULT_PART_BYTES // 2**20, "--part-size-mb", "multipart upload part size for "
+                               f"s3:// output (default {DEFAULT_PART_BYTES // 2**20}, at least 5)",
+                               spec=(int, "a whole number of MiB"), type=int, metavar="MB")
+
+    @property
+    def storage(self) -> StorageOptions:
+        return StorageOptions(part_size=self.part_size_mb * 2**20)
+
+    @property
+    def combine_spec(self) -> CombineSpec | None:
+        return CombineSpec(self.combine, self.density, self.seed) if self.combine else None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    ray_address: str | None = option(None, "--ray-address", "join this Ray cluster (default: start a local one)",
+                                     spec=(str, "a Ray address"), metavar="ADDR")
+    report: str | None = option(None, "--report", "also write the run's summary as JSON to FILE",
+                                spec=(str, "a file path"), metavar="FILE")
+
+
+@dataclass(frozen=True)
+class MergeOptions(RayOptions, MergeInputs):
+    output: str = option("", "--output", "where to write the merged checkpoint", spec=(str, "a URI"),
+                         required=True, metavar="URI")
+    overwrite: bool = option(False, "--overwrite", "replace whatever is at --output", spec=BOOL, action="store_true")
+    resume: bool = option(False, "--resume", "finish an interrupted merge into --output, reusing every shard it "
+                          "proves complete", spec=BOOL, action="store_true")
+    allow_pickle: bool = option(False, "--allow-pickle", "accept adapters stored only as adapter_model.bin, loaded "
+                                "with torch.load(weights_only=True) (never plain unpickling)", spec=BOOL,
+                                action="store_true")
+    allow_nonfinite: bool = option(False, "--allow-nonfinite", "publish even if fusing produced NaN/Inf values the "
+                                   "base did not have", spec=BOOL, action="store_true")
+    validate: bool = option(True, "--no-validate", "skip the read-back of shards and the checks before the index "
+                            "is written", spec=BOOL, action="store_false")
+    task_cpus: int = option(1, "--task-cpus", "CPUs each shard task asks for (default 1)",
+                            spec=(int, "CPUs each shard task asks Ray for"), type=int, metavar="N")
+    task_resources: Mapping[str, float] = option(None, None, spec=(dict, "extra Ray resources per shard task, "
+                                                                   "name: amount"), factory=dict)
+
+
+@dataclass(frozen=True)
+class VerifyOptions(RayOptions, MergeInputs):
+    merged: str = option("", "--merged", "the merged model to check", required=True, metavar="URI")
+
+
+@dataclass(frozen=True)
+class PlanOptions(MergeInputs):
+    json: bool = option(False, "--json", "print the plan as JSON", action="store_true")
+
+
+def add_flags(parser: argparse.ArgumentParser, options: type, from_config: bool = False) -> None:
+    """One flag per field that has one. Every flag defaults to None, so that a value given on the
+    command line can be told from one left out (and merged over a job spec, then the defaults).
+    With from_config, required options may come from the --config file instead."""
+    for f in dataclasses.fields(options):
+        meta = f.metadata
+        if not meta.get("flag"):
+            continue
+        kwargs = dict(meta["argparse"])
+        if kwargs.get("action") in ("store_true", "store_false"):
+            kwargs["default"] = None
+        parser.add_argument(meta["flag"], dest=f.name, help=meta["help"],
+                            required=meta["required"] and not from_config, **kwargs)
+
+
+def spec_keys(options: type) -> dict[str, tuple]:
+    """The job-spec keys of an options dataclass: name → (type, what the value must be)."""
+    return {f.name: f.metadata["spec"] for f in dataclasses.fields(options) if f.metadata.get("spec")}
+
+
+def defaults(options: type) -> dict[str, object]:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(options)}
+
+
+def required(options: type) -> dict[str, str]:
+    """name → flag of the options that must be given, on the command line or in a job spec."""
+    return {f.name: f.metadata["flag"] for f in dataclasses.fields(options) if f.metadata.get("required")}
+
+
+def build(options: type, values: Mapping[str, object]):
+    """The options dataclass from resolved values (lists become tuples: the dataclass is frozen)."""
+    names = {f.name for f in dataclasses.fields(options)}
+    return options(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def given(args: argparse.Namespace, options: type) -> dict[str, object]:
+    """The values the command line gave (flags left out are None)."""
+    names = {f.name for f in dataclasses.fields(options)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+

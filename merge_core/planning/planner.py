@@ -1,0 +1,196 @@
+"""The planner: a pure function from checkpoint and adapter descriptions to the merge plan.
+
+Everything that can be wrong with the inputs' shapes is found here, before any task runs or
+any byte is written: a task only ever meets I/O failures.
+
+    plan_merge(base, [adapter], [1.0])   # base: 3 shards; adapter: LoRA on q_proj/v_proj
+    → MergePlan(tasks=(ShardTask(shard 1, targets=(FuseTarget("model.layers.0.self_attn.q_proj.weight",
+                        updates=(Update(adapter=0, kind=lora, scale=2.0, ...),)), ...)), ...))
+
+Each adapter update is placed where it lands (an expert's own tensor, a tied embedding), checked
+against the tensor it fits and the updates placed on that tensor before it, then grouped by
+shard in the base's file order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from merge_core.errors import InputError
+from merge_core.format.header import FLOAT_DTYPES
+from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
+from merge_core.inputs.checkpoint import BaseCheckpoint
+from merge_core.kinds import Kind
+from merge_core.names import ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES, UNVALIDATED_SINGLE_NAME
+from merge_core.numerics.combine import CombineSpec, check_combine
+from merge_core.planning.experts import expert_targets
+from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, Update
+from merge_core.planning.shapes import expected_shape, fits
+from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates, resizes, tied_target
+
+
+def _check_arithmetic(adapters: Sequence[LoraAdapter], weights: Sequence[float], sequential: bool,
+                      combine: CombineSpec | None, allow_base_mismatch: bool) -> None:
+    """The flags that say how the adapters are put together agree with each other and with them."""
+    if combine is not None:
+        check_combine(combine)
+        if sequential:
+            raise InputError("--sequential", "cannot be combined with --combine, which merges the deltas into one",
+                             "pass one of them")
+    if not allow_base_mismatch:  # by base_model_name_or_path, where both say
+        named = [(a.uri, a.config.get("base_model_name_or_path")) for a in adapters]
+        named = [(uri, name) for uri, name in named if name]
+        for uri, name in named[1:]:
+            if name != named[0][1]:
+                raise InputError(uri, f"was trained on {name!r}, but {named[0][0]} on {named[0][1]!r}",
+                                 "merge adapters of one base, or pass --allow-base-mismatch if the bases are the "
+                                 "same weights under other names")
+    if len(weights) != len(adapters):
+        raise InputError("--weight", f"{len(weights)} weight(s) for {len(adapters)} adapter(s)",
+                         "give one --weight per --adapter, or none")
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError("--weight", f"weights {list(weights)} are not all finite numbers", "give finite weights")
+
+
+def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, source: str | None,
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """The update fits the tensor it targets (at its current shape, `shapes`: a resized
+    vocabulary's); records the new shape when it resizes it."""
+    name = source or update.target
+    shard_name = base.weight_map.get(name)
+    if shard_name is None:
+        stored = " (neither whole nor one tensor per expert)" if update.kind is Kind.PARAM else ""
+        raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have{stored}",
+                         "check that the adapter was trained on this base model")
+    info = base.shard(shard_name).header.tensor(name)
+    if info.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{base.uri}/{shard_name}: tensor {name}", f"is {info.dtype}; an adapter can only "
+                         f"be merged into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
+    shape = shapes.get(update.target, tuple(info.shape))
+    if resizes(update, shape):
+        shapes[update.target] = tuple(update.factors[0].shape)
+    elif not fits(update, shape):
+        expected = expected_shape(update)
+        what = (f"is {list(shape)} in the base, the adapter's copy is {list(expected)}"
+                if update.kind is Kind.REPLACE else
+                f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
+                f"{update.target} of shape {list(shape)}")
+        raise InputError(subject, what, "check that the adapter was trained on this base model")
+
+
+def _check_together(update: ModuleUpdate, subject: str, index: int, weight: float, uri: str,
+                    earlier: Sequence[Update], combine: CombineSpec | None) -> None:
+    """An update goes with its adapter's --weight, --combine, and the updates of the same tensor
+    planned before it."""
+    if combine is not None and not update.kind.additive:
+        raise InputError(subject, f"updates {update.target} by {update.kind}, which --combine cannot prune "
+                         "(it combines additive deltas)", "merge this adapter without --combine")
+    if weight != 1 and not update.kind.additive:
+        raise InputError(f"--weight {weight:g}", f"{uri} updates {update.target} by {update.kind}, "
+                         "which is not a sum: it cannot be weighted", "give this adapter weight 1")
+    if update.kind is Kind.DORA and any(u.kind is not Kind.REPLACE for u in earlier):
+        raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
+                         "then normalises by a weight it recovers by unmerging the others, which neither "
+                         "its forward pass nor lora-merge does", "give the DoRA adapter first")
+    copies = [u.adapter for u in earlier if u.kind is Kind.REPLACE]
+    if update.kind is Kind.REPLACE and index in copies:
+        raise InputError(subject, f"is a second whole copy of {update.target} in this adapter",
+                         "re-save the adapter with PEFT")
+    if update.kind is Kind.REPLACE and copies:
+        raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
+                         "merge adapters that save whole copies of a module one at a time")
+
+
+@dataclass
+class _Placement:
+    """The updates placed so far, by the tensor each lands on, and what they change in the model."""
+    base: BaseCheckpoint
+    combine: CombineSpec | None
+    updates: dict[str, list[Update]] = field(default_factory=dict)
+    added: dict[str, str] = field(default_factory=dict)  # tensors new to the model → the base tensor each starts from
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # resized tensors' new shapes
+    head_updates: list[str] = field(default_factory=list)  # updates of a tied head, landing on the embedding
+    resizer: LoraAdapter | None = None  # the adapter that resizes the vocabulary
+
+    def landings(self, adapter: LoraAdapter, where: str) -> list[tuple[ModuleUpdate, ModuleUpdate, str | None]]:
+        """(as saved, where it lands, the base tensor a new tensor starts from) for each update that
+        is merged, in the order PEFT merges them."""
+        placed = [(u, *tied_target(self.base, u)) for saved in adapter.updates
+                  for u in (expert_targets(self.base, saved, where) if saved.kind is Kind.PARAM else [saved])]
+        # One tensor saved twice by one adapter (a modules_to_save module's original beside its
+        # trained copy; a tied head's copy beside the embedding's, the same shared tensor when
+        # trained): the copy saved under the tensor's own name is the one merged.
+        own_copies = {u.target for u, landed, _ in placed if u.kind is Kind.REPLACE
+                      and u.saved_as != "original_module" and landed.target == u.target}
+        # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
+        placed.sort(key=lambda p: p[1].target != p[0].target)
+        return [(head, update, source) for head, update, source in placed
+                if not (update.kind is Kind.IA3 and update.side == "bias" and head.target not in self.base.weight_map)
+                and not (update.kind is Kind.REPLACE and update.target in own_copies
+                         and (update.saved_as == "original_module" or update.target != head.target))]
+
+    def place(self, adapter: LoraAdapter, index: int, weight: float) -> None:
+        where = f"{adapter.uri}/{ADAPTER_WEIGHTS_NAME}"
+        tied = self.base.tied_embedding
+        for head, update, source in self.landings(adapter, where):
+            subject = f"{where}: tensor {update.factors[0].name}"
+            if update.target != head.target and update.saved_as != "original_module":
+                self.head_updates.append(subject)
+            if update.kind is Kind.REPLACE and update.trained_copy and update.target == tied:
+                self.added[UNTIED_HEAD] = tied  # a trained copy of the tied embedding: the head keeps the original
+            if source is not None:
+                self.added[update.target] = source
+            if self.added and self.head_updates:  # the head's update would belong to the untied original
+                raise InputError(self.head_updates[0], f"updates lm_head, which the base ties to {tied}, while a "
+                                 "trained copy of one of them unties the two",
+                                 "merge this adapter with PEFT's merge_and_unload")
+            resized_before = update.target in self.shapes
+            _check_target(self.base, update, subject, source, self.shapes)
+            earlier = self.updates.setdefault(update.target, [])
+            if update.target in self.shapes and not resized_before:
+                if earlier:
+                    raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
+                                     "old size", "give the adapter that resizes the vocabulary first")
+                self.resizer = adapter
+            _check_together(update, subject, index, weight, adapter.uri, earlier, self.combine)
+            earlier.append(Update(index, adapter.header.data_start, update.kind, update.factors, update.roles,
+                                  update.scale, weight, update.transpose, update.experts, update.side))
+
+    def check_combined(self) -> None:
+        for name, tensor_updates in self.updates.items():
+            if self.combine is not None and len({u.kind.rounds_delta for u in tensor_updates}) > 1:
+                raise InputError(name, "is updated both by LoRA on its layer and by LoRA on it as a parameter, "
+                                 "whose deltas PEFT rounds differently: --combine cannot combine them",
+                                 "merge these adapters without --combine")
+
+    def tasks(self) -> tuple[ShardTask, ...]:
+        """One task per base shard, its targets in the shard's file order, new tensors last."""
+        tasks = []
+        for shard in self.base.shards:
+            names = [t.name for t in shard.header.tensors if t.name in self.updates]
+            names += [name for name, source in self.added.items() if source in shard.header.names]
+            targets = tuple(FuseTarget(name, tuple(self.updates.get(name, ())), self.added.get(name),
+                                       self.shapes.get(name)) for name in names)
+            tasks.append(ShardTask(shard, targets, shard.name if self.base.indexed else UNVALIDATED_SINGLE_NAME))
+        return tuple(tasks)
+
+
+def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
+               sequential: bool = False, combine: CombineSpec | None = None,
+               allow_base_mismatch: bool = False) -> MergePlan:
+    """One task per base shard, each listing the updates for the tensors it holds."""
+    _check_arithmetic(adapters, weights, sequential, combine, allow_base_mismatch)
+    placement = _Placement(base, combine)
+    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        placement.place(adapter, index, weight)
+    placement.updates = {name: updates for name, updates in placement.updates.items() if updates}
+    vocab_size = check_vocabulary(base, placement.shapes, placement.added) if placement.shapes else None
+    placement.check_combined()
+    resizer = placement.resizer
+    tokenizer = resizer.tokenizer_files if resizer else ()
+    return MergePlan(base.uri, tuple(a.uri for a in adapters), placement.tasks(), sequential, combine,
+                     config_updates(base, vocab_size, bool(placement.added)),
+                     {name: resizer.uri for name in tokenizer},
+                     tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer))

@@ -1,0 +1,21 @@
+"""What the driver hands the final task besides the plan. Free of torch: the driver builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from merge_core.worker.shard_result import ShardResult
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What the final task publishes besides the plan: the shards' results and the run's record."""
+    results: tuple[ShardResult, ...]
+    extra_files: tuple[str, ...]  # the base's non-weight files
+    index_metadata: Mapping[str, object]  # the base index's metadata
+    adapter_records: tuple[Mapping[str, object], ...]  # for the manifest
+    timings: Mapping[str, float] = field(default_factory=dict)
+    cluster: Mapping[str, object] = field(default_factory=dict)
+    retries: Mapping[str, int] = field(default_factory=dict)
+    reused: tuple[str, ...] = ()  # shards a --resume took from the interrupted run
