@@ -34,10 +34,11 @@ def generate(root: str) -> tuple[str, str]:
     lora = LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(LlamaForCausalLM(config), lora)
-    with torch.no_grad():  # stands in for training: LoRA's B starts at zero
+    with torch.no_grad():  # stands in for training (LoRA's B starts at zero): later layers learn more
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(std=0.02)
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                param.normal_(std=0.01 * (1 + layer) * (0.5 if "mlp" in name else 1.0))
     model.save_pretrained(adapter)
     return base, adapter
 
@@ -84,6 +85,8 @@ def run(command: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=".demo", help="scratch space (default %(default)s), removed after")
+    parser.add_argument("--picture", default="demo-merge-report.png",
+                        help="where the picture of what the merge changed goes (default %(default)s), kept")
     args = parser.parse_args(argv)
     workdir = os.path.abspath(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -100,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         base_uri, adapter_uri = upload(server, base, "llama-demo"), upload(server, adapter, "llama-demo-lora")
         merged_uri = f"s3://{BUCKET}/llama-demo-merged"
         report = os.path.join(workdir, "report.json")
+        picture = os.path.abspath(args.picture)
         run([lora_merge, "merge", "--base", base_uri, "--adapter", adapter_uri, "--output", merged_uri,
-             "--report", report])
+             "--report", report, "--report-png", f"{merged_uri}/merge_report.png"])
         run([lora_merge, "verify", "--base", base_uri, "--adapter", adapter_uri, "--merged", merged_uri])
+        run([lora_merge, "report", merged_uri, "--png", picture])
         summary = json.load(open(report))
         merged = download(server, "llama-demo-merged", os.path.join(workdir, "merged"))
         manifest = json.load(open(os.path.join(merged, "merge_manifest.json")))
@@ -113,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({summary['gb_per_second']:.2f} GB/s, Ray start-up included); output: {merged_uri}")
         print(f"files there: {', '.join(sorted(os.listdir(merged)))}")
         show_predictions(base, adapter, merged)
+        print(f"picture of what the merge changed (layers × modules, ‖ΔW‖/‖W‖): {picture}, and beside the "
+              f"model as {merged_uri}/merge_report.png")
     finally:
         s3_server.stop(server)
         print("stopped the S3 server", flush=True)

@@ -12,6 +12,7 @@ from typing import Sequence
 from jobs.options import (
     MergeOptions,
     PlanOptions,
+    ReportOptions,
     VerifyOptions,
     add_flags,
     build,
@@ -40,6 +41,9 @@ EXAMPLES = {
     "plan": """examples:
   lora-merge plan --base ./Llama-3.1-8B --adapter ./my-lora
   lora-merge plan --base s3://models/llama-405b --adapter s3://loras/a --json""",
+    "report": """examples:
+  lora-merge report ./merged
+  lora-merge report s3://models/llama-a --png report.png --html s3://models/llama-a/merge_report.html""",
 }
 
 
@@ -53,6 +57,7 @@ COMMAND_OPTIONS = {
     "merge": (MergeOptions, "fuse adapters into a base checkpoint and publish the result", True),
     "verify": (VerifyOptions, "re-check a merged model against its base and adapters, byte for byte", False),
     "plan": (PlanOptions, "show what a merge would read, fuse and write; reads headers only, writes nothing", False),
+    "report": (ReportOptions, "show what a merge changed: a summary, and a heatmap as PNG or HTML", False),
 }
 
 
@@ -102,6 +107,10 @@ def _merge(options: MergeOptions) -> int:
     from jobs.driver import run_merge  # imports Ray: only for commands that need it
     from jobs.progress import summary_table
 
+    if options.report_png:  # refused before the merge, not after it
+        from merge_core.publish.report_plot import require_matplotlib
+
+        require_matplotlib("--report-png")
     summary = run_merge(options)
     print(summary_table([
         ("output", summary.output),
@@ -116,6 +125,11 @@ def _merge(options: MergeOptions) -> int:
         ("validated", "yes: headers, index, sha256 read-back, NaN/Inf, float64 spot check"
          if summary.validated else "no (--no-validate)"),
     ]))
+    if options.report_png:
+        from jobs.report_cmd import draw, read_view
+
+        for where in draw(read_view(summary.output), options.report_png, None, ""):
+            print(f"report picture: {where}")
     report = {k: v for k, v in vars(summary).items() if k != "manifest"}
     _write_report(options.report, report | {"gb_per_second": summary.gb_per_second,
                                             "timings": summary.manifest.get("timings", {})})
@@ -132,6 +146,13 @@ def _verify(options: VerifyOptions) -> int:
     return EXIT_OK
 
 
+def _report(options: ReportOptions) -> int:
+    from jobs.report_cmd import run_report
+
+    print(run_report(options))
+    return EXIT_OK
+
+
 def _plan(options: PlanOptions) -> int:
     from jobs.plan_view import run_plan
 
@@ -140,7 +161,7 @@ def _plan(options: PlanOptions) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan}
+COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan, "report": _report}
 
 
 class _JsonLines(logging.Formatter):

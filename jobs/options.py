@@ -90,6 +90,9 @@ class MergeOptions(RayOptions, MergeInputs):
                             "is written", spec=BOOL, action="store_false")
     task_cpus: int = option(1, "--task-cpus", "CPUs each shard task asks for (default 1)",
                             spec=(int, "CPUs each shard task asks Ray for"), type=int, metavar="N")
+    report_png: str | None = option(None, "--report-png", "after publishing, draw the report's heatmap to FILE (a "
+                                    "path, or an s3:// URI such as the model's own prefix); needs the plot extra",
+                                    spec=(str, "a file path or URI"), metavar="FILE")
     task_resources: Mapping[str, float] = option(None, None, spec=(dict, "extra Ray resources per shard task, "
                                                                    "name: amount"), factory=dict)
 
@@ -97,6 +100,16 @@ class MergeOptions(RayOptions, MergeInputs):
 @dataclass(frozen=True)
 class VerifyOptions(RayOptions, MergeInputs):
     merged: str = option("", "--merged", "the merged model to check", required=True, metavar="URI")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    merged_uri: str = option("", "MERGED_URI", "the merged model (a directory or s3:// prefix) whose "
+                             "merge_report.parquet and merge_manifest.json to show", required=True)
+    png: str | None = option(None, "--png", "draw the heatmap of ‖ΔW‖/‖W‖ (layers × modules) to FILE (a path or "
+                             "an s3:// URI); needs the plot extra", metavar="FILE")
+    html: str | None = option(None, "--html", "write the picture and the summary as one self-contained HTML "
+                              "file (a path or an s3:// URI)", metavar="FILE")
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,9 @@ def add_flags(parser: argparse.ArgumentParser, options: type, from_config: bool 
         kwargs = dict(meta["argparse"])
         if kwargs.get("action") in ("store_true", "store_false"):
             kwargs["default"] = None
+        if not meta["flag"].startswith("-"):  # a positional argument, named by its metavar
+            parser.add_argument(f.name, metavar=meta["flag"], help=meta["help"], **kwargs)
+            continue
         parser.add_argument(meta["flag"], dest=f.name, help=meta["help"],
                             required=meta["required"] and not from_config, **kwargs)
 

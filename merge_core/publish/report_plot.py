@@ -24,7 +24,7 @@ NONFINITE = (1.0, 0.0, 1.0, 1.0)  # magenta: inf or NaN, never a colour of eithe
 MOST_Y_LABELS = 40
 
 
-def _matplotlib(flag: str):
+def require_matplotlib(flag: str):
     try:
         import matplotlib  # noqa: F401  (first: a missing package fails here, not on a submodule)
         from matplotlib.figure import Figure
@@ -51,7 +51,7 @@ def cell_colours(grid: Grid, norm, cmap) -> list[list[tuple[float, float, float,
 
 def figure(view: ReportView, flag: str = "--png"):
     """The heatmap figure: one panel per relative-change grid, then the requantization panel."""
-    Figure = _matplotlib(flag)
+    Figure = require_matplotlib(flag)
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -121,12 +121,11 @@ def write_png(view: ReportView, path: str) -> None:
         f.write(data)
 
 
-def write_html(view: ReportView, summary: str, path: str, top: int = 20) -> None:
-    """One file with no external assets: it opens from a laptop, a bucket or an e-mail."""
-    image = base64.b64encode(png_bytes(view, "--html")).decode("ascii")
+def html_bytes(view: ReportView, summary: str, flag: str = "--html", top: int = 20) -> bytes:
+    """One page with no external assets: it opens from a laptop, a bucket or an e-mail."""
+    image = base64.b64encode(png_bytes(view, flag)).decode("ascii")
     title = html.escape(_title(view))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} img{{max-width:100%}}
 pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap}} table{{border-collapse:collapse;font-size:0.9em}}
@@ -136,7 +135,12 @@ td,th{{border:1px solid #ccc;padding:0.2em 0.5em;text-align:right}} td:first-chi
 <h2>Summary</h2><pre>{html.escape(summary)}</pre>
 <h2>Most changed tensors</h2>{_table(view, top)}
 </body></html>
-""")
+""".encode("utf-8")
+
+
+def write_html(view: ReportView, summary: str, path: str, top: int = 20) -> None:
+    with open(path, "wb") as f:
+        f.write(html_bytes(view, summary, "--html", top))
 
 
 def _table(view: ReportView, top: int) -> str:

@@ -10,7 +10,8 @@ import pytest
 
 from merge_core.errors import InputError
 from merge_core.publish.report_plot import ABSENT, DPI, UNCHANGED, figure, relative_norm, write_html, write_png
-from merge_core.publish.report_view import load_view, summary_text
+from merge_core.publish.report_summary import summary_text
+from merge_core.publish.report_view import load_view
 from tests.merge_core.publish.test_report_view import (
     BOOSTED_LAYER,
     MANIFEST,

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from merge_core.errors import InputError
 from merge_core.names import CONFIG_JSON, INDEX_NAME, MANIFEST_NAME, REPORT_NAME
-from merge_core.publish.report_view import load_view, place, summary_text
+from merge_core.publish.report_summary import summary_text
+from merge_core.publish.report_view import load_view, place
 from tests.reference import make_adapter, make_base
 
 LORA_MERGE = os.path.join(os.path.dirname(sys.executable), "lora-merge")

@@ -1,0 +1,54 @@
+"""`lora-merge report MERGED_URI [--png F] [--html F]`: what a merge changed, from the merged model's
+own report and manifest (local or S3); and the picture `merge --report-png` draws at the end."""
+
+from __future__ import annotations
+
+import json
+
+from jobs.options import ReportOptions
+from merge_core.errors import InputError
+from merge_core.io.registry import open_storage
+from merge_core.names import CONFIG_JSON, MANIFEST_NAME, REPORT_NAME
+from merge_core.publish.report_summary import summary_text
+from merge_core.publish.report_view import ReportView, load_view
+
+
+def read_view(merged_uri: str) -> ReportView:
+    merged = open_storage(merged_uri)
+    for name in (REPORT_NAME, MANIFEST_NAME):
+        if not merged.exists(name):
+            raise InputError(merged.describe(name), "not found: this is not the output of a finished lora-merge run",
+                             "point at a directory or prefix lora-merge merged into")
+    try:
+        manifest = json.loads(merged.read_bytes(MANIFEST_NAME))
+        config = json.loads(merged.read_bytes(CONFIG_JSON)) if merged.exists(CONFIG_JSON) else None
+    except ValueError as exc:
+        raise InputError(merged.describe(MANIFEST_NAME), f"not valid JSON ({exc})", "re-run the merge") from None
+    return load_view(merged.read_bytes(REPORT_NAME), manifest, config)
+
+
+def write_to(target: str, data: bytes) -> str:
+    """Write `data` to a local path or a URI (s3://bucket/prefix/name); returns where it went."""
+    directory, _, name = target.rstrip("/").rpartition("/")
+    storage = open_storage(directory or ".")
+    storage.write_bytes(name, data)
+    return storage.describe(name)
+
+
+def draw(view: ReportView, png: str | None, html: str | None, summary: str) -> list[str]:
+    """The picture and/or the HTML page, each written where asked; returns where they went."""
+    from merge_core.publish.report_plot import html_bytes, png_bytes
+
+    written = []
+    if png:
+        written.append(write_to(png, png_bytes(view, "--png")))
+    if html:
+        written.append(write_to(html, html_bytes(view, summary, "--html")))
+    return written
+
+
+def run_report(options: ReportOptions) -> str:
+    view = read_view(options.merged_uri)
+    summary = summary_text(view)
+    written = draw(view, options.png, options.html, summary)
+    return "\n".join([summary, *(f"wrote {where}" for where in written)])
