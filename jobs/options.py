@@ -53,6 +53,9 @@ class MergeInputs:
                                        "different base models", spec=BOOL, action="store_true")
     device: str = option("auto", "--device", "where to fuse: cuda needs GPUs in the cluster; auto uses them when "
                          "present", spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
+    dequantize: bool = option(False, "--dequantize", "write a quantized base's weights (FP8, MXFP4, INT4) as bf16: "
+                              "no scales, no quantization_config (default: each weight keeps the base's format)",
+                              spec=BOOL, action="store_true")
     part_size_mb: int = option(DEFAULT_PART_BYTES // 2**20, "--part-size-mb", "multipart upload part size for "
                                f"s3:// output (default {DEFAULT_PART_BYTES // 2**20}, at least 5)",
                                spec=(int, "a whole number of MiB"), type=int, metavar="MB")

@@ -23,6 +23,7 @@ from merge_core.format.header import TensorInfo
 
 QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")
 CODECS = ("fp8_block", "mxfp4", "int4_packed")
+PRIMARY_ROLES = {"fp8_block": "codes", "mxfp4": "blocks", "int4_packed": "packed"}
 FP8_FORMATS = ("e4m3", "float8_e4m3fn")  # DeepSeek/Qwen write "e4m3", MiniMax "float8_e4m3fn"
 SCALE_FORMATS = ("float", "ue8m0")
 FP8_SCALE_DTYPES = ("F32", "BF16")
@@ -66,6 +67,11 @@ class QuantizedWeight:
     @property
     def stored_names(self) -> tuple[str, ...]:
         return tuple(info.name for _, info in self.parts)
+
+    @property
+    def primary(self) -> TensorInfo:
+        """The largest part (the codes): the output writes the weight where the base stores it."""
+        return self.part(PRIMARY_ROLES[self.codec])
 
 
 # ---------------------------------------------------------------- config.json

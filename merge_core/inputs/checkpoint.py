@@ -6,13 +6,15 @@ hundreds of shards is described in seconds without touching its weights.
 
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.errors import InputError
-from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, header_length, parse_header
+from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, TensorInfo, header_length, parse_header
+from merge_core.format.quantization import QuantizedWeight, QuantScheme, group_weights, read_scheme
 from merge_core.io.storage import Storage, check_plain_name
 from merge_core.names import (
     CONFIG_JSON,
@@ -50,6 +52,10 @@ class BaseCheckpoint:
     extra_files: tuple[str, ...]  # config, tokenizer and other non-weight files, copied as they are
     weight_map: Mapping[str, str] = field(repr=False)
     config: Mapping[str, object] = field(default_factory=dict, repr=False)  # config.json, when it has one
+    quantization: QuantScheme | None = None  # config.json's quantization_config, checked
+    # quantized weights by logical name (X.weight, or GPT-OSS's ...experts.gate_up_proj): the
+    # stored tensors each is made of (codes and scales), which the planner treats as one
+    quantized: Mapping[str, QuantizedWeight] = field(default_factory=dict, repr=False)
 
     @property
     def tied_embedding(self) -> str | None:
@@ -58,6 +64,30 @@ class BaseCheckpoint:
             return None
         found = [n for n in self.weight_map if n.endswith(TIED_INPUT_EMBEDDINGS)]
         return found[0] if len(found) == 1 else None
+
+    def has(self, name: str) -> bool:
+        """Whether the model has this tensor: stored as it is, or a quantized weight's logical name."""
+        return name in self.quantized or name in self.weight_map
+
+    def shard_of(self, name: str) -> str:
+        """The shard holding a tensor; for a quantized weight, the one holding its largest part."""
+        weight = self.quantized.get(name)
+        return self.weight_map[weight.primary.name if weight else name]
+
+    def info(self, name: str) -> TensorInfo:
+        """A tensor as the model holds it: a quantized weight's logical dtype and shape (no offsets)."""
+        weight = self.quantized.get(name)
+        if weight is not None:
+            return TensorInfo(name, weight.dtype, weight.shape, 0, 0)
+        return self.shard(self.weight_map[name]).header.tensor(name)
+
+    def part_of(self, stored: str) -> QuantizedWeight | None:
+        """The quantized weight a stored tensor (codes, scales, ...) belongs to, if any."""
+        return self._parts.get(stored)
+
+    @functools.cached_property
+    def _parts(self) -> dict[str, QuantizedWeight]:
+        return {name: w for w in self.quantized.values() for name in w.stored_names}
 
     def shard(self, name: str) -> Shard:
         for shard in self.shards:
@@ -148,5 +178,11 @@ def load_base(storage: Storage) -> BaseCheckpoint:
     own = {MANIFEST_NAME, REPORT_NAME, JOURNAL_NAME, *shard_names}
     extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in own)
     config = read_json(storage, CONFIG_JSON, "restore config.json") if CONFIG_JSON in names else {}
-    return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map,
-                          config if isinstance(config, dict) else {})
+    config = config if isinstance(config, dict) else {}
+    scheme = read_scheme(config, storage.describe(CONFIG_JSON))
+    quantized = {}
+    if scheme is not None:
+        infos = {info.name: info for shard in shards for info in shard.header.tensors}
+        quantized = group_weights(scheme, infos, storage.uri)
+    return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map, config, scheme,
+                          quantized)

@@ -179,8 +179,9 @@ class _Placement:
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
                sequential: bool = False, combine: CombineSpec | None = None,
-               allow_base_mismatch: bool = False) -> MergePlan:
-    """One task per base shard, each listing the updates for the tensors it holds."""
+               allow_base_mismatch: bool = False, dequantize: bool = False) -> MergePlan:
+    """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
+    a quantized base's weights are all written as bf16."""
     _check_arithmetic(adapters, weights, sequential, combine, allow_base_mismatch)
     placement = _Placement(base, combine)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
