@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.bench --size-gb 1 --rounds 3
     .venv/bin/python -m bench.bench --storage s3         # S3→S3 on a local SeaweedFS, vs boto3 copy
     .venv/bin/python -m bench.bench --moe 64 --hidden 2048   # MoE experts stored one by one (target_parameters)
+    .venv/bin/python -m bench.bench --quantized fp8          # the same checkpoint also as FP8 block-scaled
 
 Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
 `sync`, so every method pays for getting its bytes to disk. Reported: median wall time, peak
@@ -21,7 +22,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.checkpoint import build, build_moe
+from bench.checkpoint import build, build_moe, quantize_fp8
 from bench.proctree import Measured, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,15 +61,21 @@ def _sh(command: list[str]) -> list[str]:
     return ["sh", "-c", " ".join(f"'{c}'" for c in command) + " && sync"]
 
 
-def methods(args, base: str, adapter: str, out: str) -> dict[str, list[str]]:
-    lora_merge = [os.path.join(VENV_BIN, "lora-merge"), "merge", "--base", base, "--adapter", adapter,
-                  "--output", out, "--device", args.device]
+def methods(args, base: str, adapter: str, out: str, quantized: str | None = None) -> dict[str, list[str]]:
+    def lora_merge(source: str) -> list[str]:
+        return [os.path.join(VENV_BIN, "lora-merge"), "merge", "--base", source, "--adapter", adapter,
+                "--output", out, "--device", args.device]
+
     if args.storage == "s3":
         return {"boto3 copy": [sys.executable, "-c", BOTO3_COPY_SCRIPT, base, out],
-                "lora-merge": lora_merge + ["--overwrite"]}
-    return {"copy (cp -r)": _sh(["cp", "-r", base, out]),
+                "lora-merge": lora_merge(base) + ["--overwrite"]}
+    runs = {"copy (cp -r)": _sh(["cp", "-r", base, out]),
             "PEFT": _sh([sys.executable, "-c", PEFT_SCRIPT, base, adapter, out, args.device]),
-            "lora-merge": _sh(lora_merge)}
+            "lora-merge": _sh(lora_merge(base))}
+    if quantized:  # the same model stored FP8: decode, fuse, requantize each touched weight
+        runs |= {f"copy (cp -r), {args.quantized}": _sh(["cp", "-r", quantized, out]),
+                 f"lora-merge, {args.quantized}": _sh(lora_merge(quantized))}
+    return runs
 
 
 def clear(out: str, storage: str) -> None:
@@ -85,14 +92,15 @@ def checkpoint_bytes(base: str) -> int:
     return sum(os.path.getsize(os.path.join(base, n)) for n in os.listdir(base) if n.endswith(".safetensors"))
 
 
-def table(results: dict[str, list[Measured]], nbytes: int, reference: str) -> str:
+def table(results: dict[str, list[Measured]], nbytes: dict[str, int], reference: str) -> str:
+    """Medians per method; GB/s of each method's own checkpoint (nbytes by method)."""
     rows = []
     med = {name: statistics.median(m.seconds for m in runs) for name, runs in results.items()}
     peak = {name: statistics.median(m.peak_bytes for m in runs) for name, runs in results.items()}
     rows.append("| method | median wall s | peak memory GB | GB/s | wall vs lora-merge | memory vs lora-merge |")
     rows.append("|---|---:|---:|---:|---:|---:|")
     for name in results:
-        rows.append(f"| {name} | {med[name]:.1f} | {peak[name] / 1e9:.2f} | {nbytes / med[name] / 1e9:.2f} | "
+        rows.append(f"| {name} | {med[name]:.1f} | {peak[name] / 1e9:.2f} | {nbytes[name] / med[name] / 1e9:.2f} | "
                     f"{med['lora-merge'] / med[name]:.2f}x | {peak['lora-merge'] / peak[name]:.2f}x |")
     return "\n".join(rows)
 
@@ -107,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="local", choices=("local", "s3"))
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-merge-bench"))
     parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument("--quantized", choices=("fp8",), help="also store the checkpoint FP8 block-scaled "
+                        "(128×128, DeepSeek-V3's layout) and measure the copy and the merge of that beside the dense")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
                         "experts per layer, stored one by one, and LoRA on them through target_parameters")
     args = parser.parse_args(argv)
@@ -120,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
                               hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
         described = "LoRA r=16 on every linear layer"
+    quantized = quantize_fp8(base, os.path.join(os.path.dirname(base), "base-fp8")) if args.quantized else None
     nbytes = checkpoint_bytes(base)
     server = None
     out = os.path.join(args.workdir, "out")
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results: dict[str, list[Measured]] = {}
         for round_number in range(args.rounds):
-            for name, command in methods(args, base, adapter, out).items():
+            for name, command in methods(args, base, adapter, out, quantized).items():
                 clear(out, args.storage)
                 measured = measure(command)
                 if measured.returncode != 0:
@@ -151,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{described}; storage {args.storage}; device {args.device}; "
           f"{args.rounds} rounds; machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
-    print(table(results, nbytes, "lora-merge"))
+    sizes = {name: checkpoint_bytes(quantized) if args.quantized and name.endswith(args.quantized) else nbytes
+             for name in results}
+    print(table(results, sizes, "lora-merge"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: [vars(m) | {"output": ""} for m in v] for k, v in results.items()}, f, indent=2)

@@ -172,3 +172,43 @@ def build_moe(path: str, size_gb: float = 4.5, hidden: int = 2048, experts: int 
             lora[f"{wrapper}.lora_B.weight"] = torch.randn(out_features, rank * experts, generator=generator) * 0.01
     save_file(lora, os.path.join(adapter, "adapter_model.safetensors"))
     return base, adapter
+
+
+def quantize_fp8(dense: str, path: str, block: int = 128) -> str:
+    """The dense checkpoint's decoder linear weights as FP8 e4m3 with block scales (DeepSeek-V3's
+    layout: X.weight beside X.weight_scale_inv, float32), the rest as it is, in shards of the
+    dense ones' names; written tensor by tensor with lora-merge's own quantizer. Kept if complete."""
+    from safetensors import safe_open
+
+    from merge_core.format.codecs import fp8_block
+
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        return path
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(dense, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map, total = {}, 0
+    for shard in shards:
+        out = {}
+        with safe_open(os.path.join(dense, shard), "pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if name.endswith("_proj.weight") and ".layers." in name:
+                    codes, scale = fp8_block.quantize(tensor.float(), (block, block), torch.float32)
+                    out[name], out[f"{name}_scale_inv"] = codes, scale
+                else:
+                    out[name] = tensor
+        save_file(out, os.path.join(path, shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in out})
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        del out
+    with open(os.path.join(dense, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [block, block]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(index_path, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return path

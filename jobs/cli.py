@@ -112,7 +112,7 @@ def _merge(options: MergeOptions) -> int:
 
         require_matplotlib("--report-png")
     summary = run_merge(options)
-    print(summary_table([
+    rows = [
         ("output", summary.output),
         ("shards", f"{summary.shards} ({summary.tensors} tensors)"),
         ("fused tensors", str(summary.fused_tensors)),
@@ -124,11 +124,23 @@ def _merge(options: MergeOptions) -> int:
         ("reused shards", f"{summary.reused} (--resume)" if options.resume else "0"),
         ("validated", "yes: headers, index, sha256 read-back, NaN/Inf, float64 spot check"
          if summary.validated else "no (--no-validate)"),
-    ]))
-    if options.report_png:
-        from jobs.report_cmd import draw, read_view
+    ]
+    changes = summary.manifest.get("model_changes", {})
+    view = None
+    if options.report_png or changes.get("requantized_tensors") or changes.get("dequantized_tensors"):
+        from jobs.report_cmd import read_view, survival
 
-        for where in draw(read_view(summary.output), options.report_png, None, ""):
+        view = read_view(summary.output)
+        kept, warning = survival(view)
+        if kept:
+            rows.append(("adapter kept", kept))
+        if warning:
+            logging.getLogger("lora_merge").warning(warning)
+    print(summary_table(rows))
+    if options.report_png:
+        from jobs.report_cmd import draw
+
+        for where in draw(view, options.report_png, None, ""):
             print(f"report picture: {where}")
     report = {k: v for k, v in vars(summary).items() if k != "manifest"}
     _write_report(options.report, report | {"gb_per_second": summary.gb_per_second,
@@ -213,8 +225,8 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_INPUT, str(exc)
     if isinstance(exc, ValidationError):
         return EXIT_VALIDATION, f"validation failed: {exc}"
-    if isinstance(exc, KeyboardInterrupt):
-        return 130, "interrupted"
+    if isinstance(exc, KeyboardInterrupt):  # a stopped merge says how far it got (jobs.runner.Interrupted)
+        return getattr(exc, "exit_code", 130), str(exc) if hasattr(exc, "exit_code") else "interrupted"
     if isinstance(exc, SystemExit):
         raise exc
     return EXIT_RUNTIME, f"{type(exc).__name__}: {_first_line(exc)}"  # after the driver's retries

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from jobs.driver import prepare
 from jobs.options import MergeInputs
+from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.planning.plan import MergePlan
 
 
-def plan_as_dict(plan: MergePlan, device: str) -> dict:
+def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) -> dict:
     gpus = 1 if device == "cuda" else 0
     return {
         "base": plan.base_uri,
@@ -17,6 +18,7 @@ def plan_as_dict(plan: MergePlan, device: str) -> dict:
         "read_bytes": plan.read_bytes,
         "write_bytes": plan.write_bytes,
         "model_changes": plan.model_changes,
+        "quantization": quantization,
         "shards": [{
             "name": t.name,
             "size": t.shard.size,
@@ -24,14 +26,18 @@ def plan_as_dict(plan: MergePlan, device: str) -> dict:
             "fused": {uri: [f.tensor for f in t.targets if any(u.adapter == i for u in f.updates)]
                       for i, uri in enumerate(plan.adapter_uris)},
             "read_bytes": t.read_bytes,
+            # quantized weights decoded, fused and encoded again in their format, or written as bf16
+            "requantized": [f.tensor for f in t.targets if f.quantized is not None and not f.dequantize],
+            "dequantized": [f.tensor for f in t.targets if f.quantized is not None and f.dequantize],
             "resources": {"num_cpus": 1, "num_gpus": gpus, "memory": t.memory_bytes},
         } for t in plan.tasks],
     }
 
 
-def render_plan(plan: MergePlan, device: str) -> str:
-    data = plan_as_dict(plan, device)
-    lines = [f"base {data['base']}: {data['tasks']} shards, {data['fused_tensors']} tensors to fuse, "
+def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -> str:
+    data = plan_as_dict(plan, device, quantization)
+    stored = f" ({quantization})" if quantization else ""
+    lines = [f"base {data['base']}{stored}: {data['tasks']} shards, {data['fused_tensors']} tensors to fuse, "
              f"read {data['read_bytes'] / 1e9:.2f} GB, write {data['write_bytes'] / 1e9:.2f} GB",
              f"{'shard':<44} {'GB':>7} {'tensors':>7} {'fused':>5} {'memory GB':>9}  adapters touching it"]
     for shard in data["shards"]:
@@ -39,6 +45,11 @@ def render_plan(plan: MergePlan, device: str) -> str:
         lines.append(f"{shard['name']:<44} {shard['size'] / 1e9:7.2f} {shard['tensors']:7d} "
                      f"{sum(len(v) for v in shard['fused'].values()):5d} "
                      f"{shard['resources']['memory'] / 1e9:9.2f}  {touching}")
+    for shard in data["shards"]:
+        for verb, key in (("requantizes", "requantized"), ("dequantizes to bf16", "dequantized")):
+            if shard[key]:
+                shown = ", ".join(shard[key][:3]) + (f" and {len(shard[key]) - 3} more" if len(shard[key]) > 3 else "")
+                lines.append(f"{shard['name']}: {verb} {len(shard[key])} quantized weights ({shown})")
     changes = data["model_changes"]
     for name, (old, new) in changes["resized_tensors"].items():
         lines.append(f"resizes {name} from {old} to {new}")
@@ -48,6 +59,8 @@ def render_plan(plan: MergePlan, device: str) -> str:
         shown = [f"{key}.vocab_size={value['vocab_size']}" if isinstance(value, dict) else f"{key}={value}"
                  for key, value in changes["config"].items()]
         lines.append(f"rewrites config.json: {', '.join(shown)}")
+    if changes["config_removed"]:
+        lines.append(f"removes {', '.join(changes['config_removed'])} from config.json")
     for name, source in changes["files_from_adapters"].items():
         lines.append(f"takes {name} from {source}")
     if changes["base_files_left_out"]:
@@ -58,6 +71,19 @@ def render_plan(plan: MergePlan, device: str) -> str:
     return "\n".join(lines)
 
 
+def describe_quantization(base: BaseCheckpoint) -> str | None:
+    """The base's format as a user names it, e.g. 'fp8 e4m3, 128×128 blocks: 14 weights'."""
+    scheme = base.quantization
+    if scheme is None:
+        return None
+    detail = (f"fp8 e4m3, {scheme.block[0]}×{scheme.block[1]} blocks" + (", ue8m0 scales" if scheme.scale_fmt == "ue8m0"
+              else "") if scheme.method == "fp8" else "mxfp4" if scheme.method == "mxfp4"
+              else f"int4 pack-quantized, groups of {scheme.group_size}")
+    return f"{detail}: {len(base.quantized)} quantized weights"
+
+
 def run_plan(inputs: MergeInputs) -> tuple[str, dict]:
-    plan = prepare(inputs).plan
-    return render_plan(plan, inputs.device), plan_as_dict(plan, inputs.device)
+    prepared = prepare(inputs)
+    quantization = describe_quantization(prepared.base)
+    return (render_plan(prepared.plan, inputs.device, quantization),
+            plan_as_dict(prepared.plan, inputs.device, quantization))

@@ -4,13 +4,14 @@ own report and manifest (local or S3); and the picture `merge --report-png` draw
 from __future__ import annotations
 
 import json
+import statistics
 
 from jobs.options import ReportOptions
 from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
 from merge_core.names import CONFIG_JSON, MANIFEST_NAME, REPORT_NAME
 from merge_core.publish.report_summary import summary_text
-from merge_core.publish.report_view import ReportView, load_view
+from merge_core.publish.report_view import LOST_BELOW, ReportView, load_view
 
 
 def read_view(merged_uri: str) -> ReportView:
@@ -45,6 +46,23 @@ def draw(view: ReportView, png: str | None, html: str | None, summary: str) -> l
     if html:
         written.append(write_to(html, html_bytes(view, summary, "--html")))
     return written
+
+
+def survival(view: ReportView, named: int = 3) -> tuple[str | None, str | None]:
+    """For a merge into a quantized base: a summary line of what the stored weights kept of the
+    adapter's update, and a warning when requantization lost most of it somewhere."""
+    measured = [t for t in view.tensors if t.adapter_kept is not None and t.adapter_kept == t.adapter_kept]
+    if not measured:
+        return None, None
+    worst = sorted(measured, key=lambda t: t.adapter_kept)
+    line = (f"median {statistics.median(t.adapter_kept for t in measured):.3f}, worst {worst[0].adapter_kept:.3f} "
+            f"({worst[0].name}); requantization error up to {max(t.requant_error or 0 for t in measured):.3g}×‖ΔW‖")
+    lost = [t for t in worst if t.adapter_kept < LOST_BELOW]
+    if not lost:
+        return line, None
+    shown = ", ".join(f"{t.name} ({t.adapter_kept:.2f})" for t in lost[:named])
+    return line, (f"requantization kept less than {LOST_BELOW:.0%} of the adapter's update in {len(lost)} of "
+                  f"{len(measured)} tensors, e.g. {shown}: merge with --dequantize to keep the update whole")
 
 
 def run_report(options: ReportOptions) -> str:

@@ -177,7 +177,8 @@ def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Ten
 def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
               before_writing: Callable[[], object] | None = None, sequential: bool = False,
               combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> FuseStats:
-    """W ← the merged W, in place in `weight` (a CPU tensor over the bytes read).
+    """W ← the merged W, in place in `weight` (a CPU tensor over the bytes read, or a tensor already
+    on the workspace's device, as a decoded quantized weight is).
 
     Each stage computes in float32 what PEFT computes, in the same order (the product, the scale,
     then the add: IEEE addition commutes, so W + ΔW has the bits of PEFT's W += ΔW), and rounds
@@ -198,7 +199,7 @@ def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
             before_writing()
         # A DoRA norm per column (W stored in×out) needs every row at once, as does the GPU.
         whole = on_gpu or any(s.op == "dora" and s.terms[0].transpose for s in stages)
-        if not on_gpu:
+        if not on_gpu or weight.device == workspace.device:  # on the CPU, or already on the GPU
             _fuse_rows(_rows_of(weight), stages, weight, workspace, compute, whole, tally)
             return tally.stats()
         rows = _rows_of(weight)

@@ -12,3 +12,8 @@ class FuseStats:
     delta_max: float
     weight_norm: float
     nonfinite_introduced: int  # NaN/Inf elements in W' beyond those already in W
+    # A quantized weight, stored again in its format (or as bf16): ‖deq(Q(W')) − W'‖ / ‖ΔW‖, and the
+    # share of the adapter's update the stored weight kept, cos(deq(Q(W')) − deq(W), ΔW). None when
+    # the weight is not quantized, or no adapter changed it.
+    requant_error: float | None = None
+    adapter_kept: float | None = None

@@ -42,8 +42,8 @@ def expert_targets(base: BaseCheckpoint, update: ModuleUpdate, where: str) -> li
     file, for messages."""
     a, b = update.factor("A"), update.factor("B")
     experts, rank = update.experts.count, update.rank
-    if update.target in base.weight_map:
-        shape = base.shard(base.weight_map[update.target]).header.tensor(update.target).shape
+    if base.has(update.target):
+        shape = base.info(update.target).shape
         if len(shape) != 3:
             return [update]
         fits = [t for t, dims in ((True, (a.shape[1], b.shape[0])), (False, (b.shape[0], a.shape[1])))
@@ -55,10 +55,10 @@ def expert_targets(base: BaseCheckpoint, update: ModuleUpdate, where: str) -> li
         stored = f".{module}".replace(model_name, stored_name)[1:]
         for parts in EXPERT_PARTS.get(param, ()):
             names = [[f"{stored}.{e}.{part}.weight" for part in parts] for e in range(experts)]
-            if not all(n in base.weight_map for row in names for n in row) or b.shape[0] % len(parts):
+            if not all(base.has(n) for row in names for n in row) or b.shape[0] % len(parts):
                 continue
             stored_count = experts
-            while f"{stored}.{stored_count}.{parts[0]}.weight" in base.weight_map:
+            while base.has(f"{stored}.{stored_count}.{parts[0]}.weight"):
                 stored_count += 1
             if stored_count != experts:
                 raise InputError(f"{where}: tensor {a.name}", f"holds LoRA for {experts} experts of "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.format.header import DTYPE_BYTES, TensorInfo
+from merge_core.format.quantization import QuantizedWeight
 from merge_core.inputs.checkpoint import Shard
 from merge_core.kinds import ExpertShare, Kind
 from merge_core.numerics.combine import CombineSpec
@@ -36,17 +37,40 @@ class Update:
 
 
 @dataclass(frozen=True)
+class StoredPart:
+    """One stored tensor of a quantized weight (its codes, its scales), in whichever base shard."""
+    role: str  # codes, scale, blocks, scales, packed, shape (merge_core.format.quantization)
+    shard: str  # the base shard that stores it
+    data_start: int  # where that shard's tensor data begins
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
 class FuseTarget:
-    tensor: str
+    tensor: str  # the tensor as the model holds it (a quantized weight's logical name)
     updates: tuple[Update, ...]
     # A tensor the base does not store (the output head of a model the merge unties) starts from
     # this base tensor of the same shard, and is written after the base's tensors.
     source: str | None = None
     shape: tuple[int, ...] | None = None  # the merged shape, where an adapter resized the tensor
+    # A quantized weight: decoded to float32, fused, then encoded again in the base's format (or,
+    # with `dequantize`, written as one bf16 tensor). Its parts are written together where the
+    # largest of them (the codes) is: in this task's shard.
+    quantized: QuantizedWeight | None = None
+    parts: tuple[StoredPart, ...] = ()  # the quantized weight's stored tensors, the codes first
+    dequantize: bool = False
 
     @property
     def base_tensor(self) -> str:
         return self.source or self.tensor
+
+    @property
+    def output_tensors(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        """What the worker writes for a quantized target, in this order: each part as stored, or the
+        one bf16 tensor."""
+        if self.dequantize:
+            return ((self.tensor, self.quantized.dtype, self.quantized.shape),)
+        return tuple((p.info.name, p.info.dtype, p.info.shape) for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -65,19 +89,33 @@ class ShardTask:
         factors = {(u.adapter, f.start, f.nbytes) for t in self.targets for u in t.updates for f in u.factors}
         return sum(nbytes for _, _, nbytes in factors)
 
+    # Stored tensors of this shard the task does not copy where they stand: the other parts of the
+    # quantized weights it re-encodes, written with their codes (here or in another shard's task).
+    moved: tuple[str, ...] = ()
+
     @property
     def read_bytes(self) -> int:
-        """The shard, the adapter factors, and again the base tensors new tensors start from."""
+        """The shard, the adapter factors, again the base tensors new tensors start from, and the parts
+        of quantized weights read beside their codes."""
         again = sum(self.shard.header.tensor(t.source).nbytes for t in self.targets if t.source is not None)
-        return self.shard.size + self.adapter_bytes + again
+        parts = sum(p.info.nbytes for t in self.targets for p in t.parts[1:])
+        return self.shard.size + self.adapter_bytes + again + parts
 
     @property
     def output_tensors(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         """The merged shard's (name, dtype, shape) in file order: the base's tensors, resized where
-        an adapter resized them, then the tensors new to it."""
-        targets = {t.tensor: t for t in self.targets}
-        tensors = [(i.name, i.dtype, targets[i.name].shape if i.name in targets and targets[i.name].shape else i.shape)
-                   for i in self.shard.header.tensors]
+        an adapter resized them, a quantized weight's parts together where its codes were, then the
+        tensors new to it."""
+        targets = {t.tensor: t for t in self.targets if t.quantized is None}
+        by_codes = {t.parts[0].info.name: t for t in self.targets if t.quantized is not None}
+        moved = set(self.moved)
+        tensors = []
+        for i in self.shard.header.tensors:
+            if i.name in by_codes:
+                tensors += by_codes[i.name].output_tensors
+            elif i.name not in moved:
+                target = targets.get(i.name)
+                tensors.append((i.name, i.dtype, target.shape if target and target.shape else i.shape))
         for target in self.targets:
             if target.source is not None:
                 info = self.shard.header.tensor(target.source)
@@ -95,15 +133,21 @@ class ShardTask:
         tensor, ΔW in float32 (a second buffer when several updates sum), and the tensor's bytes
         twice (one being fused in place, the one before it still being written), plus the base's
         bytes of a tensor an adapter resizes (read, then fused in a buffer of the new size), plus
-        the fixed part."""
+        the fixed part. A quantized weight is fused as float32 beside its float32 original and its
+        re-decoded requantization (what the adapter kept), with its stored bytes twice."""
         by_name = {name: (dtype, shape) for name, dtype, shape in self.output_tensors}
         largest = 0
         for target in self.targets:
-            dtype, shape = by_name[target.tensor]
-            compute = 8 if dtype == "F64" else 4
-            per_element = compute * (2 if len(target.updates) > 1 else 1) + 2 * DTYPE_BYTES[dtype]
-            resized_from = self.shard.header.tensor(target.base_tensor).nbytes if target.shape else 0
-            largest = max(largest, per_element * math.prod(shape) + resized_from)
+            if target.quantized is not None:
+                stored = sum(p.info.nbytes for p in target.parts)
+                need = (16 if target.updates else 4) * math.prod(target.quantized.shape) + 2 * stored
+            else:
+                dtype, shape = by_name[target.tensor]
+                compute = 8 if dtype == "F64" else 4
+                per_element = compute * (2 if len(target.updates) > 1 else 1) + 2 * DTYPE_BYTES[dtype]
+                resized_from = self.shard.header.tensor(target.base_tensor).nbytes if target.shape else 0
+                need = per_element * math.prod(shape) + resized_from
+            largest = max(largest, need)
         return FIXED_WORKER_BYTES + largest
 
 
@@ -121,6 +165,7 @@ class MergePlan:
     # as a whole, which the output leaves out
     file_sources: Mapping[str, str] = field(default_factory=dict)
     files_left_out: tuple[str, ...] = ()
+    config_removed: tuple[str, ...] = ()  # config.json keys the merge drops (--dequantize: quantization_config)
 
     @property
     def model_changes(self) -> dict:
@@ -128,8 +173,12 @@ class MergePlan:
         resized = {f.tensor: [list(t.shard.header.tensor(f.tensor).shape), list(f.shape)]
                    for t in self.tasks for f in t.targets if f.shape is not None and f.source is None}
         added = {f.tensor: f.source for t in self.tasks for f in t.targets if f.source is not None}
-        return {"config": dict(self.config_updates), "resized_tensors": resized, "added_tensors": added,
-                "files_from_adapters": dict(self.file_sources), "base_files_left_out": list(self.files_left_out)}
+        quantized = [f for t in self.tasks for f in t.targets if f.quantized is not None]
+        return {"config": dict(self.config_updates), "config_removed": list(self.config_removed),
+                "resized_tensors": resized, "added_tensors": added,
+                "files_from_adapters": dict(self.file_sources), "base_files_left_out": list(self.files_left_out),
+                "requantized_tensors": sum(1 for f in quantized if not f.dequantize),
+                "dequantized_tensors": sum(1 for f in quantized if f.dequantize)}
 
     @property
     def arithmetic(self) -> dict:

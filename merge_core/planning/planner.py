@@ -14,21 +14,26 @@ shard in the base's file order.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from merge_core.errors import InputError
 from merge_core.format.header import FLOAT_DTYPES
+from merge_core.format.quantization import QUANT_METHODS
 from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.kinds import Kind
 from merge_core.names import ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES, UNVALIDATED_SINGLE_NAME
 from merge_core.numerics.combine import CombineSpec, check_combine
 from merge_core.planning.experts import expert_targets
-from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, Update
+from merge_core.planning.model_config import config_updates
+from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, StoredPart, Update
 from merge_core.planning.shapes import expected_shape, fits
-from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, config_updates, resizes, tied_target
+from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, resizes, tied_target
+
+log = logging.getLogger("lora_merge")
 
 
 def _check_arithmetic(adapters: Sequence[LoraAdapter], weights: Sequence[float], sequential: bool,
@@ -59,17 +64,25 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     """The update fits the tensor it targets (at its current shape, `shapes`: a resized
     vocabulary's); records the new shape when it resizes it."""
     name = source or update.target
-    shard_name = base.weight_map.get(name)
-    if shard_name is None:
+    if not base.has(name):
         stored = " (neither whole nor one tensor per expert)" if update.kind is Kind.PARAM else ""
         raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have{stored}",
                          "check that the adapter was trained on this base model")
-    info = base.shard(shard_name).header.tensor(name)
-    if info.dtype not in FLOAT_DTYPES:
-        raise InputError(f"{base.uri}/{shard_name}: tensor {name}", f"is {info.dtype}; an adapter can only "
-                         f"be merged into {', '.join(FLOAT_DTYPES)}", "merge into an unquantized base checkpoint")
+    quantized = base.quantized.get(name)
+    owner = base.part_of(name)
+    if owner is not None and quantized is None:
+        raise InputError(subject, f"targets {name}, a stored part of the quantized weight {owner.name}",
+                         f"train the adapter on the model's own module ({owner.name})")
+    info = base.info(name)
+    if quantized is None and info.dtype not in FLOAT_DTYPES:
+        raise InputError(f"{base.uri}/{base.shard_of(name)}: tensor {name}", f"is {info.dtype}; an adapter can only "
+                         f"be merged into {', '.join(FLOAT_DTYPES)} or a supported quantized format "
+                         f"({', '.join(QUANT_METHODS)})", "merge into an unquantized base checkpoint")
     shape = shapes.get(update.target, tuple(info.shape))
     if resizes(update, shape):
+        if quantized is not None:
+            raise InputError(subject, f"resizes {name}, which the base stores quantized ({quantized.codec})",
+                             "merge into an unquantized base checkpoint")
         shapes[update.target] = tuple(update.factors[0].shape)
     elif not fits(update, shape):
         expected = expected_shape(update)
@@ -127,7 +140,7 @@ class _Placement:
         # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
         placed.sort(key=lambda p: p[1].target != p[0].target)
         return [(head, update, source) for head, update, source in placed
-                if not (update.kind is Kind.IA3 and update.side == "bias" and head.target not in self.base.weight_map)
+                if not (update.kind is Kind.IA3 and update.side == "bias" and not self.base.has(head.target))
                 and not (update.kind is Kind.REPLACE and update.target in own_copies
                          and (update.saved_as == "original_module" or update.target != head.target))]
 
@@ -165,15 +178,36 @@ class _Placement:
                                  "whose deltas PEFT rounds differently: --combine cannot combine them",
                                  "merge these adapters without --combine")
 
-    def tasks(self) -> tuple[ShardTask, ...]:
-        """One task per base shard, its targets in the shard's file order, new tensors last."""
+    def quantized_targets(self, dequantize: bool) -> dict[str, FuseTarget]:
+        """The quantized weights the merge re-encodes (those an adapter updates; every one with
+        --dequantize), each with its parts wherever they are stored."""
+        base, targets = self.base, {}
+        for name, weight in base.quantized.items():
+            if name not in self.updates and not dequantize:
+                continue
+            parts = tuple(StoredPart(role, base.weight_map[info.name],
+                                     base.shard(base.weight_map[info.name]).header.data_start, info)
+                          for role, info in sorted(weight.parts, key=lambda p: p[1].name != weight.primary.name))
+            targets[name] = FuseTarget(name, tuple(self.updates.get(name, ())), quantized=weight, parts=parts,
+                                       dequantize=dequantize)
+        return targets
+
+    def tasks(self, dequantize: bool) -> tuple[ShardTask, ...]:
+        """One task per base shard, its targets in the shard's file order (a quantized weight where its
+        codes are), new tensors last."""
+        quantized = self.quantized_targets(dequantize)
+        moved = {p.info.name for t in quantized.values() for p in t.parts[1:]}
         tasks = []
         for shard in self.base.shards:
-            names = [t.name for t in shard.header.tensors if t.name in self.updates]
+            names = [t.name for t in shard.header.tensors if t.name in self.updates and t.name not in quantized]
             names += [name for name, source in self.added.items() if source in shard.header.names]
-            targets = tuple(FuseTarget(name, tuple(self.updates.get(name, ())), self.added.get(name),
-                                       self.shapes.get(name)) for name in names)
-            tasks.append(ShardTask(shard, targets, shard.name if self.base.indexed else UNVALIDATED_SINGLE_NAME))
+            targets = [FuseTarget(name, tuple(self.updates.get(name, ())), self.added.get(name),
+                                  self.shapes.get(name)) for name in names]
+            targets += [t for t in quantized.values() if t.parts[0].shard == shard.name]
+            order = {name: i for i, name in enumerate(shard.header.names)}
+            targets.sort(key=lambda t: (t.source is not None, order.get(t.parts[0].info.name if t.parts else t.tensor, 0)))
+            tasks.append(ShardTask(shard, tuple(targets), shard.name if self.base.indexed else UNVALIDATED_SINGLE_NAME,
+                                   tuple(n for n in shard.header.names if n in moved)))
         return tuple(tasks)
 
 
@@ -191,7 +225,11 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     placement.check_combined()
     resizer = placement.resizer
     tokenizer = resizer.tokenizer_files if resizer else ()
-    return MergePlan(base.uri, tuple(a.uri for a in adapters), placement.tasks(), sequential, combine,
-                     config_updates(base, vocab_size, bool(placement.added)),
-                     {name: resizer.uri for name in tokenizer},
-                     tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer))
+    if dequantize and base.quantization is None:
+        log.warning("--dequantize: %s is not quantized; its weights are written as they are", base.uri)
+    dequantizing = dequantize and base.quantization is not None
+    updates, removed = config_updates(base, vocab_size, bool(placement.added), dequantizing)
+    return MergePlan(base.uri, tuple(a.uri for a in adapters), placement.tasks(dequantizing), sequential, combine,
+                     updates, {name: resizer.uri for name in tokenizer},
+                     tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
+                     removed)

@@ -1,6 +1,5 @@
 """Tied output heads and resized vocabularies: where an update lands when the model's output
-head shares its input embedding's tensor, and what a merge that changes the model's layout
-(a resized vocabulary, an untied head) must write beside the tensors.
+head shares its input embedding's tensor, and the vocabulary size a resizing adapter makes.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ def tied_target(base: BaseCheckpoint, update: ModuleUpdate) -> tuple[ModuleUpdat
     embedding: the model stays tied. A trained copy of the head (modules_to_save) is a head of its
     own: PEFT unties the model and saves lm_head.weight beside the unchanged embedding."""
     tied = base.tied_embedding
-    if update.target in base.weight_map or tied is None or update.module.rpartition(".")[2] != "lm_head":
+    if base.has(update.target) or tied is None or update.module.rpartition(".")[2] != "lm_head":
         return update, None
     if update.kind is Kind.REPLACE and update.trained_copy:
         return update, tied
@@ -48,7 +47,7 @@ def check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]]
     resize_token_embeddings made at merge time, which no file records. Returns the new size."""
     def base_rows(name: str) -> int:
         stored = added.get(name, name)
-        return base.shard(base.weight_map[stored]).header.tensor(stored).shape[0]
+        return base.info(stored).shape[0]
 
     sizes = sorted({shape[0] for shape in shapes.values()})
     if len(sizes) > 1:
@@ -64,20 +63,3 @@ def check_vocabulary(base: BaseCheckpoint, shapes: Mapping[str, tuple[int, ...]]
                              "save the adapter with save_embedding_layers=True after resize_token_embeddings, so "
                              "that it carries every embedding and output head at the new size")
     return sizes[0]
-
-
-def config_updates(base: BaseCheckpoint, vocab_size: int | None, untied: bool) -> dict[str, object]:
-    """config.json's keys the merge changes: vocab_size (top level, or a multimodal model's
-    text_config), and tie_word_embeddings when the merge unties the head. None without a config.json."""
-    updates: dict[str, object] = {}
-    if not base.config:
-        return updates
-    if vocab_size is not None:
-        text_config = base.config.get("text_config")
-        if "vocab_size" not in base.config and isinstance(text_config, dict) and "vocab_size" in text_config:
-            updates["text_config"] = dict(text_config) | {"vocab_size": vocab_size}
-        else:
-            updates["vocab_size"] = vocab_size
-    if untied:
-        updates["tie_word_embeddings"] = False
-    return updates

@@ -16,6 +16,7 @@ from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions, copy_object
 from merge_core.names import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.planning.plan import MergePlan
+from merge_core.publish.journal import pause_point, vouches_for
 from merge_core.publish.manifest import build_manifest
 from merge_core.publish.publication import Publication
 from merge_core.publish.report import build_report
@@ -53,14 +54,16 @@ def validate_merge(plan: MergePlan, results: Sequence[ShardResult], index: Mappi
 def copy_extra_files(plan: MergePlan, base: Storage, output: Storage, names: Sequence[str],
                      options: StorageOptions = StorageOptions()) -> list[dict]:
     """The base's other files (`names`), as they are, except: config.json with the keys the merge
-    changes rewritten (a resized vocabulary's vocab_size, an untied head's tie_word_embeddings),
-    and the tokenizer files of the adapter that resized the vocabulary in place of the base's."""
+    changes rewritten (a resized vocabulary's vocab_size, an untied head's tie_word_embeddings,
+    --dequantize's quantization_config removed), and the tokenizer files of the adapter that resized the vocabulary in place of the base's."""
     sources = {name: open_storage(uri, options) for name, uri in plan.file_sources.items()}
     copied = []
     for name in sorted({n for n in names if n not in plan.files_left_out} | set(sources)):
         source = sources.get(name, base)
-        if name == CONFIG_JSON and plan.config_updates:
+        if name == CONFIG_JSON and (plan.config_updates or plan.config_removed):
             config = json.loads(base.read_bytes(name)) | dict(plan.config_updates)
+            for key in plan.config_removed:
+                config.pop(key, None)
             data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
             output.write_bytes(name, data)
             size, sha = len(data), hashlib.sha256(data).hexdigest()
@@ -72,27 +75,52 @@ def copy_extra_files(plan: MergePlan, base: Storage, output: Storage, names: Seq
 
 def publish(output: Storage, plan: MergePlan, index: Mapping[str, object], manifest: Mapping[str, object],
             report: bytes) -> None:
-    # Uploads abandoned by killed (and retried) workers would otherwise linger, and be billed.
-    output.discard_incomplete()
-    for task in plan.tasks:  # a single-file model takes its real name only now, validated
-        if task.output_name != task.name:
-            output.rename(task.output_name, task.name)
-    output.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-    output.write_bytes(REPORT_NAME, report)
-    try:
-        output.write_bytes(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), exclusive=True)
-    except FileExistsError:
-        raise RuntimeError(f"{output.describe(INDEX_NAME)}: another job published a model here while this one "
-                           "ran; this run's output was not published") from None
+    index_bytes = (json.dumps(index, indent=2) + "\n").encode()
+    shards = manifest.get("output", {}).get("shards", [])
+    if output.exists(INDEX_NAME):  # an earlier attempt of this task got this far before it was lost
+        _check_published(output, index_bytes, shards)
+    elif not vouches_for(output, shards):
+        # Our driver died and a newer run (--resume, --overwrite) has claimed the output: publishing
+        # now would abort that run's uploads and put this run's index over its work.
+        raise RuntimeError(f"{output.describe(JOURNAL_NAME)}: another run has taken over this output since this "
+                           "one started; this run's output was not published")
+    else:
+        # Uploads abandoned by killed (and retried) workers would otherwise linger, and be billed.
+        output.discard_incomplete()
+        for task in plan.tasks:  # a single-file model takes its real name only now, validated
+            if task.output_name != task.name:
+                output.rename(task.output_name, task.name)
+        output.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        output.write_bytes(REPORT_NAME, report)
+        pause_point("manifest-written")
+        try:
+            output.write_bytes(INDEX_NAME, index_bytes, exclusive=True)
+        except FileExistsError:  # S3 may answer a retried PUT that had landed with 412
+            _check_published(output, index_bytes, shards)
+    pause_point("index-written")
     try:
         output.delete(JOURNAL_NAME)  # the model is complete: nothing is left to resume
     except Exception:  # published is published; a stale journal is only clutter
         pass
 
 
+def _check_published(output: Storage, index_bytes: bytes, shards: Sequence[Mapping[str, object]]) -> None:
+    """The index is already there: fine if it is this merge's (the same index, and a manifest that
+    records the same shard bytes); another job's otherwise."""
+    try:
+        same = output.read_bytes(INDEX_NAME) == index_bytes and [(s["name"], s["sha256"]) for s in json.loads(
+            output.read_bytes(MANIFEST_NAME))["output"]["shards"]] == [(s["name"], s["sha256"]) for s in shards]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise RuntimeError(f"{output.describe(INDEX_NAME)}: another job published a model here while this one "
+                           "ran; this run's output was not published")
+
+
 def finalize_merge(plan: MergePlan, spec: MergeSpec, publication: Publication) -> dict:
     """Validate (with spec.read_back), copy the other files, write the manifest, the report and,
     last, the index. Returns the manifest."""
+    pause_point("finalizing")
     started = time.perf_counter()
     output, base = open_storage(spec.output_uri, spec.storage), open_storage(spec.base_uri, spec.storage)
     index, total_size = build_index(plan, publication.index_metadata)

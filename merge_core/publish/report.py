@@ -1,4 +1,5 @@
-"""merge_report.parquet: one row per output tensor, saying what the merge did to it."""
+"""merge_report.parquet: one row per tensor of the merged model (a quantized weight's stored parts as one
+row, under its logical name), saying what the merge did to it."""
 
 from __future__ import annotations
 
@@ -22,16 +23,36 @@ SCHEMA = pa.schema([
     ("delta_norm", pa.float64()),  # ‖ΔW‖ (Frobenius, float32 ΔW before rounding)
     ("delta_max_abs", pa.float64()),  # max |ΔW|
     ("relative_change", pa.float64()),  # ‖ΔW‖ / ‖W‖
+    ("stored_as", pa.list_(pa.string())),  # a quantized weight's stored tensors (codes, scales), else empty
+    ("codec", pa.string()),  # fp8_block, mxfp4 or int4_packed; "" when not quantized
+    ("requant_error", pa.float64()),  # ‖deq(Q(W')) − W'‖ / ‖ΔW‖: what storing W' in its format cost
+    ("adapter_kept", pa.float64()),  # cos(deq(Q(W')) − deq(W), ΔW): the share of the adapter that survived
 ])
+
+
+def _rows(task) -> list[tuple[str, str, tuple[int, ...], object]]:
+    """(name, dtype, shape, target or None) per tensor of the merged shard, a quantized weight's parts
+    folded into one row."""
+    targets = {t.tensor: t for t in task.targets if t.quantized is None}
+    owners = {name: t for t in task.targets if t.quantized is not None for name, _, _ in t.output_tensors}
+    rows, seen = [], set()
+    for name, dtype, shape in task.output_tensors:
+        owner = owners.get(name)
+        if owner is None:
+            rows.append((name, dtype, tuple(shape), targets.get(name)))
+        elif owner.tensor not in seen:
+            seen.add(owner.tensor)
+            rows.append((owner.tensor, owner.output_tensors[0][1], owner.quantized.shape, owner))
+    return rows
 
 
 def build_report(plan: MergePlan, results: Sequence[ShardResult]) -> bytes:
     stats = {name: s for r in results for name, s in r.fused_stats}
     rows = []
     for task in plan.tasks:
-        targets = {t.tensor: t for t in task.targets}
-        for name, dtype, shape in task.output_tensors:
-            target, stat = targets.get(name), stats.get(name)
+        for name, dtype, shape, target in _rows(task):
+            stat = stats.get(name)
+            quantized = target.quantized if target is not None else None
             rows.append({
                 "name": name, "shard": task.name, "dtype": dtype, "shape": list(shape),
                 "fused": target is not None,
@@ -41,6 +62,10 @@ def build_report(plan: MergePlan, results: Sequence[ShardResult]) -> bytes:
                 "delta_max_abs": stat.delta_max if stat else None,
                 "relative_change": (stat.delta_norm / stat.weight_norm if stat.weight_norm else float("inf"))
                 if stat else None,
+                "stored_as": [n for n, _, _ in target.output_tensors] if quantized else [],
+                "codec": quantized.codec if quantized else "",
+                "requant_error": stat.requant_error if stat else None,
+                "adapter_kept": stat.adapter_kept if stat else None,
             })
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer)

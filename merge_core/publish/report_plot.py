@@ -139,8 +139,9 @@ td,th{{border:1px solid #ccc;padding:0.2em 0.5em;text-align:right}} td:first-chi
 
 
 def write_html(view: ReportView, summary: str, path: str, top: int = 20) -> None:
+    data = html_bytes(view, summary, "--html", top)  # before the file is opened: a failure leaves none
     with open(path, "wb") as f:
-        f.write(html_bytes(view, summary, "--html", top))
+        f.write(data)
 
 
 def _table(view: ReportView, top: int) -> str:

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from merge_core.format import codecs
+from merge_core.format.codecs.steps import step as steps_of
 from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import TORCH_DTYPES, tensor_from_bytes
 from merge_core.io.storage import Storage
@@ -30,12 +32,12 @@ def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: in
     return tensor_from_bytes(raw, info.dtype, info.shape[1:])
 
 
-def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adapters: Sequence[Storage],
-              output: Storage, out_header: ShardHeader, sequential: bool = False) -> str | None:
-    info = task.shard.header.tensor(target.tensor)
-    weight = _row(base, task.name, task.shard.header.data_start, info, row).double()
+def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequence[Storage]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row `row` of the merge in float64 from W's row: (exact, Σ|terms| bound for the float32
+    evaluation error, |ΔW| of the updates PEFT rounds before adding)."""
     exact, bound = weight.clone(), weight.abs()
-    rounded_delta = torch.zeros_like(exact)  # |ΔW| PEFT rounds to the weight's dtype before adding it
+    rounded_delta = torch.zeros_like(exact)
     for u in target.updates:
         adapter = adapters[u.adapter]
         scale = u.scale * u.weight
@@ -60,18 +62,33 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
         bound += (left.abs() @ right.abs()) * abs(scale)
         if u.kind.rounds_delta:
             rounded_delta += term.abs()
-    stored = _row(output, task.output_name, out_header.data_start, out_header.tensor(target.tensor), row)
-    ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[info.dtype]))
-    # The merge evaluates W + Σ scale·(B·A) in float32, then rounds once. Evaluating a rank-r sum
-    # in float32 may err by about r·eps32·Σ|terms|, which matters where W and ΔW nearly cancel;
-    # rounding then adds up to one unit of the stored value. Within that, the merge was right.
-    # LoRA on parameters rounds ΔW first, which may move it by half a unit of ΔW itself.
+    return exact, bound, rounded_delta
+
+
+def _evaluation_error(target: FuseTarget, bound: torch.Tensor) -> torch.Tensor:
+    """How far a correct float32 evaluation of W + Σ scale·(B·A) may stray: a rank-r sum errs by about
+    r·eps32·Σ|terms|, which matters where W and ΔW nearly cancel."""
     rank = max(u.factors[0].shape[0] if u.kind.facts.low_rank else 1 for u in target.updates)
+    return 4 * (rank + 2) * torch.finfo(torch.float32).eps * bound
+
+
+def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adapters: Sequence[Storage],
+              output: Storage, out_header: ShardHeader, sequential: bool = False,
+              weight: torch.Tensor | None = None) -> str | None:
+    """One row of a tensor stored in a float dtype (`weight`: W's row when the caller decoded it)."""
+    if weight is None:
+        weight = _row(base, task.name, task.shard.header.data_start, task.shard.header.tensor(target.tensor), row)
+    exact, bound, rounded_delta = _expected(target, row, weight.double(), adapters)
+    stored_info = out_header.tensor(target.tensor)
+    stored = _row(output, task.output_name, out_header.data_start, stored_info, row)
+    ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[stored_info.dtype]))
+    # Rounding adds up to one unit of the stored value to the float32 evaluation's error; LoRA on
+    # parameters rounds ΔW first, which may move it by half a unit of ΔW itself.
     finfo = torch.finfo(stored.dtype)
     magnitude = stored.double().abs()
     unit = torch.where(magnitude > 0, 2.0 ** torch.floor(torch.log2(magnitude.clamp_min(finfo.tiny))) * finfo.eps,
                        torch.full_like(magnitude, finfo.tiny))
-    allowed = unit + 4 * (rank + 2) * torch.finfo(torch.float32).eps * bound + finfo.eps * rounded_delta
+    allowed = unit + _evaluation_error(target, bound) + finfo.eps * rounded_delta
     if sequential:  # each adapter's result rounded, by up to half a unit of that intermediate value
         allowed += (len(target.updates) - 1) * finfo.eps * bound
     bad = (ulps > len(target.updates)) & ~((stored.double() - exact).abs() <= len(target.updates) * allowed)
@@ -79,6 +96,35 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
         return (f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: {int(bad.sum())} elements differ "
                 f"from the float64 recomputation by up to {int(ulps.max())} ulp")
     return None
+
+
+def _parts(storage: Storage, name: str, data_start: int, infos: Sequence[tuple[str, TensorInfo]]) -> dict:
+    return {role: tensor_from_bytes(storage.read_range(name, data_start + i.start, i.nbytes), i.dtype, i.shape)
+            for role, i in infos}
+
+
+def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], base: Storage,
+                    adapters: Sequence[Storage], output: Storage, out_header: ShardHeader) -> list[str]:
+    """Rows of a quantized weight: the float64 merge of its decoded base rows, against the stored weight
+    decoded (within one quantization step of its format), or the stored bf16 (--dequantize)."""
+    weight = codecs.decode(target.quantized, {p.role: tensor_from_bytes(
+        base.read_range(p.shard, p.data_start + p.info.start, p.info.nbytes), p.info.dtype, p.info.shape)
+        for p in target.parts})
+    if target.dequantize:
+        return [p for row in rows if (p := _spot_row(task, target, row, base, adapters, output, out_header,
+                                                      weight=weight[row]))]
+    stored_parts = _parts(output, task.output_name, out_header.data_start,
+                          [(p.role, out_header.tensor(p.info.name)) for p in target.parts])
+    stored, steps = codecs.decode(target.quantized, stored_parts), steps_of(target.quantized, stored_parts)
+    problems = []
+    for row in rows:
+        exact, bound, _ = _expected(target, row, weight[row].double(), adapters)
+        off = (stored[row].double() - exact).abs() - steps[row].double() - _evaluation_error(target, bound)
+        if bool((off > 0).any()):
+            problems.append(f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: "
+                            f"{int((off > 0).sum())} elements lie more than one {target.quantized.codec} step from "
+                            f"the float64 merge of the decoded base")
+    return problems
 
 
 def _row_recomputable(update: Update) -> bool:
@@ -102,11 +148,16 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
         return []
     rng = random.Random(seed)
     fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and f.updates
-             and all(_row_recomputable(u) for u in f.updates)]
+             and all(_row_recomputable(u) for u in f.updates)
+             and (f.quantized is None or len(f.quantized.shape) == 2)]
     problems = []
     for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
-        rows = task.shard.header.tensor(target.tensor).shape[0]
-        for row in rng.sample(range(rows), min(SPOT_ROWS, rows)):
+        count = (target.quantized.shape if target.quantized else task.shard.header.tensor(target.tensor).shape)[0]
+        rows = rng.sample(range(count), min(SPOT_ROWS, count))
+        if target.quantized is not None:
+            problems += _spot_quantized(task, target, rows, base, adapters, output, headers[task.name])
+            continue
+        for row in rows:
             problem = _spot_row(task, target, row, base, adapters, output, headers[task.name], plan.sequential)
             if problem:
                 problems.append(problem)

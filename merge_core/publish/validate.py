@@ -54,13 +54,15 @@ def check_index(plan: MergePlan, index: Mapping[str, object], headers: Mapping[s
 
 def check_config(plan: MergePlan, output: Storage) -> list[str]:
     """config.json says what the merge changed: a resized vocabulary's vocab_size, an untied head's
-    tie_word_embeddings."""
-    if not plan.config_updates:
+    tie_word_embeddings, no quantization_config after --dequantize."""
+    if not plan.config_updates and not plan.config_removed:
         return []
     where = output.describe(CONFIG_JSON)
     try:
         config = json.loads(output.read_bytes(CONFIG_JSON))
     except (FileNotFoundError, ValueError):
-        return [f"{where}: missing or not JSON, but the merge changes {sorted(plan.config_updates)}"]
-    return [f"{where}: {key} is {config.get(key)!r}, the merge makes it {value!r}"
-            for key, value in plan.config_updates.items() if config.get(key) != value]
+        changed = sorted([*plan.config_updates, *plan.config_removed])
+        return [f"{where}: missing or not JSON, but the merge changes {changed}"]
+    return ([f"{where}: {key} is {config.get(key)!r}, the merge makes it {value!r}"
+             for key, value in plan.config_updates.items() if config.get(key) != value]
+            + [f"{where}: still has {key}, which the merge removes" for key in plan.config_removed if key in config])

@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import dataclass
 
 from merge_core.errors import InputError
-from merge_core.format.header import ShardHeader
+from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import tensor_from_bytes
 from merge_core.inputs.checkpoint import read_shard_header
 from merge_core.io.pipeline import Item, Read, read_ahead
@@ -16,7 +16,7 @@ from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage
 from merge_core.numerics.ulps import describe_difference
 from merge_core.numerics.workspace import workspace_for
-from merge_core.planning.plan import ShardTask
+from merge_core.planning.plan import FuseTarget, ShardTask
 from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
 from merge_core.worker.spec import MergeSpec
 
@@ -30,29 +30,69 @@ class ShardVerdict:
     tensors_checked: int
 
 
+def _owners(task: ShardTask) -> dict[str, FuseTarget]:
+    """Each output tensor of a fused target → that target (a quantized weight owns all its parts)."""
+    owners = {}
+    for target in task.targets:
+        names = [name for name, _, _ in target.output_tensors] if target.quantized is not None else [target.tensor]
+        owners.update({name: target for name in names})
+    return owners
+
+
 def _items(task: ShardTask, header: ShardHeader, spec: MergeSpec, merged: Storage, problems: list[str]) -> list[Item]:
-    """Each tensor of the merged file, in its order (so that its bytes hash in sequence), with the
-    base tensor and factors a fresh merge of it reads."""
+    """Each tensor of the merged file, in its order (so that its bytes hash in sequence), with what a
+    fresh merge of it reads: a fused target's outputs (a quantized weight's parts, together) in one
+    item, an untouched tensor with its base bytes."""
     base = open_storage(spec.base_uri, spec.storage)
     adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
     base_header = task.shard.header
-    targets = {t.tensor: t for t in task.targets}
+    owners = _owners(task)
     planned = {name for name, _, _ in task.output_tensors}
-    items = []
-    for info in header.tensors:
+    infos = list(header.tensors)
+    items, position = [], 0
+    while position < len(infos):
+        info = infos[position]
         stored = Read(merged, task.name, header.data_start + info.start, info.nbytes)
-        target = targets.get(info.name)
+        target = owners.get(info.name)
         if info.name not in planned:
             problems.append(f"{merged.describe(task.name)}: tensor {info.name} is neither in the base shard nor "
                             "added by the merge")
-            items.append(Item((info, None), (stored,)))
+            items.append(Item(([info], None), (stored,)))
         elif target is not None:
-            items.append(Item((info, target), (stored, *tensor_reads(task, target, base, adapters))))
+            group = infos[position:position + len([o for o in owners if owners[o] is target])]
+            reads = [Read(merged, task.name, header.data_start + i.start, i.nbytes) for i in group]
+            items.append(Item((group, target), (*reads, *tensor_reads(task, target, base, adapters))))
+            position += len(group) - 1
         else:
             base_info = base_header.tensor(info.name)
-            items.append(Item((info, info.name), (stored, Read(base, task.name, base_header.data_start
-                                                                + base_info.start, base_info.nbytes))))
+            items.append(Item(([info], info.name), (stored, Read(base, task.name, base_header.data_start
+                                                                  + base_info.start, base_info.nbytes))))
+        position += 1
     return items
+
+
+def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec: MergeSpec, planned: dict,
+             fused_ulps: int, where: str) -> list[str]:
+    """The stored tensors of one item against a fresh merge (or the base bytes) of them."""
+    problems = []
+    stored = data[:len(infos)]
+    if isinstance(source, str):
+        expected = {source: data[1]}
+    else:
+        outputs, _ = merged_tensor(task, source, data[len(infos):], spec, workspace_for("cpu"))
+        expected = dict(outputs)
+    for info, raw in zip(infos, stored):
+        dtype, shape = planned[info.name]
+        if (info.dtype, tuple(info.shape)) != (dtype, shape) or info.name not in expected:
+            problems.append(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
+                            f"the merge makes it {dtype}{list(shape)}")
+            continue
+        difference = describe_difference(info.name, tensor_from_bytes(raw, info.dtype, info.shape),
+                                          tensor_from_bytes(expected[info.name], dtype, shape),
+                                          0 if isinstance(source, str) else fused_ulps)
+        if difference:
+            problems.append(f"{where}: {difference}")
+    return problems
 
 
 def verify_shard(task: ShardTask, spec: MergeSpec, expected_size: int | None, expected_sha256: str | None,
@@ -69,25 +109,13 @@ def verify_shard(task: ShardTask, spec: MergeSpec, expected_size: int | None, ex
     problems: list[str] = []
     digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
     planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
-    workspace = workspace_for("cpu")
     checked = 0
-    for (info, source), data in read_ahead(_items(task, header, spec, merged, problems)):
-        digest.update(data[0])
-        if source is None:
-            continue
-        dtype, shape = planned[info.name]
-        if (info.dtype, tuple(info.shape)) != (dtype, shape):
-            problems.append(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
-                            f"the merge makes it {dtype}{list(shape)}")
-            continue
-        stored = tensor_from_bytes(data[0], info.dtype, info.shape)
-        fused = not isinstance(source, str)
-        expected = merged_tensor(task, source, data[1:], spec, workspace)[0] if fused else data[1]
-        difference = describe_difference(info.name, stored, tensor_from_bytes(expected, dtype, shape),
-                                          fused_ulps if fused else 0)
-        if difference:
-            problems.append(f"{where}: {difference}")
-        checked += 1
+    for (infos, source), data in read_ahead(_items(task, header, spec, merged, problems)):
+        for raw in data[:len(infos)]:
+            digest.update(raw)
+        if source is not None:
+            problems += _compare(infos, data, source, task, spec, planned, fused_ulps, where)
+            checked += len(infos)
     missing = sorted(set(planned) - set(header.names))
     if missing:
         problems.append(f"{where}: {len(missing)} tensors missing, e.g. {missing[:3]}")

@@ -28,16 +28,18 @@ from merge_core.worker.merged_tensor import merged_tensor, shared_factors, tenso
 from merge_core.worker.shard_result import ShardResult, check_stored
 from merge_core.worker.spec import MergeSpec
 
-_HEADER, _COPY = "header", "copy"
+_HEADER, _COPY, _MOVED = "header", "copy", "moved"
 
 
 def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Iterator[Item[FuseTarget | str]]:
     """The shard in file order: the header; runs of untouched tensors, in chunks; each tensor to
-    fuse, with its adapter factors. Every base byte is read exactly once, in order, so the
-    base's sha256 comes for free."""
+    fuse, with its adapter factors (a quantized weight where its codes are, with all its parts);
+    the parts written with their codes, read here only to be hashed. Every base byte is read in
+    order, so the base's sha256 comes for free."""
     header = task.shard.header
     yield Item(_HEADER, (Read(base, task.name, 0, header.data_start),))
-    targets = {t.tensor: t for t in task.targets}
+    targets = {(t.parts[0].info.name if t.parts else t.tensor): t for t in task.targets if t.source is None}
+    moved = set(task.moved)
     uses = shared_factors(task)
 
     def fuse_item(target: FuseTarget) -> Item[FuseTarget]:
@@ -46,23 +48,26 @@ def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Itera
     run_start = None
     for info in header.tensors:
         target = targets.get(info.name)
-        if target is None:
+        if target is None and info.name not in moved:
             run_start = info.start if run_start is None else run_start
             continue
         if run_start is not None:
-            yield from _copy_items(base, task.name, header.data_start + run_start, info.start - run_start)
+            yield from _chunks(_COPY, base, task.name, header.data_start + run_start, info.start - run_start)
             run_start = None
-        yield fuse_item(target)
+        if target is not None:
+            yield fuse_item(target)
+        else:
+            yield from _chunks(_MOVED, base, task.name, header.data_start + info.start, info.nbytes)
     if run_start is not None:
         end = header.tensors[-1].end
-        yield from _copy_items(base, task.name, header.data_start + run_start, end - run_start)
+        yield from _chunks(_COPY, base, task.name, header.data_start + run_start, end - run_start)
     # Tensors new to the shard (an untied output head) follow, read again from their base tensor.
     yield from (fuse_item(t) for t in task.targets if t.source is not None)
 
 
-def _copy_items(base: Storage, name: str, offset: int, length: int) -> Iterator[Item[str]]:
+def _chunks(tag: str, base: Storage, name: str, offset: int, length: int) -> Iterator[Item[str]]:
     for start in range(offset, offset + length, DEFAULT_CHUNK_BYTES):
-        yield Item(_COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
+        yield Item(tag, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
 class _Laps:
@@ -103,14 +108,15 @@ class _ShardStream:
             self.laps.lap("write")  # the base's own header is only hashed: the output has its own
 
     def fuse(self, target: FuseTarget, data: list, before_writing) -> None:
-        merged, stats = merged_tensor(self.task, target, data, self.spec, self.workspace, before_writing)
+        outputs, stats = merged_tensor(self.task, target, data, self.spec, self.workspace, before_writing)
         if stats.nonfinite_introduced and not self.spec.allow_nonfinite:
             raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {target.tensor}: fusing produced "
                                    f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
                                    "(check the adapter, or pass --allow-nonfinite)"])
         self.fused.append((target.tensor, stats))
         self.laps.lap("fuse")
-        self.stream.write_tensor(self.layout[target.tensor], merged)
+        for name, data in outputs:
+            self.stream.write_tensor(self.layout[name], data)
 
 
 def merge_shard(task: ShardTask, spec: MergeSpec, device: str = "cpu", threads: int | None = None) -> ShardResult:

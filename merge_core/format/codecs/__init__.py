@@ -23,6 +23,8 @@ from merge_core.format.codecs import fp8_block, int4_packed, mxfp4
 from merge_core.format.quantization import QuantizedWeight
 from merge_core.format.tensors import TORCH_DTYPES
 
+MXFP4_TIES = "away"
+
 
 def decode(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The float32 logical weight, `weight.shape`, from its stored parts by role."""
@@ -55,10 +57,12 @@ def encode(weight: QuantizedWeight, merged: torch.Tensor,
             codes = fp8_block.quantize_codes(merged, kept, weight.block)
         parts = {"codes": codes, "scale": kept}
     elif weight.codec == "mxfp4":
+        # Ties away from zero, as the issue's reference (triton_kernels' downcast_to_mxfp_torch before
+        # its 2025 change to ties-to-even, the rounding GPT-OSS was released with) specifies.
         if kept is None:
-            blocks, kept = mxfp4.quantize(merged)
+            blocks, kept = mxfp4.quantize(merged, ties=MXFP4_TIES)
         else:
-            blocks = mxfp4.quantize_codes(merged, kept)
+            blocks = mxfp4.quantize_codes(merged, kept, ties=MXFP4_TIES)
         parts = {"blocks": blocks, "scales": kept}
     else:
         scale_dtype = TORCH_DTYPES[weight.part("scale").dtype]

@@ -27,7 +27,7 @@ def test_shards_of_another_base_with_the_same_layout_are_not_reused(tmp_path):
     results = [merge_shard(t, MergeSpec.of(plan, out.root)) for t in plan.tasks]
     key = fingerprint(plan, ["a"], {})
     write_journal(out, key, results)
-    assert [r.name for r in proven(out, LocalStorage(base), read_journal(out, key), plan)] == \
+    assert [r.name for r in proven(out, LocalStorage(base), read_journal(out, key).shards, plan)] == \
         [t.name for t in plan.tasks]
 
     # The other checkpoint, copied over the base: same names, sizes and layout, other bytes.
@@ -35,7 +35,7 @@ def test_shards_of_another_base_with_the_same_layout_are_not_reused(tmp_path):
         shutil.copy(os.path.join(other, name), os.path.join(base, name))
     plan_now = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
     assert fingerprint(plan_now, ["a"], {}) == key, "layout alone cannot tell them apart"
-    assert proven(out, LocalStorage(base), read_journal(out, key), plan_now) == []
+    assert proven(out, LocalStorage(base), read_journal(out, key).shards, plan_now) == []
 
 
 def test_a_journal_of_other_settings_is_refused(tmp_path):

@@ -1,0 +1,148 @@
+"""Merges into quantized bases (FP8 block-scaled, MXFP4 experts, INT4 pack-quantized), kept in the base's
+format or written as bf16 (--dequantize), against references that are not the code under test.
+
+The reference merge is PEFT's own merge_and_unload, in float32, into a model whose quantized weights hold
+their exact dequantized values (transformers' MXFP4 dequantization, compressed-tensors' INT4, a float64
+FP8 one): W' there has the bits lora-merge's float32 fuse gives. It is then requantized by the formats'
+references in tests/quantized_models.py (DeepSeek's block quantizer in float64, a nearest-e2m1 search,
+compressed-tensors' own quantizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from tests.local_merge import merge_without_ray
+from tests.quantized_models import (fp8_reference_quantize, int4_reference_quantize, mxfp4_reference_quantize,
+                                    quantized_weights, read_config, save_fp8_deepseek_v3, save_fp8_llama,
+                                    save_int4_kimi_style, save_mxfp4_gpt_oss, stored_tensors, write_sharded)
+from tests.reference import load_checkpoint
+from tests.variant_reference import build_adapter
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama():
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM, None
+
+
+def deepseek():
+    from transformers import DeepseekV3ForCausalLM
+    return DeepseekV3ForCausalLM, None
+
+
+def gpt_oss():
+    from transformers import GptOssForCausalLM
+    return GptOssForCausalLM, None
+
+
+def lora(**extra):
+    from peft import LoraConfig
+    return LoraConfig(r=4, lora_alpha=8, **extra)
+
+
+# name: (builder, model, LoRA config)
+CASES = {
+    "fp8-llama-partial-blocks": (save_fp8_llama, llama, lambda: lora(target_modules=LLAMA_LINEARS)),
+    "fp8-llama-ue8m0-bf16-scales": (lambda p: save_fp8_llama(p, scale_fmt="ue8m0", scale_dtype=torch.bfloat16),
+                                    llama, lambda: lora(target_modules=["q_proj", "down_proj"])),
+    "fp8-deepseek-v3-moe": (save_fp8_deepseek_v3, deepseek, lambda: lora(
+        target_modules=["q_b_proj", "kv_b_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+    "mxfp4-gpt-oss": (save_mxfp4_gpt_oss, gpt_oss, lambda: lora(
+        target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+    "int4-kimi-style": (save_int4_kimi_style, deepseek, lambda: lora(
+        target_modules=["q_b_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+}
+
+
+def exact_base(checkpoint, path: str) -> str:
+    """The base with its quantized weights' exact dequantized values, float32, no quantization_config."""
+    config = read_config(checkpoint.path)
+    config.pop("quantization_config", None)
+    tensors = {name: t.float() for name, t in checkpoint.dequantized.items()} | dict(checkpoint.exact)
+    return write_sharded(path, tensors, config, shards=1)
+
+
+def peft_float32(model, base: str, adapter: str, out: str) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+
+    model_cls, _ = model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(model_cls.from_pretrained(base, dtype=torch.float32),
+                                           adapter).merge_and_unload()
+        merged.save_pretrained(out)
+    return load_checkpoint(out)
+
+
+def requantize(weight, merged: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The format's reference quantizer on W', by role."""
+    if weight.codec == "fp8_block":
+        codes, scale = fp8_reference_quantize(merged, weight.block, torch.float32 if weight.part("scale").dtype
+                                              == "F32" else torch.bfloat16, weight.scale_fmt == "ue8m0")
+        return {"codes": codes, "scale": scale}
+    if weight.codec == "mxfp4":
+        blocks, scales = mxfp4_reference_quantize(merged, ties="away")
+        return {"blocks": blocks, "scales": scales}
+    packed, scale = int4_reference_quantize(merged, weight.group_size, torch.bfloat16)
+    return {"packed": packed, "scale": scale, "shape": torch.tensor(weight.shape, dtype=torch.int32)}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    build, model, config = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    checkpoint = build(str(root / "base"))
+    exact = exact_base(checkpoint, str(root / "exact"))
+    adapter = build_adapter((model()[0], None), exact, str(root / "adapter"), config())
+    reference = peft_float32(model, exact, adapter, str(root / "peft"))
+    return request.param, checkpoint, adapter, reference, root
+
+
+def test_each_format_merges_in_its_own_format_as_the_references_requantize(case):
+    name, checkpoint, adapter, reference, root = case
+    out = str(root / "out")
+    merge_without_ray(checkpoint.path, [adapter], out)
+    base, merged = stored_tensors(checkpoint.path), stored_tensors(out)
+    assert {k: (v.dtype, v.shape) for k, v in merged.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
+    assert read_config(out) == read_config(checkpoint.path), "config.json unchanged"
+    weights = quantized_weights(checkpoint.path)
+    touched = [w for n, w in weights.items() if not torch.equal(reference[n], checkpoint.exact[n])]
+    assert touched, "the adapter updates quantized weights"
+    for weight in weights.values():
+        if weight not in touched:  # codes and scales byte for byte
+            assert all(torch.equal(merged[i.name].view(torch.uint8), base[i.name].view(torch.uint8))
+                       for _, i in weight.parts), weight.name
+            continue
+        expected = requantize(weight, reference[weight.name])
+        for role, info in weight.parts:
+            ours, theirs = merged[info.name], expected[role]
+            if role == "codes":  # float64 vs float32 division may round a tie the other way: one step
+                steps = (ours.view(torch.uint8).to(torch.int16) - theirs.view(torch.uint8).to(torch.int16)).abs()
+                assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) < 1e-3, (weight.name, role)
+            else:
+                assert torch.equal(ours.view(torch.uint8), theirs.contiguous().view(torch.uint8)), (weight.name, role)
+
+
+def test_dequantize_writes_the_merge_as_bf16_rounded_once(case):
+    name, checkpoint, adapter, reference, root = case
+    out = str(root / "out-bf16")
+    merge_without_ray(checkpoint.path, [adapter], out, dequantize=True)
+    merged = load_checkpoint(out)
+    assert "quantization_config" not in read_config(out)
+    weights = quantized_weights(checkpoint.path)
+    stored_parts = {i.name for w in weights.values() for _, i in w.parts} - set(weights)
+    assert not stored_parts & set(merged), "no scales or packed codes left"
+    for logical in weights:
+        assert merged[logical].dtype == torch.bfloat16
+        assert torch.equal(merged[logical], reference[logical].to(torch.bfloat16)), logical
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert set(index["weight_map"]) == set(merged)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
