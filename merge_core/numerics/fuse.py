@@ -9,6 +9,7 @@ rounded as PEFT rounds it; the work runs over cache-sized blocks of rows in reus
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -40,6 +41,10 @@ class _Stage:
     terms: list[Term] = field(default_factory=list)
     data: torch.Tensor | None = None  # ΔW, the IA3 multiplier or the replacement, rows × rest
     magnitude: torch.Tensor | None = None
+    # With several updates, for the report: ‖ΔW‖ of each term (a sum stage), or the stage's whole
+    # change, ‖W after − W before‖ squared and summed over blocks (the others)
+    norms: list[float] = field(default_factory=list)
+    change_sq: float = 0.0
 
 
 def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -> list[_Stage]:
@@ -64,7 +69,9 @@ def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspace, compute: torch.dtype,
-             combine: Callable | None) -> None:
+             combine: Callable | None, measure: bool = False) -> None:
+    """The stage's data on the device: ΔW (summed over its terms), the IA3 multiplier or the copy.
+    With `measure`, each term's ‖ΔW‖ too."""
     shape = tuple(weight.shape)
 
     def buffer(slot: str) -> Callable[[tuple[int, ...]], torch.Tensor]:
@@ -91,8 +98,12 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
             delta = combine([term_delta(t, f"term{i}").contiguous() for i, t in enumerate(stage.terms)])
         else:
             delta = term_delta(first, f"delta{index}")
+            stage.norms = [float(torch.linalg.vector_norm(delta))] if measure else []
             for term in stage.terms[1:]:
-                delta.add_(term_delta(term, "term"))
+                term_delta_ = term_delta(term, "term")
+                if measure:
+                    stage.norms.append(float(torch.linalg.vector_norm(term_delta_)))
+                delta.add_(term_delta_)
         stage.data = _rows_of(delta) if delta.dim() != 2 else delta
         if stage.op == "dora":
             stage.magnitude = first.tensors["magnitude"].to(workspace.device, compute).reshape(-1)
@@ -149,7 +160,7 @@ class _Tally:
 
 
 def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Tensor, workspace: Workspace,
-               compute: torch.dtype, whole: bool, tally: _Tally) -> None:
+               compute: torch.dtype, whole: bool, tally: _Tally, measure: bool = False) -> None:
     """Every stage over `target` (W as rows × rest, on the workspace's device), a block of rows at a
     time, in float32 buffers reused between blocks; W' is written back over `target`."""
     rows, width = target.shape
@@ -158,6 +169,7 @@ def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Ten
     x_all = workspace.buffer("block", compute, block)
     before_all = workspace.buffer("before", compute, block)
     rounded_all = workspace.buffer("rounded", weight.dtype, block)
+    changes_all = workspace.buffer("change", compute, block) if measure else None
     limit = torch.finfo(weight.dtype).max
     for start in range(0, rows, step):
         rows_here = slice(start, start + step)
@@ -170,7 +182,13 @@ def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Ten
             if number:  # the previous stage's result, rounded as PEFT stores it in the weight
                 rounded.copy_(x)
                 x.copy_(rounded)
+            measured = measure and stage.op not in ("add", "add_rounded")
+            if measured:
+                change = changes_all[:w.numel()].view(w.shape)
+                change.copy_(x)
             _apply(stage, x, rows_here, weight)
+            if measured:
+                stage.change_sq += float(torch.linalg.vector_norm(change.sub_(x))) ** 2
         tally.add(before, x, w, limit)
 
 
@@ -191,27 +209,40 @@ def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     on_gpu = workspace.device.type == "cuda"
     stages = _stages(terms, sequential, combine)
+    measure = len(terms) > 1 and combine is None  # each adapter's ‖ΔW‖ for the report
     tally = _Tally()
     with exact_float32_matmul():
         for index, stage in enumerate(stages):
-            _prepare(stage, index, weight, workspace, compute, combine)
+            _prepare(stage, index, weight, workspace, compute, combine, measure)
         if before_writing is not None:
             before_writing()
         # A DoRA norm per column (W stored in×out) needs every row at once, as does the GPU.
         whole = on_gpu or any(s.op == "dora" and s.terms[0].transpose for s in stages)
         if not on_gpu or weight.device == workspace.device:  # on the CPU, or already on the GPU
-            _fuse_rows(_rows_of(weight), stages, weight, workspace, compute, whole, tally)
-            return tally.stats()
-        rows = _rows_of(weight)
-        staged = workspace.buffer("host", weight.dtype, weight.numel(), pinned=True).view(rows.shape)
-        staged.copy_(rows)
-        target = workspace.buffer("weight", weight.dtype, weight.numel()).view(rows.shape)
-        target.copy_(staged, non_blocking=True)
-        _fuse_rows(target, stages, weight, workspace, compute, whole, tally)
-        staged.copy_(target, non_blocking=True)
-        torch.cuda.current_stream(workspace.device).synchronize()
-        rows.copy_(staged)
-    return tally.stats()
+            _fuse_rows(_rows_of(weight), stages, weight, workspace, compute, whole, tally, measure)
+        else:
+            rows = _rows_of(weight)
+            staged = workspace.buffer("host", weight.dtype, weight.numel(), pinned=True).view(rows.shape)
+            staged.copy_(rows)
+            target = workspace.buffer("weight", weight.dtype, weight.numel()).view(rows.shape)
+            target.copy_(staged, non_blocking=True)
+            _fuse_rows(target, stages, weight, workspace, compute, whole, tally, measure)
+            staged.copy_(target, non_blocking=True)
+            torch.cuda.current_stream(workspace.device).synchronize()
+            rows.copy_(staged)
+    stats = tally.stats()
+    return dataclasses.replace(stats, adapter_norms=_term_norms(terms, stages)) if measure else stats
+
+
+def _term_norms(terms: Sequence[Term], stages: Sequence[_Stage]) -> tuple[float, ...]:
+    """Each term's ‖ΔW‖ in the order the terms were given (the updates' order)."""
+    norms = {}
+    for stage in stages:
+        if stage.norms:
+            norms.update({id(t): n for t, n in zip(stage.terms, stage.norms)})
+        else:
+            norms[id(stage.terms[0])] = stage.change_sq ** 0.5
+    return tuple(norms[id(t)] for t in terms)
 
 
 def fuse(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace | None = None, **options

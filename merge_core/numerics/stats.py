@@ -17,3 +17,5 @@ class FuseStats:
     # the weight is not quantized, or no adapter changed it.
     requant_error: float | None = None
     adapter_kept: float | None = None
+    # With several updates: each one's ‖ΔW‖ (weighted; for DoRA, IA3 and copies, the change it made)
+    adapter_norms: tuple[float, ...] = ()

@@ -27,6 +27,7 @@ SCHEMA = pa.schema([
     ("codec", pa.string()),  # fp8_block, mxfp4 or int4_packed; "" when not quantized
     ("requant_error", pa.float64()),  # ‖deq(Q(W')) − W'‖ / ‖ΔW‖: what storing W' in its format cost
     ("adapter_kept", pa.float64()),  # cos(deq(Q(W')) − deq(W), ΔW): the share of the adapter that survived
+    ("adapter_delta_norms", pa.list_(pa.float64())),  # per adapter in `adapters`: ‖its weighted ΔW‖ (several)
 ])
 
 
@@ -66,6 +67,7 @@ def build_report(plan: MergePlan, results: Sequence[ShardResult]) -> bytes:
                 "codec": quantized.codec if quantized else "",
                 "requant_error": stat.requant_error if stat else None,
                 "adapter_kept": stat.adapter_kept if stat else None,
+                "adapter_delta_norms": list(stat.adapter_norms) if stat else [],
             })
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buffer)
