@@ -34,6 +34,11 @@ class KindFacts:
     scaled: bool
     # ΔW = B·A over a rank r: the float64 spot check can recompute a row of it.
     low_rank: bool
+    # How PEFT's unmerge_adapter() takes it back out: "sub_rounded" (W − round(ΔW): LoRA rounds ΔW
+    # to W's dtype before subtracting, unlike its merge), "sub" (W − ΔW), "ia3_div" (W ÷ (l + 1e-8)),
+    # or None where it cannot (DoRA needs the norm of the weight before the merge; a copy replaced
+    # the tensor whole).
+    unmerge: str | None = None
 
 
 class Kind(str, Enum):
@@ -65,15 +70,15 @@ class Kind(str, Enum):
 
 
 FACTS = {
-    Kind.LORA: KindFacts("add", additive=True, scaled=True, low_rank=True),
-    Kind.CONV: KindFacts("add", additive=True, scaled=True, low_rank=False),
-    Kind.EMBEDDING: KindFacts("add_rounded", additive=True, scaled=True, low_rank=False),
+    Kind.LORA: KindFacts("add", additive=True, scaled=True, low_rank=True, unmerge="sub_rounded"),
+    Kind.CONV: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub_rounded"),
+    Kind.EMBEDDING: KindFacts("add_rounded", additive=True, scaled=True, low_rank=False, unmerge="sub_rounded"),
     Kind.DORA: KindFacts("dora", additive=False, scaled=True, low_rank=False),
-    Kind.BIAS: KindFacts("add", additive=True, scaled=True, low_rank=False),
-    Kind.LOHA: KindFacts("add", additive=True, scaled=True, low_rank=False),
-    Kind.LOKR: KindFacts("add", additive=True, scaled=True, low_rank=False),
-    Kind.IA3: KindFacts("ia3", additive=False, scaled=False, low_rank=False),
-    Kind.PARAM: KindFacts("add_rounded", additive=True, scaled=True, low_rank=True),
+    Kind.BIAS: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub"),
+    Kind.LOHA: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub"),
+    Kind.LOKR: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub"),
+    Kind.IA3: KindFacts("ia3", additive=False, scaled=False, low_rank=False, unmerge="ia3_div"),
+    Kind.PARAM: KindFacts("add_rounded", additive=True, scaled=True, low_rank=True, unmerge="sub_rounded"),
     Kind.REPLACE: KindFacts("replace", additive=False, scaled=False, low_rank=False),
 }
 

@@ -20,11 +20,11 @@ from tests.reference import load_checkpoint
 def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                       **options) -> dict[str, torch.Tensor]:
     """The worker and the final task's pieces (validation included), called in turn in this process.
-    `options` go to the plan (sequential, combine, dequantize)."""
+    `options` go to the plan (sequential, combine, dequantize, unmerge)."""
     checkpoint = load_base(open_storage(base))
     plan = plan_merge(checkpoint, [load_adapter(open_storage(a)) for a in adapters], weights or [1.0] * len(adapters),
                       sequential=options.get("sequential", False), combine=options.get("combine"),
-                      dequantize=options.get("dequantize", False))
+                      dequantize=options.get("dequantize", False), unmerge=options.get("unmerge", False))
     results = [merge_shard(task, MergeSpec.of(plan, out)) for task in plan.tasks]
     assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
     index = build_index(plan, checkpoint.index_metadata)[0]

@@ -20,6 +20,8 @@ from merge_core.numerics.deltas import delta_weight
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import BLOCK_ELEMENTS, Workspace, exact_float32_matmul, workspace_for
 
+IA3_UNMERGE_EPSILON = 1e-8  # PEFT's guard against dividing by a zero IA3 vector
+
 
 @dataclass(frozen=True)
 class Term:
@@ -47,10 +49,14 @@ class _Stage:
     change_sq: float = 0.0
 
 
-def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None) -> list[_Stage]:
+def _stages(terms: Sequence[Term], sequential: bool, combine: Callable | None, unmerge: bool = False
+            ) -> list[_Stage]:
     """Replacements first (PEFT loads whole-tensor copies before it merges), then the updates in
     adapter order. Additive updates share one stage, so that W + ΣΔW is rounded once, unless
-    `sequential` (PEFT's merge_and_unload of several adapters: one rounding after each)."""
+    `sequential` (PEFT's merge_and_unload of several adapters: one rounding after each). To
+    unmerge, as PEFT's unmerge_adapter(): the last adapter first, each its own stage."""
+    if unmerge:
+        return [_Stage(t.kind.facts.unmerge, [t]) for t in reversed(terms)]
     stages = [_Stage("replace", [t]) for t in terms if t.kind is Kind.REPLACE]
     for term in (t for t in terms if t.kind is not Kind.REPLACE):
         op = term.kind.facts.stage
@@ -80,8 +86,10 @@ def _prepare(stage: _Stage, index: int, weight: torch.Tensor, workspace: Workspa
     first = stage.terms[0]
     if stage.op == "replace":
         stage.data = _rows_of(first.tensors["tensor"].to(workspace.device))
-    elif stage.op == "ia3":
+    elif stage.op in ("ia3", "ia3_div"):
         vector = first.tensors["l"].to(workspace.device, compute)
+        if stage.op == "ia3_div":  # PEFT's unmerge divides by l + 1e-8, the sum rounded first
+            vector = vector + IA3_UNMERGE_EPSILON
         if first.side == "bias":
             multiplier = vector.reshape(shape)
         elif weight.dim() == 2:
@@ -116,8 +124,14 @@ def _apply(stage: _Stage, x: torch.Tensor, rows: slice, weight: torch.Tensor) ->
         x.copy_(data[rows].to(x.dtype))
     elif stage.op == "ia3":
         x.mul_(data[rows] if data.shape[0] > 1 else data)
+    elif stage.op == "ia3_div":
+        x.div_(data[rows] if data.shape[0] > 1 else data)
     elif stage.op == "add":
         x.add_(data[rows])
+    elif stage.op == "sub":
+        x.sub_(data[rows])
+    elif stage.op == "sub_rounded":  # PEFT's unmerge: W -= ΔW.to(W.dtype)
+        x.sub_(data[rows].to(weight.dtype).to(x.dtype))
     elif stage.op == "add_rounded":  # PEFT's Embedding.merge: W += ΔW.to(W.dtype)
         x.add_(data[rows].to(weight.dtype).to(x.dtype))
     else:  # dora: W ← m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output as PEFT takes it
@@ -182,7 +196,7 @@ def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Ten
             if number:  # the previous stage's result, rounded as PEFT stores it in the weight
                 rounded.copy_(x)
                 x.copy_(rounded)
-            measured = measure and stage.op not in ("add", "add_rounded")
+            measured = measure and not stage.norms
             if measured:
                 change = changes_all[:w.numel()].view(w.shape)
                 change.copy_(x)
@@ -194,7 +208,7 @@ def _fuse_rows(target: torch.Tensor, stages: Sequence[_Stage], weight: torch.Ten
 
 def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
               before_writing: Callable[[], object] | None = None, sequential: bool = False,
-              combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> FuseStats:
+              combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None, unmerge: bool = False) -> FuseStats:
     """W ← the merged W, in place in `weight` (a CPU tensor over the bytes read, or a tensor already
     on the workspace's device, as a decoded quantized weight is).
 
@@ -204,11 +218,12 @@ def fuse_into(weight: torch.Tensor, terms: Sequence[Term], workspace: Workspace,
     adapter to the base's dtype. Working set: ΔW per stage, plus cache-sized blocks on a CPU, or
     W on the GPU and its pinned staging buffer. `before_writing` is called once the deltas are
     ready and before W's bytes change (e.g. to let a hash of them finish). `combine` merges the
-    full deltas of several adapters (--combine) into one.
+    full deltas of several adapters (--combine) into one. `unmerge` takes the terms back out as
+    PEFT's unmerge_adapter() does (see merge_core.kinds).
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     on_gpu = workspace.device.type == "cuda"
-    stages = _stages(terms, sequential, combine)
+    stages = _stages(terms, sequential, combine, unmerge)
     measure = len(terms) > 1 and combine is None  # each adapter's ‖ΔW‖ for the report
     tally = _Tally()
     with exact_float32_matmul():

@@ -166,6 +166,7 @@ class MergePlan:
     file_sources: Mapping[str, str] = field(default_factory=dict)
     files_left_out: tuple[str, ...] = ()
     config_removed: tuple[str, ...] = ()  # config.json keys the merge drops (--dequantize: quantization_config)
+    unmerge: bool = False  # take the adapters back out of a merged model (PEFT's unmerge_adapter())
 
     @property
     def model_changes(self) -> dict:
@@ -183,6 +184,8 @@ class MergePlan:
     @property
     def arithmetic(self) -> dict:
         """How several adapters' updates are put together, for the manifest and the resume journal."""
+        if self.unmerge:
+            return {"operation": "unmerge", "rounding": "after each adapter, the last one first", "combine": None}
         return {"rounding": "after each adapter" if self.sequential else "once",
                 "combine": None if self.combine is None else dataclasses.asdict(self.combine)}
 

@@ -93,6 +93,17 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
         raise InputError(subject, what, "check that the adapter was trained on this base model")
 
 
+def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
+    """What PEFT's unmerge_adapter() cannot take back out of a merged weight is refused by name."""
+    if update.kind.facts.unmerge is not None:
+        return
+    why = ("DoRA's merge normalised by the norm of the weight before it, which neither the merged model nor "
+           "the adapter records" if update.kind is Kind.DORA else
+           "the adapter's copy replaced the tensor whole (modules_to_save, or an embedding saved with the adapter)")
+    raise InputError(subject, f"cannot be unmerged from {update.target}: {why}",
+                     "take this tensor from the original base model instead")
+
+
 def _check_together(update: ModuleUpdate, subject: str, index: int, weight: float, uri: str,
                     earlier: Sequence[Update], combine: CombineSpec | None) -> None:
     """An update goes with its adapter's --weight, --combine, and the updates of the same tensor
@@ -121,6 +132,7 @@ class _Placement:
     """The updates placed so far, by the tensor each lands on, and what they change in the model."""
     base: BaseCheckpoint
     combine: CombineSpec | None
+    unmerge: bool = False
     updates: dict[str, list[Update]] = field(default_factory=dict)
     added: dict[str, str] = field(default_factory=dict)  # tensors new to the model → the base tensor each starts from
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # resized tensors' new shapes
@@ -167,6 +179,8 @@ class _Placement:
                     raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
                                      "old size", "give the adapter that resizes the vocabulary first")
                 self.resizer = adapter
+            if self.unmerge:
+                _check_unmergeable(update, subject)
             _check_together(update, subject, index, weight, adapter.uri, earlier, self.combine)
             earlier.append(Update(index, adapter.header.data_start, update.kind, update.factors, update.roles,
                                   update.scale, weight, update.transpose, update.experts, update.side))
@@ -213,11 +227,15 @@ class _Placement:
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
                sequential: bool = False, combine: CombineSpec | None = None,
-               allow_base_mismatch: bool = False, dequantize: bool = False) -> MergePlan:
+               allow_base_mismatch: bool = False, dequantize: bool = False, unmerge: bool = False) -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
-    a quantized base's weights are all written as bf16."""
+    a quantized base's weights are all written as bf16. With `unmerge`, `base` is a merged model
+    and the adapters' updates are taken back out of it."""
     _check_arithmetic(adapters, weights, sequential, combine, allow_base_mismatch)
-    placement = _Placement(base, combine)
+    if unmerge and combine is not None:
+        raise InputError("--combine", "cannot be undone: the pruned deltas depend on every adapter merged with them",
+                         "unmerge without --combine")
+    placement = _Placement(base, combine, unmerge)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         placement.place(adapter, index, weight)
     placement.updates = {name: updates for name, updates in placement.updates.items() if updates}
@@ -232,4 +250,4 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     return MergePlan(base.uri, tuple(a.uri for a in adapters), placement.tasks(dequantizing), sequential, combine,
                      updates, {name: resizer.uri for name in tokenizer},
                      tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
-                     removed)
+                     removed, unmerge)

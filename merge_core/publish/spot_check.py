@@ -32,10 +32,11 @@ def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: in
     return tensor_from_bytes(raw, info.dtype, info.shape[1:])
 
 
-def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequence[Storage]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row `row` of the merge in float64 from W's row: (exact, Σ|terms| bound for the float32
-    evaluation error, |ΔW| of the updates PEFT rounds before adding)."""
+def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequence[Storage],
+              unmerge: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row `row` of the merge (or unmerge) in float64 from W's row: (exact, Σ|terms| bound for the
+    float32 evaluation error, |ΔW| of the updates PEFT rounds before adding or subtracting)."""
+    sign = -1.0 if unmerge else 1.0
     exact, bound = weight.clone(), weight.abs()
     rounded_delta = torch.zeros_like(exact)
     for u in target.updates:
@@ -43,7 +44,7 @@ def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequ
         scale = u.scale * u.weight
         if u.kind is Kind.BIAS:  # element `row` of lora_B's bias, scaled
             b_elem = _row(adapter, ADAPTER_WEIGHTS_NAME, u.data_start, u.factors[0], row).double()
-            exact += b_elem * scale
+            exact += sign * b_elem * scale
             bound += b_elem.abs() * abs(scale)
             continue
         a_info, b_info = u.factors[u.roles.index("A")], u.factors[u.roles.index("B")]
@@ -58,9 +59,9 @@ def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequ
             if u.experts is not None and u.experts.index is not None:  # one expert's share: its r
                 left = left.reshape(-1, u.experts.count)[:, u.experts.index]  # columns of the row's (r, E) layout
         term = (left @ right) * scale
-        exact += term
+        exact += sign * term
         bound += (left.abs() @ right.abs()) * abs(scale)
-        if u.kind.rounds_delta:
+        if u.kind.rounds_delta or (unmerge and u.kind.facts.unmerge == "sub_rounded"):
             rounded_delta += term.abs()
     return exact, bound, rounded_delta
 
@@ -74,11 +75,11 @@ def _evaluation_error(target: FuseTarget, bound: torch.Tensor) -> torch.Tensor:
 
 def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adapters: Sequence[Storage],
               output: Storage, out_header: ShardHeader, sequential: bool = False,
-              weight: torch.Tensor | None = None) -> str | None:
+              weight: torch.Tensor | None = None, unmerge: bool = False) -> str | None:
     """One row of a tensor stored in a float dtype (`weight`: W's row when the caller decoded it)."""
     if weight is None:
         weight = _row(base, task.name, task.shard.header.data_start, task.shard.header.tensor(target.tensor), row)
-    exact, bound, rounded_delta = _expected(target, row, weight.double(), adapters)
+    exact, bound, rounded_delta = _expected(target, row, weight.double(), adapters, unmerge)
     stored_info = out_header.tensor(target.tensor)
     stored = _row(output, task.output_name, out_header.data_start, stored_info, row)
     ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[stored_info.dtype]))
@@ -89,7 +90,7 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
     unit = torch.where(magnitude > 0, 2.0 ** torch.floor(torch.log2(magnitude.clamp_min(finfo.tiny))) * finfo.eps,
                        torch.full_like(magnitude, finfo.tiny))
     allowed = unit + _evaluation_error(target, bound) + finfo.eps * rounded_delta
-    if sequential:  # each adapter's result rounded, by up to half a unit of that intermediate value
+    if sequential or unmerge:  # each adapter's result rounded, by up to half a unit of that value
         allowed += (len(target.updates) - 1) * finfo.eps * bound
     bad = (ulps > len(target.updates)) & ~((stored.double() - exact).abs() <= len(target.updates) * allowed)
     if bool(bad.any()):
@@ -104,7 +105,8 @@ def _parts(storage: Storage, name: str, data_start: int, infos: Sequence[tuple[s
 
 
 def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], base: Storage,
-                    adapters: Sequence[Storage], output: Storage, out_header: ShardHeader) -> list[str]:
+                    adapters: Sequence[Storage], output: Storage, out_header: ShardHeader,
+                    unmerge: bool = False) -> list[str]:
     """Rows of a quantized weight: the float64 merge of its decoded base rows, against the stored weight
     decoded (within one quantization step of its format), or the stored bf16 (--dequantize)."""
     weight = codecs.decode(target.quantized, {p.role: tensor_from_bytes(
@@ -112,13 +114,13 @@ def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], ba
         for p in target.parts})
     if target.dequantize:
         return [p for row in rows if (p := _spot_row(task, target, row, base, adapters, output, out_header,
-                                                      weight=weight[row]))]
+                                                      weight=weight[row], unmerge=unmerge))]
     stored_parts = _parts(output, task.output_name, out_header.data_start,
                           [(p.role, out_header.tensor(p.info.name)) for p in target.parts])
     stored, steps = codecs.decode(target.quantized, stored_parts), steps_of(target.quantized, stored_parts)
     problems = []
     for row in rows:
-        exact, bound, _ = _expected(target, row, weight[row].double(), adapters)
+        exact, bound, _ = _expected(target, row, weight[row].double(), adapters, unmerge)
         off = (stored[row].double() - exact).abs() - steps[row].double() - _evaluation_error(target, bound)
         if bool((off > 0).any()):
             problems.append(f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: "
@@ -155,10 +157,11 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
         count = (target.quantized.shape if target.quantized else task.shard.header.tensor(target.tensor).shape)[0]
         rows = rng.sample(range(count), min(SPOT_ROWS, count))
         if target.quantized is not None:
-            problems += _spot_quantized(task, target, rows, base, adapters, output, headers[task.name])
+            problems += _spot_quantized(task, target, rows, base, adapters, output, headers[task.name], plan.unmerge)
             continue
         for row in rows:
-            problem = _spot_row(task, target, row, base, adapters, output, headers[task.name], plan.sequential)
+            problem = _spot_row(task, target, row, base, adapters, output, headers[task.name], plan.sequential,
+                                unmerge=plan.unmerge)
             if problem:
                 problems.append(problem)
     return problems

@@ -87,7 +87,7 @@ def merged_tensor(task: ShardTask, target: FuseTarget, data: Sequence, spec: Mer
     if target.shape is not None:
         buffer, weight = resized(weight, target.shape)
     stats = fuse_into(weight, update_terms(target, data[1:], spec.combine is not None), workspace, before_writing,
-                      spec.sequential, _combiner(target, spec))
+                      spec.sequential, _combiner(target, spec), spec.unmerge)
     return [(target.tensor, buffer)], stats
 
 
@@ -103,7 +103,7 @@ def _merged_quantized(target: FuseTarget, data: Sequence, spec: MergeSpec, works
     weight = codecs.decode(target.quantized, stored)
     original = weight.clone() if target.updates else None
     stats = fuse_into(weight, update_terms(target, data[count:], spec.combine is not None), workspace,
-                      before_writing, spec.sequential, _combiner(target, spec))
+                      before_writing, spec.sequential, _combiner(target, spec), spec.unmerge)
     if target.dequantize:
         rounded = weight.to(TORCH_DTYPES[target.quantized.dtype])
         outputs = [(target.tensor, _host_bytes(rounded))]

@@ -20,9 +20,10 @@ class MergeSpec:
     read_back: bool = True  # read each published shard back and check its sha256
     sequential: bool = False  # several adapters: round after each (PEFT's merge_and_unload), not once
     combine: CombineSpec | None = None  # TIES/DARE/magnitude pruning of the adapters' deltas
+    unmerge: bool = False  # take the adapters' updates back out, as PEFT's unmerge_adapter() does
 
     @classmethod
     def of(cls, plan: MergePlan, output_uri: str, **settings) -> "MergeSpec":
         """The spec of a plan's merge into `output_uri`."""
         return cls(plan.base_uri, tuple(plan.adapter_uris), output_uri, sequential=plan.sequential,
-                   combine=plan.combine, **settings)
+                   combine=plan.combine, unmerge=plan.unmerge, **settings)
