@@ -122,7 +122,7 @@ def _merge(options: MergeOptions) -> int:
         ("nodes", f"{len(summary.nodes)}, device {summary.device}"),
         ("retries", str(summary.retries)),
         ("reused shards", f"{summary.reused} (--resume)" if options.resume else "0"),
-        ("validated", "yes: headers, index, sha256 read-back, NaN/Inf, float64 spot check"
+        ("validated", "yes: headers, index, sizes (sha256 read-back on object stores), NaN/Inf, float64 spot check"
          if summary.validated else "no (--no-validate)"),
     ]
     changes = summary.manifest.get("model_changes", {})

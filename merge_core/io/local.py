@@ -65,6 +65,7 @@ class _LocalWriter(ObjectWriter):
 
 
 class LocalStorage(Storage):
+    read_back_proves = False
     def __init__(self, root: str):
         self.root = os.path.realpath(os.path.expanduser(root))
         self.uri = self.root

@@ -55,6 +55,10 @@ class ObjectWriter(ABC):
 
 class Storage(ABC):
     uri: str
+    # Whether reading a just-written object back proves what the store holds. An object store
+    # answers from its servers; a local file answers from this machine's page cache, which
+    # proves little beyond what fsync already promised, at the cost of a second full pass.
+    read_back_proves: bool = True
 
     def describe(self, name: str) -> str:
         """The name as a user would type it, for messages."""
