@@ -91,6 +91,8 @@ class MergeOptions(RayOptions, MergeInputs):
                                    "base did not have", spec=BOOL, action="store_true")
     validate: bool = option(True, "--no-validate", "skip the read-back of shards and the checks before the index "
                             "is written", spec=BOOL, action="store_false")
+    allow_remerge: bool = option(False, "--allow-remerge", "merge an adapter that the base (a lora-merge output) "
+                                 "already holds, by its manifest, a second time", spec=BOOL, action="store_true")
     task_cpus: int = option(1, "--task-cpus", "CPUs each shard task asks for (default 1)",
                             spec=(int, "CPUs each shard task asks Ray for"), type=int, metavar="N")
     report_png: str | None = option(None, "--report-png", "after publishing, draw the report's heatmap to FILE (a "
@@ -98,6 +100,18 @@ class MergeOptions(RayOptions, MergeInputs):
                                     spec=(str, "a file path or URI"), metavar="FILE")
     task_resources: Mapping[str, float] = option(None, None, spec=(dict, "extra Ray resources per shard task, "
                                                                    "name: amount"), factory=dict)
+
+
+@dataclass(frozen=True)
+class UnmergeOptions(MergeOptions):
+    """Take adapters back out of a merged model: merge's options, the merged model in --base's place."""
+    base: str = option("", "--merged", "the merged model (a directory or s3://bucket/prefix) to take the adapters "
+                       "out of", spec=(str, "the merged model's URI"), required=True, metavar="URI")
+    original: str | None = option(None, "--base", "the original base, to report how much of it came back bit for "
+                                  "bit (default: the base the merged model's manifest records, if it is still "
+                                  "there)", spec=(str, "a URI"), metavar="URI")
+    strict: bool = option(False, "--strict", "refuse an adapter the merged model's manifest does not record "
+                          "(default: warn)", spec=BOOL, action="store_true")
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,8 @@ class ReportOptions:
 @dataclass(frozen=True)
 class PlanOptions(MergeInputs):
     json: bool = option(False, "--json", "print the plan as JSON", action="store_true")
+    unmerge: bool = option(False, "--unmerge", "plan taking the adapters out of --base, a merged model",
+                           action="store_true")
 
 
 def add_flags(parser: argparse.ArgumentParser, options: type, from_config: bool = False) -> None:

@@ -19,3 +19,7 @@ class FuseStats:
     adapter_kept: float | None = None
     # With several updates: each one's ‖ΔW‖ (weighted; for DoRA, IA3 and copies, the change it made)
     adapter_norms: tuple[float, ...] = ()
+    # An unmerge compared with the original base: elements that came back bit for bit, and the
+    # largest distance of the others in units of the last place. None when not compared.
+    recovered_equal: int | None = None
+    recovered_max_ulps: int | None = None

@@ -21,6 +21,7 @@ class MergeSpec:
     sequential: bool = False  # several adapters: round after each (PEFT's merge_and_unload), not once
     combine: CombineSpec | None = None  # TIES/DARE/magnitude pruning of the adapters' deltas
     unmerge: bool = False  # take the adapters' updates back out, as PEFT's unmerge_adapter() does
+    original_uri: str | None = None  # unmerge: the original base, to count what came back bit for bit
 
     @classmethod
     def of(cls, plan: MergePlan, output_uri: str, **settings) -> "MergeSpec":
