@@ -93,8 +93,9 @@ class MergeOptions(RayOptions, MergeInputs):
                             "is written", spec=BOOL, action="store_false")
     allow_remerge: bool = option(False, "--allow-remerge", "merge an adapter that the base (a lora-merge output) "
                                  "already holds, by its manifest, a second time", spec=BOOL, action="store_true")
-    task_cpus: int = option(1, "--task-cpus", "CPUs each shard task asks for (default 1)",
-                            spec=(int, "CPUs each shard task asks Ray for"), type=int, metavar="N")
+    task_cpus: int | None = option(None, "--task-cpus", "CPUs each shard task asks for (default: 1, or an equal "
+                                   "share of the cores when the shards are fewer)",
+                                   spec=(int, "CPUs each shard task asks Ray for"), type=int, metavar="N")
     report_png: str | None = option(None, "--report-png", "after publishing, draw the report's heatmap to FILE (a "
                                     "path, or an s3:// URI such as the model's own prefix); needs the plot extra",
                                     spec=(str, "a file path or URI"), metavar="FILE")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from jobs.driver import prepare
 from jobs.options import MergeInputs
+from jobs.scheduling import TASKS_PER_GPU
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.planning.plan import MergePlan
 
 
 def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) -> dict:
-    gpus = 1 if device == "cuda" else 0
+    gpus = 1 / TASKS_PER_GPU if device == "cuda" else 0
     return {
         "base": plan.base_uri,
         "adapters": list(plan.adapter_uris),
@@ -66,7 +67,8 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
     if changes["base_files_left_out"]:
         lines.append(f"leaves out the base's {', '.join(changes['base_files_left_out'])} (the adapter's tokenizer "
                      "replaces the base's)")
-    gpu = "1 GPU" if device == "cuda" else "a GPU where the cluster has them" if device == "auto" else "no GPU"
+    share = f"1/{TASKS_PER_GPU} of a GPU"
+    gpu = share if device == "cuda" else f"{share} where the cluster has GPUs" if device == "auto" else "no GPU"
     lines.append(f"each task asks Ray for 1 CPU, {gpu}, and the memory shown")
     return "\n".join(lines)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
 from merge_core.errors import InputError
 
 
@@ -28,8 +26,24 @@ class Lane:
         return self.running < self.slots
 
 
-def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str, task_cpus: int = 1) -> list[Lane]:
-    """Lanes for the alive nodes of `ray.nodes()`, each task taking `task_cpus` CPUs."""
+# Shard tasks one GPU runs at once: the fuse keeps the GPU busy for milliseconds per tensor, the
+# rest of a task is reading, hashing and writing on the host, which several tasks overlap.
+TASKS_PER_GPU = 2
+
+
+def task_cpus_for(nodes: Sequence[Mapping[str, object]], tasks: int) -> int:
+    """CPUs per task when the user gave none: one, unless the shards are fewer than the cores, when
+    each task takes an equal share of a node (its threads hash, read and fuse beside each other)."""
+    cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive")]
+    if not cpus or tasks <= 0 or tasks >= sum(cpus):
+        return 1
+    return max(1, min(max(cpus), sum(cpus) // tasks))
+
+
+def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str, task_cpus: int | None = 1,
+               tasks: int = 0) -> list[Lane]:
+    """Lanes for the alive nodes of `ray.nodes()`, each task taking `task_cpus` CPUs (None: sized
+    by task_cpus_for from the number of `tasks`)."""
     alive = [n for n in nodes if n.get("Alive")]
     resources = [n.get("Resources", {}) for n in alive]
     gpus = int(sum(r.get("GPU", 0) for r in resources))
@@ -41,8 +55,12 @@ def plan_lanes(nodes: Sequence[Mapping[str, object]], device: str, task_cpus: in
         if not cpus:
             raise InputError("--ray-address", "the Ray cluster has no CPUs to run tasks on",
                              "add worker nodes with CPUs to the cluster")
+        task_cpus = task_cpus or task_cpus_for(alive, tasks)
         return [Lane("cpu", {"num_cpus": task_cpus, "num_gpus": 0}, max(1, cpus // task_cpus))]
-    lanes = [Lane("gpu", {"num_cpus": task_cpus, "num_gpus": 1}, gpus)]
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # here: `plan` never loads Ray
+
+    task_cpus = task_cpus or 1
+    lanes = [Lane("gpu", {"num_cpus": task_cpus, "num_gpus": 1 / TASKS_PER_GPU}, gpus * TASKS_PER_GPU)]
     if device == "auto":
         for node, res in zip(alive, resources):
             if not res.get("GPU") and res.get("CPU", 0) >= task_cpus:

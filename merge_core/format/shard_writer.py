@@ -1,8 +1,9 @@
 """A safetensors file written as a stream: header first, then each tensor's bytes in order.
 
 The layout is fixed up front from the tensors' dtypes and shapes, so nothing is buffered or
-rewritten; the writer checks that exactly the promised bytes arrive, hashes and writes them on
-a thread of its own (behind the caller), and publishes the file only when every tensor is
+rewritten; the writer checks that exactly the promised bytes arrive, writes them and hashes them
+on two threads of their own (behind the caller, and beside each other: the hash need not wait
+for the store, nor the store for the hash), and publishes the file only when every tensor is
 complete.
 """
 
@@ -22,6 +23,7 @@ class ShardStreamWriter:
         header, self.layout = encode_header(tensors, metadata)
         self._writer = writer
         self._behind = Behind("write")
+        self._hashing = Behind("hash-output")
         self._sha = hashlib.sha256()
         self._size = 0
         self._data_written = 0  # bytes of tensor data so far
@@ -29,12 +31,9 @@ class ShardStreamWriter:
         self.data_start = len(header)
 
     def _emit(self, data: bytes | memoryview) -> None:
-        self._behind.submit(self._write_and_hash, data)
+        self._behind.submit(self._writer.write, data)
+        self._hashing.submit(self._sha.update, data)
         self._size += len(data)
-
-    def _write_and_hash(self, data: bytes | memoryview) -> None:
-        self._writer.write(data)
-        self._sha.update(data)
 
     def write_data(self, data: bytes | memoryview) -> None:
         """Raw tensor bytes, continuing where the previous call stopped (may span tensors)."""
@@ -57,10 +56,13 @@ class ShardStreamWriter:
         if self._data_written != end:
             raise RuntimeError(f"shard incomplete: {self._data_written} of {end} data bytes written")
         self._behind.drain()
+        self._hashing.drain()
         self._behind.close()
+        self._hashing.close()
         self._writer.commit()
         return self._size, self._sha.hexdigest()
 
     def abort(self) -> None:
         self._behind.close()
+        self._hashing.close()
         self._writer.abort()

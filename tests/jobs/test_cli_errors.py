@@ -77,9 +77,17 @@ def test_lanes_use_gpus_and_cpu_only_nodes():
     nodes = [{"Alive": True, "NodeID": "ab" * 28, "Resources": {"CPU": 2.0}},
              {"Alive": True, "NodeID": "cd" * 28, "Resources": {"CPU": 8.0, "GPU": 2.0}},
              {"Alive": False, "NodeID": "ef" * 28, "Resources": {"CPU": 8.0}}]
-    assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "auto")] == [("gpu", 2), ("cpu@abababab", 2)]
-    assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "cuda")] == [("gpu", 2)]
+    # two tasks share each GPU: its fuse takes milliseconds, the rest of a task is host I/O
+    assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "auto")] == [("gpu", 4), ("cpu@abababab", 2)]
+    assert plan_lanes(nodes, "cuda")[0].options["num_gpus"] == 0.5
     assert [(lane.name, lane.slots) for lane in plan_lanes(nodes, "cpu")] == [("cpu", 10)]
+
+
+def test_fewer_shards_than_cores_get_a_share_of_a_node_each():
+    nodes = [{"Alive": True, "NodeID": "ab" * 28, "Resources": {"CPU": 16.0}}]
+    assert [(lane.options["num_cpus"], lane.slots) for lane in plan_lanes(nodes, "cpu", None, tasks=3)] == [(5, 3)]
+    assert [(lane.options["num_cpus"], lane.slots) for lane in plan_lanes(nodes, "cpu", None, tasks=40)] == [(1, 16)]
+    assert [(lane.options["num_cpus"], lane.slots) for lane in plan_lanes(nodes, "cpu", 2, tasks=3)] == [(2, 8)]
 
 
 def test_output_that_is_an_input_is_refused(models, tmp_path):
