@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ import ray
 
 from jobs.options import MergeInputs, MergeOptions
 from jobs.progress import Progress
-from jobs.runner import get_with_retries, run_over_lanes
+from jobs.runner import Interrupted, get_with_retries, reclaim_signals, run_over_lanes, stop_signals, stopped_by
 from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.errors import InputError, TransientStorageError
@@ -20,10 +21,17 @@ from merge_core.inputs.checkpoint import BaseCheckpoint, load_base
 from merge_core.io.pipeline import sha256_of
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions
-from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, INDEX_NAME, STAGING_DIR
+from merge_core.names import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_PICKLE_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    INDEX_NAME,
+    JOURNAL_NAME,
+    STAGING_DIR,
+)
 from merge_core.planning.plan import MergePlan
 from merge_core.planning.planner import plan_merge
-from merge_core.publish.journal import fingerprint, proven, read_journal, write_journal
+from merge_core.publish.journal import PAUSE_ENV, fingerprint, pause_point, proven, read_journal, write_journal
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
@@ -98,32 +106,46 @@ def _check_output(output: Storage, options: MergeOptions) -> None:
         raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
     names = output.list_names()
     if INDEX_NAME in names and not options.overwrite:
-        raise InputError(output.describe(INDEX_NAME), "the output already holds a model",
+        what = "the output already holds a finished model: nothing to resume" if options.resume else \
+            "the output already holds a model"
+        raise InputError(output.describe(INDEX_NAME), what,
                          "pass --overwrite to replace it, or choose another --output")
     if names and not (options.overwrite or options.resume):
         raise InputError(output.uri, f"the output holds an unfinished merge ({len(names)} files)",
                          "pass --resume to finish it, --overwrite to start over, or choose an empty --output")
+    if names and options.resume and JOURNAL_NAME not in names:
+        # Every run records itself before it writes anything: these files are not a lora-merge run's.
+        raise InputError(output.uri, f"nothing to resume: the output holds {len(names)} files but no journal of a "
+                         "lora-merge run", "pass --overwrite to replace them, or choose an empty --output")
 
 
-def _clear_output(output: Storage) -> None:
+def _clear_output(output: Storage, journal_key: str) -> None:
     """--overwrite replaces the old output whole: stale shards of another layout would otherwise
     sit beside the new ones, and a loader may pick a stale model.safetensors over the index.
-    The index goes first, so the old output stops being a model before anything else changes."""
+    The index goes first, so the old output stops being a model before anything else changes;
+    then this merge's journal, marked `clearing`, so that a --resume finishes an interrupted clear."""
     output.delete(INDEX_NAME)
+    write_journal(output, journal_key, [], clearing=True)
+    pause_point("clearing")
     for name in output.list_names():
-        output.delete(name)
+        if name != JOURNAL_NAME:
+            output.delete(name)
     output.discard_incomplete()
 
 
 def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
+    # Tests only: a pause point reaches the tasks too (a running cluster's workers do not inherit
+    # the driver's environment).
+    hooks = {"runtime_env": {"env_vars": {PAUSE_ENV: os.environ[PAUSE_ENV]}}} if PAUSE_ENV in os.environ else {}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, **hooks)
     else:
         # "local": a new Ray for this job, never silently a cluster that `ray start` left on this machine.
         ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, **hooks)
+    reclaim_signals()
 
 
 def _adapter_record(adapter: LoraAdapter, weight: float, given_as: str, storage: StorageOptions) -> dict:
@@ -168,77 +190,153 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
     return prepared, records
 
 
-def _resume(output: Storage, options: MergeOptions, plan: MergePlan, journal_key: str) -> list[ShardResult]:
-    """With --resume, the shards of the interrupted run that storage still proves complete."""
-    if not options.resume:
-        return []
-    return proven(output, open_storage(options.base, options.storage), read_journal(output, journal_key), plan)
+@dataclass
+class _Run:
+    """This run's record in the output (the journal): what it vouches for, and what an
+    interruption reports."""
+    output: Storage
+    key: str = ""  # the merge's fingerprint
+    total: int = 0
+    done: list[ShardResult] = field(default_factory=list)
+    claimed: bool = False  # whether it may have written to the output yet
+
+    def record(self) -> None:
+        write_journal(self.output, self.key, self.done)
 
 
-def _run_shards(plan: MergePlan, spec: MergeSpec, output: Storage, options: MergeOptions, lanes,
-                reused: list[ShardResult], journal_key: str):
-    """One task per shard not reused, over the lanes, the journal rewritten after each."""
+def _resume(output: Storage, options: MergeOptions, plan: MergePlan,
+            journal_key: str) -> tuple[list[ShardResult], bool]:
+    """With --resume: the shards of the interrupted run that storage still proves complete, and
+    whether it had begun clearing the output for --overwrite. An empty output has nothing to
+    resume: the merge just starts (the first try of a job spec with `resume: true`)."""
+    if not options.resume or not output.exists(JOURNAL_NAME):
+        return [], False
+    journal = read_journal(output, journal_key)
+    if journal.clearing:
+        return [], True
+    return proven(output, open_storage(options.base, options.storage), journal.shards, plan), False
+
+
+def _claim(run: _Run, options: MergeOptions, reused: list[ShardResult], clearing: bool) -> None:
+    """Record this run in the output before any task may write there, so that a --resume knows the
+    output whenever this run stops; and remove what must not stay."""
+    run.claimed = True
+    if options.overwrite or clearing:
+        _clear_output(run.output, run.key)
+    elif options.resume:
+        run.output.discard_incomplete()  # temp files and uploads of the interrupted run's unfinished shards
+    run.done = list(reused)
+    run.record()
+    pause_point("journal-written")
+
+
+def _tidy(run: _Run, record: bool = True) -> None:
+    """After a failure or a stop, its tasks cancelled: no upload left open (a killed worker cannot
+    abort its own), the journal current. Never hides the failure that brought us here."""
+    pause_point("tidying")  # tests: a second Ctrl-C arrives while the first is being handled
+    try:
+        run.output.discard_incomplete()
+        if record:
+            run.record()
+    except Exception as exc:  # the store may be what failed; the next --resume tidies instead
+        log.warning("could not tidy %s after the failure: %s", run.output.uri, exc)
+
+
+def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: _Run):
+    """One task per shard not done yet, over the lanes, the journal rewritten after each."""
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
-             plan.write_bytes / 1e9, output.uri)
+             plan.write_bytes / 1e9, run.output.uri)
     progress = Progress(len(plan.tasks), plan.write_bytes)
-    for result in reused:
+    for result in run.done:
         progress.shard_done(result.name, result.size, "reused from the unfinished run", reused=True)
     memory = {t.name: t.memory_bytes for t in plan.tasks}
-    done: list[ShardResult] = list(reused)
 
     def finished(task, result: ShardResult) -> None:
-        done.append(result)
+        pause_point("shard-landed")  # tests: the shard is published, the journal does not know it yet
+        run.done.append(result)
         progress.shard_done(result.name, result.size, _describe(result))
         try:
-            write_journal(output, journal_key, done)
-        except (TransientStorageError, OSError) as exc:  # the journal only helps a later --resume
+            run.record()
+        except (TransientStorageError, OSError) as exc:  # it only saves a later --resume some work
             log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
         return merge_shard_task.options(**lane_options, memory=memory[task.name],
                                         resources=dict(options.task_resources) or None).remote(task, spec)
 
-    reused_names = {r.name for r in reused}
+    done = {r.name for r in run.done}
     try:
-        outcome = run_over_lanes([t for t in plan.tasks if t.name not in reused_names], lanes, submit,
-                                 lambda t: t.name, finished, progress)
+        outcome = run_over_lanes([t for t in plan.tasks if t.name not in done], lanes, submit, lambda t: t.name,
+                                 finished, progress)
     except BaseException:
-        output.discard_incomplete()  # writers abort their own uploads; a worker that was killed could not
-        raise
-    finally:
         progress.close()
-    return done, outcome
+        _tidy(run)
+        raise
+    progress.close()
+    return outcome
+
+
+def _interrupted(run: _Run, options: MergeOptions) -> Interrupted:
+    """What a stopped run says: how far it got, and how to finish."""
+    name = stopped_by() or "SIGINT"  # a KeyboardInterrupt not from our handler is a Ctrl-C
+    where = run.output.uri
+    how = "with --resume in place of --overwrite" if options.overwrite else "with --resume"
+    if not run.claimed:
+        return Interrupted(name, f"interrupted by {name} before the merge started; nothing was written ({where})")
+    try:
+        published = run.output.exists(INDEX_NAME)
+    except Exception:  # the store may be what failed: say how to finish, which is right either way
+        published = False
+    if published:  # the final task had written the index before it was cancelled
+        return Interrupted(name, f"interrupted by {name} as the model was published; it is complete ({where})")
+    return Interrupted(name, f"interrupted by {name}: {len(run.done)} of {run.total} shards are done; run the same "
+                       f"command {how} to finish ({where})")
 
 
 def run_merge(options: MergeOptions) -> MergeSummary:
-    """Check and plan, find what an interrupted run left (--resume), merge the shards, publish."""
+    """Check and plan, find what an interrupted run left (--resume), claim the output (the journal,
+    before any task runs), merge the shards, publish. SIGTERM or Ctrl-C stops it cleanly:
+    Interrupted, once the tasks are cancelled, the uploads aborted and the journal current."""
+    run = _Run(open_storage(options.output, options.storage))
+    with stop_signals():
+        try:
+            return _merge(options, run)
+        except KeyboardInterrupt:
+            raise _interrupted(run, options) from None
+
+
+def _merge(options: MergeOptions, run: _Run) -> MergeSummary:
     started = time.perf_counter()
-    output = open_storage(options.output, options.storage)
+    output = run.output
     prepared, records = _check_and_plan(output, options)
     plan = prepared.plan
-    journal_key = fingerprint(plan, [_weights_sha256(r) for r in records],
-                              {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
-    reused = _resume(output, options, plan, journal_key)
+    run.key = fingerprint(plan, [_weights_sha256(r) for r in records],
+                          {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
+    run.total = len(plan.tasks)
+    reused, clearing = _resume(output, options, plan, run.key)
     planned = time.perf_counter()
 
     connect(options.ray_address)
     lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus)
     check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
-    if options.overwrite:
-        _clear_output(output)
-    elif options.resume:
-        output.discard_incomplete()  # temp files and uploads of the interrupted run's unfinished shards
+    _claim(run, options, reused, clearing)
     spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
                         allow_nonfinite=options.allow_nonfinite, read_back=options.validate)
-    results, outcome = _run_shards(plan, spec, output, options, lanes, reused, journal_key)
+    outcome = _run_shards(plan, spec, options, lanes, run)
     merged = time.perf_counter()
 
+    run.record()  # current before the final task, which publishes only what the journal vouches for
+    results = run.done
     cluster = {"resources": ray.cluster_resources(), "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                "lanes": {lane.name: lane.slots for lane in lanes}}
     publication = Publication(tuple(results), prepared.base.extra_files, prepared.base.index_metadata,
                               tuple(records), {"plan_seconds": planned - started, "merge_seconds": merged - planned},
                               cluster, outcome.retries, tuple(r.name for r in reused))
-    manifest = get_with_retries(lambda: finalize_task.remote(plan, spec, publication), "the final task")
+    try:
+        manifest = get_with_retries(lambda: finalize_task.remote(plan, spec, publication), "the final task")
+    except BaseException:
+        _tidy(run, record=False)  # the journal is current, and must not come back once the index is there
+        raise
     if options.allow_pickle:
         _remove_staging(output, options.storage)
     return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,

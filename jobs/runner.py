@@ -1,4 +1,5 @@
-"""Run one Ray task per shard over the lanes, retrying transient failures, never bad input.
+"""Run one Ray task per shard over the lanes, retrying transient failures, never bad input; and
+stop them all when the job is told to stop.
 
 Retries are the driver's, not Ray's (tasks run with max_retries=0): the driver sees every
 failure, so it can tell a flaky store or a lost worker (retried, counted per shard, reported)
@@ -7,9 +8,14 @@ from bad input or a validation failure (raised at once, never retried).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import ray
 from ray import exceptions as ray_errors
@@ -20,6 +26,9 @@ from merge_core.errors import InputError, TransientStorageError, ValidationError
 
 log = logging.getLogger("lora_merge")
 MAX_ATTEMPTS = 4
+# Between attempts of the final task: a store that fails for a while gets ~14 s to come back
+# before a whole job's work waits for a --resume.
+FINAL_RETRY_WAITS = (2, 4, 8)
 CANCEL_WAIT_SECONDS = 10  # how long a cancelled task may take to die before the output is cleaned
 # Failures a second attempt may cure: the store or network, or the worker or node under the task.
 TRANSIENT = (TransientStorageError, ConnectionError, TimeoutError, ray_errors.WorkerCrashedError,
@@ -96,15 +105,21 @@ def cancel_all(refs: Sequence[ray.ObjectRef]) -> None:
         ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_WAIT_SECONDS)
 
 
-def get_with_retries(submit: Callable[[], ray.ObjectRef], name: str):
-    """Run one task to its result, retrying transient failures as shard tasks are."""
+def get_with_retries(submit: Callable[[], ray.ObjectRef], name: str, waits: Sequence[float] = FINAL_RETRY_WAITS):
+    """Run one task to its result, retrying transient failures after a pause; stopped (Ctrl-C,
+    SIGTERM), the task is cancelled before the interruption goes on."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        ref = submit()
         try:
-            return ray.get(submit())
+            return ray.get(ref)
+        except KeyboardInterrupt:
+            cancel_all([ref])
+            raise
         except Exception as exc:
             if not _is_transient(exc) or attempt == MAX_ATTEMPTS:
                 raise
             log.warning("retrying %s (attempt %d): %s", name, attempt + 1, _one_line(exc))
+            time.sleep(waits[min(attempt, len(waits)) - 1] if waits else 0)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -113,3 +128,63 @@ def _one_line(exc: BaseException) -> str:
         exc = cause
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+# Stopping: SIGTERM (what Kubernetes sends a pod it deletes, and `ray job stop`) and SIGINT (Ctrl-C).
+EXIT_SIGNALS = {"SIGTERM": 3, "SIGINT": 130}
+_received: list[str] = []  # the signals the current stop_signals() block has seen
+_installed = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """The job was stopped by a signal, and cleaned up after itself; the message says what is left."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = EXIT_SIGNALS.get(signal_name, 130)
+
+
+def _on_signal(signum: int, frame) -> None:
+    name = signal.Signals(signum).name
+    if _received:  # asked twice: stop now, cleanup or not (a --resume discards what is left)
+        os.write(2, f"error: {name} again: stopped at once (a --resume run finishes the merge)\n".encode())
+        os._exit(EXIT_SIGNALS.get(name, 130))
+    _received.append(name)
+    # KeyboardInterrupt, whatever the signal: the one exception Ray's blocking calls (ray.get,
+    # ray.wait) let through; stopped_by() tells which signal it was.
+    raise KeyboardInterrupt(name)
+
+
+def reclaim_signals() -> None:
+    """ray.init installs its own SIGTERM handler (sys.exit, no cleanup): take SIGTERM back."""
+    if _installed:
+        signal.signal(signal.SIGTERM, _on_signal)
+
+
+def stopped_by() -> str | None:
+    """The first stop signal received in the current stop_signals() block, if any."""
+    return _received[0] if _received else None
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise KeyboardInterrupt in the main thread, so the job
+    cancels its tasks, aborts its uploads and keeps its journal on the way out; a second one exits
+    at once. The handlers before are restored after (the CLI may run inside another program)."""
+    global _installed
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    _received.clear()
+    _installed = True
+    try:
+        for s in saved:
+            signal.signal(s, _on_signal)
+        yield
+    finally:
+        _installed = False
+        for s, handler in saved.items():
+            if handler is not None:  # None: set outside Python, which cannot be put back from here
+                signal.signal(s, handler)

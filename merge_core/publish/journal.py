@@ -27,7 +27,7 @@ from merge_core.planning.plan import MergePlan
 from merge_core.publish.manifest import tool_version
 from merge_core.worker.shard_result import ShardResult, check_stored
 
-# Tests only: "POINT:DIR" holds the first process that reaches POINT (see pause_point).
+# Tests only: "POINT[,POINT...]:DIR" holds the first process to reach POINT (see pause_point).
 PAUSE_ENV = "LORA_MERGE_TEST_PAUSE"
 PAUSE_LIMIT_SECONDS = 300  # a test that never comes back must not leave a run held for ever
 
@@ -124,14 +124,16 @@ def proven(storage: Storage, base: Storage, results: Sequence[ShardResult], plan
 
 
 def pause_point(point: str) -> None:
-    """Tests only, to stop a run in one precise window (a SIGKILL can hit any moment; a test must
-    hit each one): with LORA_MERGE_TEST_PAUSE=POINT:DIR, the first process to reach POINT creates
-    DIR/POINT.paused and waits until DIR/POINT.go exists; later arrivals (a retried task) pass.
-    Unset, it costs one environment lookup."""
+    """Tests only, to stop a run in one precise window (a SIGKILL can come at any moment; a test
+    must hit each one): with LORA_MERGE_TEST_PAUSE=POINT[,POINT...]:DIR, the first process to
+    reach POINT creates DIR/POINT.paused and waits until DIR/POINT.go exists; later arrivals (a
+    retried task) pass. Unset, it costs one environment lookup."""
     wanted = os.environ.get(PAUSE_ENV)
-    if not wanted or wanted.partition(":")[0] != point:
+    if not wanted:
         return
-    directory = wanted.partition(":")[2]
+    points, _, directory = wanted.partition(":")
+    if point not in points.split(","):
+        return
     try:
         os.close(os.open(os.path.join(directory, f"{point}.paused"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:

@@ -46,17 +46,31 @@ def journal_shards(out) -> int:
         return 0
 
 
-def task_workers() -> list[int]:
-    """Pids of Ray workers executing a merge task (Ray titles them ray::<task name>)."""
+def task_workers(cluster) -> list[int]:
+    """Pids of this cluster's Ray workers executing a merge task (Ray titles them ray::<task name>;
+    their parent is a raylet of the cluster: another test session's workers are never touched)."""
+    raylets = {p.process.pid for node in cluster.list_all_nodes() for p in node.all_processes.get("raylet", [])}
     pids = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::merge_shard_task"):
-                    pids.append(int(entry))
-        except (OSError, ValueError):
+                title = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
+        if title.startswith(b"ray::merge_shard_task") and parent in raylets:
+            pids.append(int(entry))
     return pids
+
+
+def s3_journal_shards(s3, prefix: str) -> int:
+    """Shards the journal on S3 records (the journal itself exists from the run's start)."""
+    try:
+        body = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}/{JOURNAL_NAME}")["Body"].read()
+        return len(json.loads(body)["shards"])
+    except Exception:  # not there yet, or the server is restarting
+        return 0
 
 
 def test_worker_killed_mid_shard_is_retried_and_the_output_is_identical(many_shards, two_node_cluster, tmp_path):
@@ -65,8 +79,8 @@ def test_worker_killed_mid_shard_is_retried_and_the_output_is_identical(many_sha
     job = start_merge("--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
                       "--ray-address", cluster.address)
     wait_until(lambda: journal_shards(out) >= 2, what="two finished shards")
-    wait_until(lambda: bool(task_workers()), what="a worker in the middle of a shard")
-    victim = task_workers()[0]
+    wait_until(lambda: bool(task_workers(cluster)), what="a worker in the middle of a shard")
+    victim = task_workers(cluster)[0]
     os.kill(victim, signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr
@@ -161,7 +175,7 @@ def test_s3_stopped_for_a_few_seconds_mid_run_is_ridden_out(s3, many_shards, two
                                                                                  "outage/adapter")
     job = start_merge("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/outage/out",
                       "--ray-address", cluster.address)
-    wait_until(lambda: JOURNAL_NAME in list_keys(s3, "outage/out"), what="a finished shard")
+    wait_until(lambda: s3_journal_shards(s3, "outage/out") >= 1, what="a finished shard")
     s3_server.restart(s3_server.load(s3.data_dir), pause=3)
     stdout, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr
@@ -180,7 +194,7 @@ def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, many_shards, two_
     job = subprocess.Popen([LORA_MERGE, "merge", "--base", base, "--adapter", adapter, "--output",
                             f"s3://{BUCKET}/gone/out"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=env)
-    wait_until(lambda: JOURNAL_NAME in list_keys(s3, "gone/out"), what="a finished shard")
+    wait_until(lambda: s3_journal_shards(s3, "gone/out") >= 1, what="a finished shard")
     server = s3_server.load(s3.data_dir)
     s3_server.stop(server)
     try:
