@@ -13,6 +13,7 @@ from jobs.options import (
     MergeOptions,
     PlanOptions,
     ReportOptions,
+    UnmergeOptions,
     VerifyOptions,
     add_flags,
     build,
@@ -41,6 +42,9 @@ EXAMPLES = {
     "plan": """examples:
   lora-merge plan --base ./Llama-3.1-8B --adapter ./my-lora
   lora-merge plan --base s3://models/llama-405b --adapter s3://loras/a --json""",
+    "unmerge": """examples:
+  lora-merge unmerge --merged ./merged --adapter ./my-lora --output ./unmerged
+  lora-merge unmerge --merged s3://models/llama-a --adapter s3://loras/a --output s3://models/llama --base s3://orig""",
     "report": """examples:
   lora-merge report ./merged
   lora-merge report s3://models/llama-a --png report.png --html s3://models/llama-a/merge_report.html""",
@@ -58,6 +62,7 @@ COMMAND_OPTIONS = {
     "verify": (VerifyOptions, "re-check a merged model against its base and adapters, byte for byte", False),
     "plan": (PlanOptions, "show what a merge would read, fuse and write; reads headers only, writes nothing", False),
     "report": (ReportOptions, "show what a merge changed: a summary, and a heatmap as PNG or HTML", False),
+    "unmerge": (UnmergeOptions, "take adapters back out of a merged model, as PEFT's unmerge_adapter() does", True),
 }
 
 
@@ -125,6 +130,12 @@ def _merge(options: MergeOptions) -> int:
         ("validated", "yes: headers, index, sizes (sha256 read-back on object stores), NaN/Inf, float64 spot check"
          if summary.validated else "no (--no-validate)"),
     ]
+    recovered = summary.manifest.get("recovery")
+    if recovered:
+        share = recovered["elements_identical"] / max(1, recovered["elements"])
+        rows.append(("came back bit for bit", f"{recovered['tensors_identical']} of {recovered['tensors']} tensors, "
+                     f"{share:.1%} of elements; the rest within {recovered['max_ulps']} ulp of "
+                     f"{recovered['original']}"))
     changes = summary.manifest.get("model_changes", {})
     view = None
     if options.report_png or changes.get("requantized_tensors") or changes.get("dequantized_tensors"):
@@ -173,7 +184,7 @@ def _plan(options: PlanOptions) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan, "report": _report}
+COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan, "report": _report, "unmerge": _merge}
 
 
 class _JsonLines(logging.Formatter):

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import ray
 
-from jobs.options import MergeInputs, MergeOptions
+from jobs.claim import Run, check_output, claim, interrupted, resumable, tidy
+from jobs.options import MergeInputs, MergeOptions, UnmergeOptions
 from jobs.progress import Progress
-from jobs.runner import Interrupted, get_with_retries, reclaim_signals, run_over_lanes, stop_signals, stopped_by
+from jobs.runner import get_with_retries, reclaim_signals, run_over_lanes, stop_signals
 from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import finalize_task, merge_shard_task
 from merge_core.errors import InputError, TransientStorageError
@@ -21,17 +22,11 @@ from merge_core.inputs.checkpoint import BaseCheckpoint, load_base
 from merge_core.io.pipeline import sha256_of
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions
-from merge_core.names import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_PICKLE_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    INDEX_NAME,
-    JOURNAL_NAME,
-    STAGING_DIR,
-)
+from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, MANIFEST_NAME, STAGING_DIR
 from merge_core.planning.plan import MergePlan
 from merge_core.planning.planner import plan_merge
-from merge_core.publish.journal import PAUSE_ENV, fingerprint, pause_point, proven, read_journal, write_journal
+from merge_core.publish.journal import PAUSE_ENV, fingerprint, pause_point
+from merge_core.publish.lineage import check_not_merged_twice, unrecorded
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
@@ -90,47 +85,12 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             storage = staged
         adapters.append(load_adapter(storage))
     plan = plan_merge(base, adapters, weights, inputs.sequential, inputs.combine_spec, inputs.allow_base_mismatch,
-                      inputs.dequantize)
+                      inputs.dequantize, inputs.unmerge)
     return Prepared(base, tuple(adapters), weights, plan)
 
 
 def _remove_staging(output: Storage, options: StorageOptions) -> None:
     open_storage(f"{output.uri}/{STAGING_DIR}", options).remove_tree()
-
-
-def _check_output(output: Storage, options: MergeOptions) -> None:
-    inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.base, *options.adapters)]
-    if output.uri.rstrip("/") in inputs:
-        raise InputError(output.uri, "the output is one of the inputs", "choose another --output")
-    if options.overwrite and options.resume:
-        raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
-    names = output.list_names()
-    if INDEX_NAME in names and not options.overwrite:
-        what = "the output already holds a finished model: nothing to resume" if options.resume else \
-            "the output already holds a model"
-        raise InputError(output.describe(INDEX_NAME), what,
-                         "pass --overwrite to replace it, or choose another --output")
-    if names and not (options.overwrite or options.resume):
-        raise InputError(output.uri, f"the output holds an unfinished merge ({len(names)} files)",
-                         "pass --resume to finish it, --overwrite to start over, or choose an empty --output")
-    if names and options.resume and JOURNAL_NAME not in names:
-        # Every run records itself before it writes anything: these files are not a lora-merge run's.
-        raise InputError(output.uri, f"nothing to resume: the output holds {len(names)} files but no journal of a "
-                         "lora-merge run", "pass --overwrite to replace them, or choose an empty --output")
-
-
-def _clear_output(output: Storage, journal_key: str) -> None:
-    """--overwrite replaces the old output whole: stale shards of another layout would otherwise
-    sit beside the new ones, and a loader may pick a stale model.safetensors over the index.
-    The index goes first, so the old output stops being a model before anything else changes;
-    then this merge's journal, marked `clearing`, so that a --resume finishes an interrupted clear."""
-    output.delete(INDEX_NAME)
-    write_journal(output, journal_key, [], clearing=True)
-    pause_point("clearing")
-    for name in output.list_names():
-        if name != JOURNAL_NAME:
-            output.delete(name)
-    output.discard_incomplete()
 
 
 def connect(address: str | None) -> None:
@@ -169,10 +129,52 @@ def _describe(result: ShardResult) -> str:
             f"fuse {result.fuse_seconds:.2f} s, waiting on reads {result.read_wait_seconds:.2f} s")
 
 
+def _check_history(base: BaseCheckpoint, records: list[dict], options: MergeOptions) -> None:
+    """A merge of an adapter the base already holds is refused (--allow-remerge); an unmerge of one
+    it does not hold warns (refused with --strict)."""
+    if not options.unmerge:
+        check_not_merged_twice(base.uri, base.manifest, records, options.allow_remerge)
+        return
+    strict = isinstance(options, UnmergeOptions) and options.strict
+    missing = unrecorded(base.manifest, records) if base.manifest else list(options.adapters) if strict else []
+    if not missing:
+        return
+    what = (f"is not merged into {base.uri}: its {MANIFEST_NAME} does not record these weights" if base.manifest
+            else f"cannot be checked: {base.uri} has no {MANIFEST_NAME}")
+    if strict:
+        raise InputError(missing[0], what, "unmerge the adapter that was merged, or drop --strict")
+    for uri in missing:
+        log.warning("%s %s; unmerging it anyway", uri, what)
+
+
+def _original(options: MergeOptions, plan: MergePlan, base: BaseCheckpoint) -> str | None:
+    """The original base an unmerge is compared with: --base, else the one the merged model's manifest
+    records, when it is still there with the same shards."""
+    if not options.unmerge:
+        return None
+    given = options.original if isinstance(options, UnmergeOptions) else None
+    recorded = (base.manifest or {}).get("base", {}) if base.manifest else {}
+    candidate = given or recorded.get("uri")
+    if not candidate:
+        return None
+    try:
+        names = set(open_storage(candidate, options.storage).list_names())
+    except (InputError, TransientStorageError, OSError):
+        names = set()
+    shards = [t.name for t in plan.tasks]
+    if all(name in names for name in shards):
+        return open_storage(candidate, options.storage).uri
+    if given:
+        raise InputError(given, f"does not hold the shards of {base.uri} ({shards[0]}, ...)",
+                         "give the base the merged model was made from")
+    log.info("the original base %s is not there any more: the unmerge is not compared with it", candidate)
+    return None
+
+
 def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, list[dict]]:
     """Every input read and checked, the plan made, the adapters hashed; nothing written but the
     staged copy of a pickle-only adapter (--allow-pickle), removed again on failure."""
-    _check_output(output, options)
+    check_output(output, options)
     staging = f"{output.uri}/{STAGING_DIR}" if options.allow_pickle else None
     try:
         prepared = prepare(options, staging)
@@ -183,6 +185,7 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
         output.check_object_size(max(t.shard.size for t in plan.tasks))
         records = [_adapter_record(a, w, uri, options.storage)
                    for a, w, uri in zip(prepared.adapters, prepared.weights, options.adapters)]
+        _check_history(prepared.base, records, options)
     except BaseException:
         if staging:
             _remove_staging(output, options.storage)
@@ -190,59 +193,7 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
     return prepared, records
 
 
-@dataclass
-class _Run:
-    """This run's record in the output (the journal): what it vouches for, and what an
-    interruption reports."""
-    output: Storage
-    key: str = ""  # the merge's fingerprint
-    total: int = 0
-    done: list[ShardResult] = field(default_factory=list)
-    claimed: bool = False  # whether it may have written to the output yet
-
-    def record(self) -> None:
-        write_journal(self.output, self.key, self.done)
-
-
-def _resume(output: Storage, options: MergeOptions, plan: MergePlan,
-            journal_key: str) -> tuple[list[ShardResult], bool]:
-    """With --resume: the shards of the interrupted run that storage still proves complete, and
-    whether it had begun clearing the output for --overwrite. An empty output has nothing to
-    resume: the merge just starts (the first try of a job spec with `resume: true`)."""
-    if not options.resume or not output.exists(JOURNAL_NAME):
-        return [], False
-    journal = read_journal(output, journal_key)
-    if journal.clearing:
-        return [], True
-    return proven(output, open_storage(options.base, options.storage), journal.shards, plan), False
-
-
-def _claim(run: _Run, options: MergeOptions, reused: list[ShardResult], clearing: bool) -> None:
-    """Record this run in the output before any task may write there, so that a --resume knows the
-    output whenever this run stops; and remove what must not stay."""
-    run.claimed = True
-    if options.overwrite or clearing:
-        _clear_output(run.output, run.key)
-    elif options.resume:
-        run.output.discard_incomplete()  # temp files and uploads of the interrupted run's unfinished shards
-    run.done = list(reused)
-    run.record()
-    pause_point("journal-written")
-
-
-def _tidy(run: _Run, record: bool = True) -> None:
-    """After a failure or a stop, its tasks cancelled: no upload left open (a killed worker cannot
-    abort its own), the journal current. Never hides the failure that brought us here."""
-    pause_point("tidying")  # tests: a second Ctrl-C arrives while the first is being handled
-    try:
-        run.output.discard_incomplete()
-        if record:
-            run.record()
-    except Exception as exc:  # the store may be what failed; the next --resume tidies instead
-        log.warning("could not tidy %s after the failure: %s", run.output.uri, exc)
-
-
-def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: _Run):
+def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: Run):
     """One task per shard not done yet, over the lanes, the journal rewritten after each."""
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, run.output.uri)
@@ -270,42 +221,25 @@ def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, 
                                  finished, progress)
     except BaseException:
         progress.close()
-        _tidy(run)
+        tidy(run)
         raise
     progress.close()
     return outcome
-
-
-def _interrupted(run: _Run, options: MergeOptions) -> Interrupted:
-    """What a stopped run says: how far it got, and how to finish."""
-    name = stopped_by() or "SIGINT"  # a KeyboardInterrupt not from our handler is a Ctrl-C
-    where = run.output.uri
-    how = "with --resume in place of --overwrite" if options.overwrite else "with --resume"
-    if not run.claimed:
-        return Interrupted(name, f"interrupted by {name} before the merge started; nothing was written ({where})")
-    try:
-        published = run.output.exists(INDEX_NAME)
-    except Exception:  # the store may be what failed: say how to finish, which is right either way
-        published = False
-    if published:  # the final task had written the index before it was cancelled
-        return Interrupted(name, f"interrupted by {name} as the model was published; it is complete ({where})")
-    return Interrupted(name, f"interrupted by {name}: {len(run.done)} of {run.total} shards are done; run the same "
-                       f"command {how} to finish ({where})")
 
 
 def run_merge(options: MergeOptions) -> MergeSummary:
     """Check and plan, find what an interrupted run left (--resume), claim the output (the journal,
     before any task runs), merge the shards, publish. SIGTERM or Ctrl-C stops it cleanly:
     Interrupted, once the tasks are cancelled, the uploads aborted and the journal current."""
-    run = _Run(open_storage(options.output, options.storage))
+    run = Run(open_storage(options.output, options.storage))
     with stop_signals():
         try:
             return _merge(options, run)
         except KeyboardInterrupt:
-            raise _interrupted(run, options) from None
+            raise interrupted(run, options) from None
 
 
-def _merge(options: MergeOptions, run: _Run) -> MergeSummary:
+def _merge(options: MergeOptions, run: Run) -> MergeSummary:
     started = time.perf_counter()
     output = run.output
     prepared, records = _check_and_plan(output, options)
@@ -313,15 +247,16 @@ def _merge(options: MergeOptions, run: _Run) -> MergeSummary:
     run.key = fingerprint(plan, [_weights_sha256(r) for r in records],
                           {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
     run.total = len(plan.tasks)
-    reused, clearing = _resume(output, options, plan, run.key)
+    reused, clearing = resumable(output, options, plan, run.key)
     planned = time.perf_counter()
 
     connect(options.ray_address)
-    lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus)
+    lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus, len(plan.tasks) - len(reused))
     check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
-    _claim(run, options, reused, clearing)
+    claim(run, options, reused, clearing)
+    original = _original(options, plan, prepared.base)
     spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
-                        allow_nonfinite=options.allow_nonfinite, read_back=options.validate)
+                        allow_nonfinite=options.allow_nonfinite, read_back=options.validate, original_uri=original)
     outcome = _run_shards(plan, spec, options, lanes, run)
     merged = time.perf_counter()
 
@@ -331,11 +266,12 @@ def _merge(options: MergeOptions, run: _Run) -> MergeSummary:
                "lanes": {lane.name: lane.slots for lane in lanes}}
     publication = Publication(tuple(results), prepared.base.extra_files, prepared.base.index_metadata,
                               tuple(records), {"plan_seconds": planned - started, "merge_seconds": merged - planned},
-                              cluster, outcome.retries, tuple(r.name for r in reused))
+                              cluster, outcome.retries, tuple(r.name for r in reused), prepared.base.manifest,
+                              original)
     try:
         manifest = get_with_retries(lambda: finalize_task.remote(plan, spec, publication), "the final task")
     except BaseException:
-        _tidy(run, record=False)  # the journal is current, and must not come back once the index is there
+        tidy(run, record=False)  # the journal is current, and must not come back once the index is there
         raise
     if options.allow_pickle:
         _remove_staging(output, options.storage)

@@ -53,6 +53,7 @@ class MergeInputs:
                                        "different base models", spec=BOOL, action="store_true")
     device: str = option("auto", "--device", "where to fuse: cuda needs GPUs in the cluster; auto uses them when "
                          "present", spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
+    unmerge: bool = option(False)  # take the adapters out of --base, a merged model (set by unmerge, plan, verify)
     dequantize: bool = option(False, "--dequantize", "write a quantized base's weights (FP8, MXFP4, INT4) as bf16: "
                               "no scales, no quantization_config (default: each weight keeps the base's format)",
                               spec=BOOL, action="store_true")
@@ -113,11 +114,20 @@ class UnmergeOptions(MergeOptions):
                                   "there)", spec=(str, "a URI"), metavar="URI")
     strict: bool = option(False, "--strict", "refuse an adapter the merged model's manifest does not record "
                           "(default: warn)", spec=BOOL, action="store_true")
+    unmerge: bool = option(True)
+    # merge's options that have no meaning here: no flag, no job-spec key
+    combine: str | None = option(None)
+    density: float = option(1.0)
+    seed: int = option(0)
+    dequantize: bool = option(False)
+    allow_remerge: bool = option(False)
 
 
 @dataclass(frozen=True)
 class VerifyOptions(RayOptions, MergeInputs):
     merged: str = option("", "--merged", "the merged model to check", required=True, metavar="URI")
+    unmerge: bool = option(False, "--unmerge", "check an unmerge: --base is the merged model, --merged the result",
+                           action="store_true")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ class BaseCheckpoint:
     # quantized weights by logical name (X.weight, or GPT-OSS's ...experts.gate_up_proj): the
     # stored tensors each is made of (codes and scales), which the planner treats as one
     quantized: Mapping[str, QuantizedWeight] = field(default_factory=dict, repr=False)
+    # merge_manifest.json, when the base is itself a lora-merge output: its history (lineage)
+    manifest: Mapping[str, object] | None = field(default=None, repr=False)
 
     @property
     def tied_embedding(self) -> str | None:
@@ -121,6 +123,15 @@ def read_json(storage: Storage, name: str, fix: str) -> object:
         raise InputError(where, f"not valid JSON ({exc})", "repair or regenerate the file") from None
 
 
+def _read_manifest(storage: Storage) -> dict | None:
+    """A base's merge_manifest.json, if it is one lora-merge wrote; anything else is no history."""
+    try:
+        manifest = json.loads(storage.read_bytes(MANIFEST_NAME).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "manifest_version" in manifest else None
+
+
 def _read_index(storage: Storage) -> tuple[dict[str, str], dict]:
     where = storage.describe(INDEX_NAME)
     index = read_json(storage, INDEX_NAME, "save the base with save_pretrained")
@@ -184,5 +195,6 @@ def load_base(storage: Storage) -> BaseCheckpoint:
     if scheme is not None:
         infos = {info.name: info for shard in shards for info in shard.header.tensors}
         quantized = group_weights(scheme, infos, storage.uri)
+    manifest = _read_manifest(storage) if MANIFEST_NAME in names else None
     return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map, config, scheme,
-                          quantized)
+                          quantized, manifest if isinstance(manifest, dict) else None)

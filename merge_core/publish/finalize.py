@@ -130,6 +130,7 @@ def finalize_merge(plan: MergePlan, spec: MergeSpec, publication: Publication) -
     copied = copy_extra_files(plan, base, output, publication.extra_files, spec.storage)
     timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
     manifest = build_manifest(plan, publication.adapter_records, publication.results, copied, total_size, timings,
-                              publication.cluster, publication.retries, publication.reused)
+                              publication.cluster, publication.retries, publication.reused, publication.lineage,
+                              publication.original)
     publish(output, plan, index, manifest, build_report(plan, publication.results))
     return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from importlib import metadata
 from typing import Mapping, Sequence
 
@@ -41,12 +42,30 @@ def shard_record(result: ShardResult, plan: MergePlan, retries: int = 0, reused:
     return record | {"fused_tensors": [f.tensor for f in task.targets], "retries": retries, "reused": reused}
 
 
+def recovery(plan: MergePlan, results: Sequence[ShardResult], original: str) -> dict:
+    """An unmerge against the original base: what came back bit for bit. Tensors it did not touch
+    are the merged model's, which the merge copied from that base byte for byte."""
+    compared = {name: s for r in results for name, s in r.fused_stats if s.recovered_equal is not None}
+    tensors = [(name, math.prod(shape)) for t in plan.tasks for name, _, shape in t.output_tensors]
+    fused = {f.tensor for t in plan.tasks for f in t.targets}
+    elements = sum(n for _, n in tensors)
+    identical = sum(n for name, n in tensors if name not in fused) + sum(s.recovered_equal for s in compared.values())
+    whole = sum(1 for name, n in tensors if name not in fused or (name in compared and compared[name].recovered_equal
+                                                                   == n))
+    return {"original": original, "tensors": len(tensors), "tensors_identical": whole,
+            "tensors_compared": len(compared), "elements": elements, "elements_identical": identical,
+            "max_ulps": max((s.recovered_max_ulps or 0 for s in compared.values()), default=0)}
+
+
 def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], results: Sequence[ShardResult],
                    copied_files: Sequence[Mapping[str, object]], total_size: int,
                    timings: Mapping[str, float], cluster: Mapping[str, object],
-                   retries: Mapping[str, int] | None = None, reused: Sequence[str] = ()) -> dict:
+                   retries: Mapping[str, int] | None = None, reused: Sequence[str] = (),
+                   lineage: Mapping[str, object] | None = None, original: str | None = None) -> dict:
     by_name = {r.name: r for r in results}
-    return {
+    history = {"lineage": dict(lineage)} if lineage else {}
+    recovered = {"recovery": recovery(plan, results, original)} if original else {}
+    return history | recovered | {
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "lora-merge", "version": tool_version()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

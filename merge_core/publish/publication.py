@@ -19,3 +19,5 @@ class Publication:
     cluster: Mapping[str, object] = field(default_factory=dict)
     retries: Mapping[str, int] = field(default_factory=dict)
     reused: tuple[str, ...] = ()  # shards a --resume took from the interrupted run
+    lineage: Mapping[str, object] | None = None  # the input model's own manifest, when it has one
+    original: str | None = None  # unmerge: the original base its result was compared with
