@@ -105,7 +105,37 @@ def table(results: dict[str, list[Measured]], nbytes: dict[str, int], reference:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def stages(out: str, storage: str, wall: float) -> dict[str, float] | None:
+    """Where a lora-merge run's time went, from the manifest it wrote: summed over its shard tasks
+    (which run side by side) the waits on reads, the fuse, the writes and the hashing (on threads
+    beside them); the driver's plan, merge and final task; the rest of the wall time is start-up
+    (Python, Ray, workers importing torch) and shutdown."""
+    from merge_core.io.registry import open_storage
+    from merge_core.names import MANIFEST_NAME
+
+    output = open_storage(out)
+    if not output.exists(MANIFEST_NAME):
+        return None
+    manifest = json.loads(output.read_bytes(MANIFEST_NAME))
+    shards, timings = manifest["output"]["shards"], manifest["timings"]
+    driver = timings.get("plan_seconds", 0) + timings.get("merge_seconds", 0) + timings.get("finalize_seconds", 0)
+    return {"read wait": sum(s["read_wait_seconds"] for s in shards), "fuse": sum(s["fuse_seconds"] for s in shards),
+            "write": sum(s["write_seconds"] for s in shards), "hash": sum(s.get("hash_seconds", 0) for s in shards),
+            "tasks": sum(s["seconds"] for s in shards), "plan": timings.get("plan_seconds", 0),
+            "merge (wall)": timings.get("merge_seconds", 0), "final task": timings.get("finalize_seconds", 0),
+            "start-up, shutdown": wall - driver}
+
+
+def stage_table(breakdowns: dict[str, list[dict[str, float]]]) -> str:
+    names = list(next(iter(breakdowns.values()))[0])
+    rows = ["| per-stage medians, s | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for method, runs in breakdowns.items():
+        rows.append(f"| {method} | " + " | ".join(f"{statistics.median(r[n] for r in runs):.1f}" for n in names)
+                    + " |")
+    return "\n".join(rows)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=4.5)
     parser.add_argument("--hidden", type=int, default=4096)
@@ -119,17 +149,45 @@ def main(argv: list[str] | None = None) -> int:
                         "(128×128, DeepSeek-V3's layout) and measure the copy and the merge of that beside the dense")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
                         "experts per layer, stored one by one, and LoRA on them through target_parameters")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _checkpoint(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(base, adapter, what they are), built under --workdir (kept between runs)."""
     if args.moe:
         base, adapter = build_moe(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}-moe{args.moe}"),
                                   args.size_gb, hidden=args.hidden, experts=args.moe, shard_gb=args.shard_gb)
-        described = f"Qwen3-MoE-shaped, {args.moe} experts per layer stored one by one, LoRA r=16 on attention " \
-                    "and (target_parameters) on the experts"
-    else:
-        base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
-                              hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
-        described = "LoRA r=16 on every linear layer"
+        return base, adapter, (f"Qwen3-MoE-shaped, {args.moe} experts per layer stored one by one, LoRA r=16 on "
+                               "attention and (target_parameters) on the experts")
+    base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
+                          hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
+    return base, adapter, "LoRA r=16 on every linear layer"
+
+
+def _rounds(args, base: str, adapter: str, out: str, quantized: str | None):
+    """Every method, round after round; (measurements, lora-merge's per-stage breakdowns) by method."""
+    results: dict[str, list[Measured]] = {}
+    breakdowns: dict[str, list[dict[str, float]]] = {}
+    for round_number in range(args.rounds):
+        for name, command in methods(args, base, adapter, out, quantized).items():
+            clear(out, args.storage)
+            measured = measure(command)
+            if measured.returncode != 0:
+                print(measured.output[-3000:], file=sys.stderr)
+                raise SystemExit(f"{name} failed with exit {measured.returncode}")
+            results.setdefault(name, []).append(measured)
+            breakdown = stages(out, args.storage, measured.seconds) if name.startswith("lora-merge") else None
+            if breakdown:
+                breakdowns.setdefault(name, []).append(breakdown)
+            print(f"round {round_number + 1}: {name}: {measured.seconds:.1f} s, "
+                  f"peak {measured.peak_bytes / 1e9:.2f} GB", file=sys.stderr)
+    clear(out, args.storage)
+    return results, breakdowns
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    base, adapter, described = _checkpoint(args)
     quantized = quantize_fp8(base, os.path.join(os.path.dirname(base), "base-fp8")) if args.quantized else None
     nbytes = checkpoint_bytes(base)
     server = None
@@ -143,18 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter = upload_dir(server, base, "bench/base"), upload_dir(server, adapter, "bench/adapter")
         out = f"s3://{BUCKET}/bench/out"
     try:
-        results: dict[str, list[Measured]] = {}
-        for round_number in range(args.rounds):
-            for name, command in methods(args, base, adapter, out, quantized).items():
-                clear(out, args.storage)
-                measured = measure(command)
-                if measured.returncode != 0:
-                    print(measured.output[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{name} failed with exit {measured.returncode}")
-                results.setdefault(name, []).append(measured)
-                print(f"round {round_number + 1}: {name}: {measured.seconds:.1f} s, "
-                      f"peak {measured.peak_bytes / 1e9:.2f} GB", file=sys.stderr)
-        clear(out, args.storage)
+        results, breakdowns = _rounds(args, base, adapter, out, quantized)
     finally:
         if server:
             s3_server.stop(server)
@@ -165,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {name: checkpoint_bytes(quantized) if args.quantized and name.endswith(args.quantized) else nbytes
              for name in results}
     print(table(results, sizes, "lora-merge"))
+    if breakdowns:
+        print(stage_table(breakdowns))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: [vars(m) | {"output": ""} for m in v] for k, v in results.items()}, f, indent=2)

@@ -117,7 +117,6 @@ def build_moe(path: str, size_gb: float = 4.5, hidden: int = 2048, experts: int 
     base, adapter = os.path.join(path, "base"), os.path.join(path, "adapter")
     if _built(base, adapter):
         return base, adapter
-    from peft import LoraConfig
     from transformers import Qwen3MoeConfig
 
     head_dim = hidden // heads
@@ -154,6 +153,15 @@ def build_moe(path: str, size_gb: float = 4.5, hidden: int = 2048, experts: int 
     generator = torch.Generator().manual_seed(seed)
     _write_shards(base, list(tensors()), shard_gb, generator)
 
+    _moe_adapter(adapter, layers, attention, experts, hidden, moe_intermediate, rank, generator)
+    return base, adapter
+
+
+def _moe_adapter(adapter: str, layers: int, attention: dict, experts: int, hidden: int, moe_intermediate: int,
+                 rank: int, generator: torch.Generator) -> None:
+    """LoRA on the attention projections and, through target_parameters, on the fused experts."""
+    from peft import LoraConfig
+
     os.makedirs(adapter, exist_ok=True)
     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(attention), task_type="CAUSAL_LM",
                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]).save_pretrained(adapter)
@@ -171,7 +179,6 @@ def build_moe(path: str, size_gb: float = 4.5, hidden: int = 2048, experts: int 
                                                 / in_features ** 0.5)
             lora[f"{wrapper}.lora_B.weight"] = torch.randn(out_features, rank * experts, generator=generator) * 0.01
     save_file(lora, os.path.join(adapter, "adapter_model.safetensors"))
-    return base, adapter
 
 
 def quantize_fp8(dense: str, path: str, block: int = 128) -> str:

@@ -1,8 +1,10 @@
 """`make demo`: a real merge end to end on the embedded defaults.
 
 Starts the local S3 server, generates a small Llama-shaped model (several shards) and a PEFT LoRA
-adapter, uploads both, merges S3→S3 on a local Ray cluster, verifies the result, loads the merged
-model with transformers to show it predicts as base + adapter do, and stops the server.
+adapter, uploads both, merges S3→S3 on a local Ray cluster, verifies the result, draws what the
+merge changed, takes the adapter out again (unmerge) to show how much of the base comes back,
+loads the merged model with transformers to show it predicts as base + adapter do, and stops the
+server.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
              "--report", report, "--report-png", f"{merged_uri}/merge_report.png"])
         run([lora_merge, "verify", "--base", base_uri, "--adapter", adapter_uri, "--merged", merged_uri])
         run([lora_merge, "report", merged_uri, "--png", picture])
+        unmerged_uri = f"s3://{BUCKET}/llama-demo-unmerged"
+        run([lora_merge, "unmerge", "--merged", merged_uri, "--adapter", adapter_uri, "--output", unmerged_uri])
         summary = json.load(open(report))
         merged = download(server, "llama-demo-merged", os.path.join(workdir, "merged"))
         manifest = json.load(open(os.path.join(merged, "merge_manifest.json")))
@@ -118,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
               f"({summary['gb_per_second']:.2f} GB/s, Ray start-up included); output: {merged_uri}")
         print(f"files there: {', '.join(sorted(os.listdir(merged)))}")
         show_predictions(base, adapter, merged)
+        unmerged = download(server, "llama-demo-unmerged", os.path.join(workdir, "unmerged"))
+        recovery = json.load(open(os.path.join(unmerged, "merge_manifest.json")))["recovery"]
+        print(f"unmerged again: {recovery['tensors_identical']} of {recovery['tensors']} tensors and "
+              f"{recovery['elements_identical'] / recovery['elements']:.1%} of elements came back bit for bit; the "
+              f"rest within {recovery['max_ulps']} ulp (a bf16 merge cannot be undone exactly; the base's sha256 "
+              "are in the merged model's manifest)")
         print(f"picture of what the merge changed (layers × modules, ‖ΔW‖/‖W‖): {picture}, and beside the "
               f"model as {merged_uri}/merge_report.png")
     finally:

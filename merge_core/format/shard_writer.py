@@ -9,10 +9,10 @@ complete.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping, Sequence
 
 from merge_core.format.header import TensorInfo, encode_header
+from merge_core.io.hashing import TimedSha256
 from merge_core.io.pipeline import Behind
 from merge_core.io.storage import ObjectWriter
 
@@ -24,7 +24,7 @@ class ShardStreamWriter:
         self._writer = writer
         self._behind = Behind("write")
         self._hashing = Behind("hash-output")
-        self._sha = hashlib.sha256()
+        self._sha = TimedSha256()
         self._size = 0
         self._data_written = 0  # bytes of tensor data so far
         self._emit(header)
@@ -61,6 +61,10 @@ class ShardStreamWriter:
         self._hashing.close()
         self._writer.commit()
         return self._size, self._sha.hexdigest()
+
+    @property
+    def hash_seconds(self) -> float:
+        return self._sha.seconds
 
     def abort(self) -> None:
         self._behind.close()

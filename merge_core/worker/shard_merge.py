@@ -10,7 +10,6 @@ tensors are copied byte for byte.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import socket
 import time
 from typing import Iterator, Sequence
@@ -21,6 +20,7 @@ from merge_core.errors import ValidationError
 from merge_core.format.shard_writer import ShardStreamWriter
 from merge_core.format.tensors import tensor_from_bytes
 from merge_core.inputs.checkpoint import read_shard_header
+from merge_core.io.hashing import TimedSha256
 from merge_core.io.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage
@@ -115,7 +115,7 @@ class _ShardStream:
                  workspace: Workspace):
         self.task, self.spec, self.base, self.stream, self.workspace = task, spec, base, stream, workspace
         self.layout = {i.name: i for i in stream.layout}
-        self.base_sha = hashlib.sha256()
+        self.base_sha = TimedSha256()
         self.hasher = Behind("hash-base")
         self.fused: list[tuple[str, FuseStats]] = []
         self.laps = _Laps()
@@ -178,4 +178,5 @@ def merge_shard(task: ShardTask, spec: MergeSpec, device: str = "cpu", threads: 
     laps = shard.laps.seconds
     return ShardResult(task.name, size, sha, shard.base_sha.hexdigest(), len(stream.layout), len(task.targets),
                        laps["wait"], laps["fuse"], laps["write"], time.perf_counter() - started,
-                       str(torch.device(device)), socket.gethostname(), tuple(shard.fused))
+                       str(torch.device(device)), socket.gethostname(), tuple(shard.fused),
+                       shard.base_sha.seconds + stream.hash_seconds)

@@ -29,6 +29,7 @@ class ShardResult:
     device: str
     node: str
     fused_stats: tuple[tuple[str, FuseStats], ...] = ()  # per fused tensor, in file order
+    hash_seconds: float = 0.0  # sha256 of the base and of the output, on threads beside the fuse
 
 
 def check_stored(storage: Storage, name: str, size: int, sha256: str, rehash: bool = True) -> None:
