@@ -77,7 +77,8 @@ def test_tasks_spread_over_a_two_node_cluster_with_a_logical_gpu(models, two_nod
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
     nodes = {s["node"] for s in manifest["output"]["shards"]}
     assert nodes == {cluster.head_node.node_id, gpu_node.node_id}, "shards ran on both nodes"
-    assert manifest["cluster"]["lanes"] == {"gpu": 1, f"cpu@{cluster.head_node.node_id[:8]}": 1}
+    # the one logical GPU takes two tasks at once (half a GPU each), the CPU-only head one
+    assert manifest["cluster"]["lanes"] == {"gpu": 2, f"cpu@{cluster.head_node.node_id[:8]}": 1}
 
 
 def test_existing_model_is_refused_without_overwrite_and_replaced_with_it(models, two_node_cluster, tmp_path):
@@ -197,7 +198,8 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
         "resized_tensors": {"model.embed_tokens.weight": [[96, 64], [100, 64]]},
         "added_tensors": {"lm_head.weight": "model.embed_tokens.weight"},
         "files_from_adapters": {"added_tokens.json": adapter, "tokenizer_config.json": adapter},
-        "base_files_left_out": ["tokenizer.model"]}
+        "base_files_left_out": ["tokenizer.model"],
+        "config_removed": [], "requantized_tensors": 0, "dequantized_tensors": 0}
     assert not os.path.exists(os.path.join(out, "tokenizer.model"))
     for name in ("tokenizer_config.json", "added_tokens.json"):  # the adapter's tokenizer, not the base's
         assert open(os.path.join(out, name)).read() == open(os.path.join(adapter, name)).read()
