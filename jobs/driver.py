@@ -103,6 +103,8 @@ def connect(address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, **hooks)
     else:
         # "local": a new Ray for this job, never silently a cluster that `ray start` left on this machine.
+        # It listens on loopback for this process alone: no token to set up (and warn about).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  logging_level=logging.WARNING, **hooks)
     reclaim_signals()

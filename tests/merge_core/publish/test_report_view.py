@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from merge_core.errors import InputError
 from merge_core.names import CONFIG_JSON, INDEX_NAME, MANIFEST_NAME, REPORT_NAME
 from merge_core.publish.report_summary import summary_text
 from merge_core.publish.report_view import load_view, place
+from tests.local_merge import merge_without_ray
 from tests.reference import make_adapter, make_base
 
 LORA_MERGE = os.path.join(os.path.dirname(sys.executable), "lora-merge")
@@ -190,7 +190,7 @@ class Merged:
 @functools.cache
 def real_merge(root: str) -> Merged:
     """A 4-layer Llama and an adapter on every projection but k_proj, layer 2's update 50 times the
-    others', merged by the `lora-merge` command (once per session: it starts a local Ray)."""
+    others', merged by the worker and final task's own code (tests/local_merge.py), once per session."""
     base, adapter, output = (os.path.join(root, n) for n in ("base", "adapter", "merged"))
     make_base(base, num_hidden_layers=4)
     make_adapter(adapter, sizes={"num_hidden_layers": 4},
@@ -199,9 +199,7 @@ def real_merge(root: str) -> Merged:
     tensors = {k: v * 50 if f".layers.{BOOSTED_LAYER}." in k and "lora_B" in k else v
                for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
-    run = subprocess.run([LORA_MERGE, "merge", "--base", base, "--adapter", adapter, "--output", output],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
+    merge_without_ray(base, [adapter], output)
     return Merged(base, output)
 
 

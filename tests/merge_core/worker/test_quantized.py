@@ -18,9 +18,19 @@ import pytest
 import torch
 
 from tests.local_merge import merge_without_ray
-from tests.quantized_models import (fp8_reference_quantize, int4_reference_quantize, mxfp4_reference_quantize,
-                                    quantized_weights, read_config, save_fp8_deepseek_v3, save_fp8_llama,
-                                    save_int4_kimi_style, save_mxfp4_gpt_oss, stored_tensors, write_sharded)
+from tests.quantized_models import (
+    fp8_reference_quantize,
+    int4_reference_quantize,
+    mxfp4_reference_quantize,
+    quantized_weights,
+    read_config,
+    save_fp8_deepseek_v3,
+    save_fp8_llama,
+    save_int4_kimi_style,
+    save_mxfp4_gpt_oss,
+    stored_tensors,
+    write_sharded,
+)
 from tests.reference import load_checkpoint
 from tests.variant_reference import build_adapter
 
