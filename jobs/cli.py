@@ -27,8 +27,9 @@ from merge_core.publish.manifest import tool_version
 
 EXIT_OK, EXIT_INPUT, EXIT_RUNTIME, EXIT_VALIDATION = 0, 2, 3, 4
 EXIT_CODES = """exit codes: 0 done; 2 bad input (one line naming the file or tensor and the fix; nothing
-written); 3 runtime failure after retries (no index written); 4 validation failed (no index
-written; the problems are listed)"""
+written); 3 runtime failure after retries, or stopped by SIGTERM (no index written; --resume
+finishes it); 4 validation failed (no index written; the problems are listed); 130 stopped by
+Ctrl-C (--resume finishes it)"""
 
 EXAMPLES = {
     "merge": """examples:
