@@ -137,13 +137,12 @@ def _check_history(base: BaseCheckpoint, records: list[dict], options: MergeOpti
     if not options.unmerge:
         check_not_merged_twice(base.uri, base.manifest, records, options.allow_remerge)
         return
-    strict = isinstance(options, UnmergeOptions) and options.strict
-    missing = unrecorded(base.manifest, records) if base.manifest else list(options.adapters) if strict else []
-    if not missing:
+    if base.manifest is None:
+        log.warning("%s has no %s: whether it holds the adapters cannot be checked", base.uri, MANIFEST_NAME)
         return
-    what = (f"is not merged into {base.uri}: its {MANIFEST_NAME} does not record these weights" if base.manifest
-            else f"cannot be checked: {base.uri} has no {MANIFEST_NAME}")
-    if strict:
+    what = f"is not merged into {base.uri}: its {MANIFEST_NAME} does not record these weights"
+    missing = unrecorded(base.manifest, records)
+    if missing and isinstance(options, UnmergeOptions) and options.strict:
         raise InputError(missing[0], what, "unmerge the adapter that was merged, or drop --strict")
     for uri in missing:
         log.warning("%s %s; unmerging it anyway", uri, what)
