@@ -22,7 +22,15 @@ from merge_core.inputs.checkpoint import BaseCheckpoint, load_base
 from merge_core.io.pipeline import sha256_of
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions
-from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, MANIFEST_NAME, STAGING_DIR
+from merge_core.names import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_PICKLE_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    SINGLE_NAME,
+    STAGING_DIR,
+)
 from merge_core.planning.plan import MergePlan
 from merge_core.planning.planner import plan_merge
 from merge_core.publish.journal import PAUSE_ENV, fingerprint, pause_point
@@ -84,8 +92,9 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             stage_pickled_adapter(storage, staged)
             storage = staged
         adapters.append(load_adapter(storage))
+    restorable = bool(getattr(inputs, "original", None))  # unmerge --base: DoRA and copies restored from it
     plan = plan_merge(base, adapters, weights, inputs.sequential, inputs.combine_spec, inputs.allow_base_mismatch,
-                      inputs.dequantize, inputs.unmerge)
+                      inputs.dequantize, inputs.unmerge, restorable)
     return Prepared(base, tuple(adapters), weights, plan)
 
 
@@ -149,8 +158,8 @@ def _check_history(base: BaseCheckpoint, records: list[dict], options: MergeOpti
 
 
 def _original(options: MergeOptions, plan: MergePlan, base: BaseCheckpoint) -> str | None:
-    """The original base an unmerge is compared with: --base, else the one the merged model's manifest
-    records, when it is still there with the same shards."""
+    """The original base an unmerge is compared with (and, given as --base, restores DoRA and copies
+    from): --base, else the one the merged model's manifest records, when it is still there."""
     if not options.unmerge:
         return None
     given = options.original if isinstance(options, UnmergeOptions) else None
@@ -162,11 +171,10 @@ def _original(options: MergeOptions, plan: MergePlan, base: BaseCheckpoint) -> s
         names = set(open_storage(candidate, options.storage).list_names())
     except (InputError, TransientStorageError, OSError):
         names = set()
-    shards = [t.name for t in plan.tasks]
-    if all(name in names for name in shards):
+    if names & {INDEX_NAME, SINGLE_NAME}:  # its tensors are found through its own index
         return open_storage(candidate, options.storage).uri
     if given:
-        raise InputError(given, f"does not hold the shards of {base.uri} ({shards[0]}, ...)",
+        raise InputError(given, f"holds no {INDEX_NAME} or {SINGLE_NAME}",
                          "give the base the merged model was made from")
     log.info("the original base %s is not there any more: the unmerge is not compared with it", candidate)
     return None

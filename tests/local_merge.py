@@ -23,14 +23,17 @@ from tests.reference import load_checkpoint
 def merge_without_ray(base: str, adapters: list[str], out: str, weights: list[float] | None = None,
                       **options) -> dict[str, torch.Tensor]:
     """The worker and the final task's pieces (validation included), called in turn in this process.
-    `options` go to the plan (sequential, combine, dequantize, unmerge)."""
+    `options` go to the plan (sequential, combine, dequantize, unmerge,
+    original: the original base an unmerge restores DoRA and copies from)."""
     checkpoint = load_base(open_storage(base))
     loaded = [load_adapter(open_storage(a)) for a in adapters]
     weights = weights or [1.0] * len(adapters)
     plan = plan_merge(checkpoint, loaded, weights,
                       sequential=options.get("sequential", False), combine=options.get("combine"),
-                      dequantize=options.get("dequantize", False), unmerge=options.get("unmerge", False))
-    results = [merge_shard(task, MergeSpec.of(plan, out)) for task in plan.tasks]
+                      dequantize=options.get("dequantize", False), unmerge=options.get("unmerge", False),
+                      restorable=bool(options.get("original")))
+    spec = MergeSpec.of(plan, out, original_uri=options.get("original"))
+    results = [merge_shard(task, spec) for task in plan.tasks]
     assert sorted(os.listdir(out)) == sorted(t.output_name for t in plan.tasks), "finished shards, no temp files"
     index = build_index(plan, checkpoint.index_metadata)[0]
     validate_merge(plan, results, index, open_storage(base), [open_storage(a) for a in adapters], open_storage(out))

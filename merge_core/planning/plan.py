@@ -59,6 +59,8 @@ class FuseTarget:
     quantized: QuantizedWeight | None = None
     parts: tuple[StoredPart, ...] = ()  # the quantized weight's stored tensors, the codes first
     dequantize: bool = False
+    # An unmerge of what cannot be computed back (DoRA, a whole copy): the original base's tensor
+    restore: bool = False
 
     @property
     def base_tensor(self) -> str:

@@ -101,7 +101,7 @@ def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
            "the adapter records" if update.kind is Kind.DORA else
            "the adapter's copy replaced the tensor whole (modules_to_save, or an embedding saved with the adapter)")
     raise InputError(subject, f"cannot be unmerged from {update.target}: {why}",
-                     "take this tensor from the original base model instead")
+                     "give the original base with --base to restore it from there")
 
 
 def _check_together(update: ModuleUpdate, subject: str, index: int, weight: float, uri: str,
@@ -133,6 +133,8 @@ class _Placement:
     base: BaseCheckpoint
     combine: CombineSpec | None
     unmerge: bool = False
+    restorable: bool = False  # unmerge with the original base given: what cannot be undone is copied back
+    restored: set[str] = field(default_factory=set)
     updates: dict[str, list[Update]] = field(default_factory=dict)
     added: dict[str, str] = field(default_factory=dict)  # tensors new to the model → the base tensor each starts from
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # resized tensors' new shapes
@@ -179,6 +181,9 @@ class _Placement:
                     raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
                                      "old size", "give the adapter that resizes the vocabulary first")
                 self.resizer = adapter
+            if self.unmerge and update.kind.facts.unmerge is None and self.restorable:
+                self.restored.add(update.target)
+                continue
             if self.unmerge:
                 _check_unmergeable(update, subject)
             _check_together(update, subject, index, weight, adapter.uri, earlier, self.combine)
@@ -215,8 +220,10 @@ class _Placement:
         for shard in self.base.shards:
             names = [t.name for t in shard.header.tensors if t.name in self.updates and t.name not in quantized]
             names += [name for name, source in self.added.items() if source in shard.header.names]
-            targets = [FuseTarget(name, tuple(self.updates.get(name, ())), self.added.get(name),
-                                  self.shapes.get(name)) for name in names]
+            names += [t.name for t in shard.header.tensors if t.name in self.restored and t.name not in names]
+            targets = [FuseTarget(name, () if name in self.restored else tuple(self.updates.get(name, ())),
+                                  self.added.get(name), self.shapes.get(name), restore=name in self.restored)
+                       for name in names]
             targets += [t for t in quantized.values() if t.parts[0].shard == shard.name]
             order = {name: i for i, name in enumerate(shard.header.names)}
             targets.sort(key=lambda t: (t.source is not None, order.get(t.parts[0].info.name if t.parts else t.tensor, 0)))
@@ -227,15 +234,17 @@ class _Placement:
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
                sequential: bool = False, combine: CombineSpec | None = None,
-               allow_base_mismatch: bool = False, dequantize: bool = False, unmerge: bool = False) -> MergePlan:
+               allow_base_mismatch: bool = False, dequantize: bool = False, unmerge: bool = False,
+               restorable: bool = False) -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
     a quantized base's weights are all written as bf16. With `unmerge`, `base` is a merged model
-    and the adapters' updates are taken back out of it."""
+    and the adapters' updates are taken back out of it; with `restorable` (the original base is at
+    hand), what cannot be taken out is restored from it whole."""
     _check_arithmetic(adapters, weights, sequential, combine, allow_base_mismatch)
     if unmerge and combine is not None:
         raise InputError("--combine", "cannot be undone: the pruned deltas depend on every adapter merged with them",
                          "unmerge without --combine")
-    placement = _Placement(base, combine, unmerge)
+    placement = _Placement(base, combine, unmerge, restorable)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         placement.place(adapter, index, weight)
     placement.updates = {name: updates for name, updates in placement.updates.items() if updates}

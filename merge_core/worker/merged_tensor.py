@@ -31,6 +31,7 @@ from merge_core.numerics.fuse import Term, fuse_into
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import Workspace
 from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.original import OriginalShard
 from merge_core.worker.spec import MergeSpec
 
 
@@ -82,6 +83,9 @@ def merged_tensor(task: ShardTask, target: FuseTarget, data: Sequence, spec: Mer
     if target.quantized is not None:
         return _merged_quantized(target, data, spec, workspace, before_writing)
     info = task.shard.header.tensor(target.base_tensor)
+    if target.restore:  # an unmerge PEFT cannot compute: the original base's own tensor
+        original = OriginalShard(spec, task.name).restore(target.tensor, info.dtype, info.shape)
+        return [(target.tensor, memoryview(original))], FuseStats(0.0, 0.0, 0.0, 0)
     buffer = data[0]
     weight = tensor_from_bytes(buffer, info.dtype, info.shape)
     if target.shape is not None:

@@ -9,7 +9,6 @@ tensors are copied byte for byte.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 from typing import Iterator, Sequence
@@ -18,17 +17,15 @@ import torch
 
 from merge_core.errors import ValidationError
 from merge_core.format.shard_writer import ShardStreamWriter
-from merge_core.format.tensors import tensor_from_bytes
-from merge_core.inputs.checkpoint import read_shard_header
 from merge_core.io.hashing import TimedSha256
 from merge_core.io.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage
 from merge_core.numerics.stats import FuseStats
-from merge_core.numerics.ulps import ulp_distance
 from merge_core.numerics.workspace import Workspace, workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
 from merge_core.worker.merged_tensor import merged_tensor, shared_factors, tensor_reads
+from merge_core.worker.original import OriginalShard
 from merge_core.worker.shard_result import ShardResult, check_stored
 from merge_core.worker.spec import MergeSpec
 
@@ -87,27 +84,6 @@ class _Laps:
         self._mark = now
 
 
-class _Original:
-    """The original base's shard an unmerge is compared with, tensor by tensor (read on demand)."""
-
-    def __init__(self, spec: MergeSpec, name: str):
-        self.storage, self.name = open_storage(spec.original_uri, spec.storage), name
-        self.header = read_shard_header(self.storage, name) if self.storage.exists(name) else None
-
-    def compare(self, tensor: str, merged: memoryview, stats: FuseStats) -> FuseStats:
-        info = self.header.tensor(tensor) if self.header and tensor in self.header.names else None
-        if info is None or info.nbytes != len(merged):
-            return stats
-        original = tensor_from_bytes(self.storage.read_range(self.name, self.header.data_start + info.start,
-                                                             info.nbytes), info.dtype, info.shape)
-        ours = tensor_from_bytes(merged, info.dtype, info.shape)
-        if not ours.is_floating_point():
-            return dataclasses.replace(stats, recovered_equal=int((ours == original).sum()), recovered_max_ulps=None)
-        ulps = ulp_distance(ours, original)
-        return dataclasses.replace(stats, recovered_equal=int((ulps == 0).sum()),
-                                   recovered_max_ulps=int(ulps.max()) if ulps.numel() else 0)
-
-
 class _ShardStream:
     """One shard on its way through: base bytes hashed behind, tensors fused here, output written behind."""
 
@@ -119,7 +95,7 @@ class _ShardStream:
         self.hasher = Behind("hash-base")
         self.fused: list[tuple[str, FuseStats]] = []
         self.laps = _Laps()
-        self.original = _Original(spec, task.name) if spec.original_uri else None
+        self.original = OriginalShard(spec, task.name) if spec.original_uri else None
 
     def run(self, items: Sequence[Item]) -> None:
         for tag, data in read_ahead(items):
@@ -139,7 +115,7 @@ class _ShardStream:
             raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {target.tensor}: fusing produced "
                                    f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
                                    "(check the adapter, or pass --allow-nonfinite)"])
-        if self.original is not None and target.quantized is None:
+        if self.original is not None and target.quantized is None and not target.restore:
             stats = self.original.compare(target.tensor, outputs[0][1], stats)
         self.fused.append((target.tensor, stats))
         self.laps.lap("fuse")

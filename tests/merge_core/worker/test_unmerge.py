@@ -117,4 +117,22 @@ def test_what_peft_cannot_unmerge_is_refused_by_name(tmp_path, config, message):
     adapter = build_adapter(spec, base, str(tmp_path / "adapter"), config())
     with pytest.raises(InputError, match=message) as error:
         merge_without_ray(base, [adapter], str(tmp_path / "ours"), unmerge=True)
-    assert error.value.fix == "take this tensor from the original base model instead"
+    assert error.value.fix == "give the original base with --base to restore it from there"
+
+
+def test_with_the_original_base_what_peft_cannot_unmerge_is_restored_from_it(tmp_path):
+    """DoRA and whole copies come back bit for bit from the original base; the rest as PEFT unmerges it."""
+    spec = causal_lm()
+    base = save_base(spec, str(tmp_path / "base"), BF16)
+    dora = build_adapter(spec, base, str(tmp_path / "dora"), lora(target_modules=["q_proj"], use_dora=True,
+                                                                   modules_to_save=["lm_head"]))
+    plain = build_adapter(spec, base, str(tmp_path / "plain"), lora(target_modules=["q_proj", "v_proj"]), seed=2)
+    merged_dir = str(tmp_path / "merged")
+    peft_reference(spec, base, [dora, plain], merged_dir, BF16)
+    ours = merge_without_ray(merged_dir, [dora, plain], str(tmp_path / "ours"), unmerge=True, original=base)
+    original, merged = load_checkpoint(base), load_checkpoint(merged_dir)
+    restored = ["lm_head.weight", *[f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)]]
+    for name in restored:
+        assert not torch.equal(merged[name], original[name]) and torch.equal(ours[name], original[name]), name
+    v_proj = "model.layers.0.self_attn.v_proj.weight"  # only the plain adapter's: PEFT's W − round(ΔW)
+    assert not torch.equal(ours[v_proj], merged[v_proj])
