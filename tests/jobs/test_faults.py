@@ -206,6 +206,6 @@ def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, many_shards, two_
     assert INDEX_NAME not in list_keys(s3, "gone/out")
     # Uploads the dead store could not be told to abort go with the next run over this output.
     rerun = run_cli("merge", "--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/gone/out",
-                    "--resume")
+                    "--resume", "--ray-address", two_node_cluster[0].address)  # its nodes know the restarted store
     assert rerun.returncode == 0, rerun.stderr
     assert open_uploads(s3, "gone/out") == []
