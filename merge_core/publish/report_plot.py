@@ -115,12 +115,6 @@ def png_bytes(view: ReportView, flag: str = "--png") -> bytes:
     return buffer.getvalue()
 
 
-def write_png(view: ReportView, path: str) -> None:
-    data = png_bytes(view, "--png")
-    with open(path, "wb") as f:
-        f.write(data)
-
-
 def html_bytes(view: ReportView, summary: str, flag: str = "--html", top: int = 20) -> bytes:
     """One page with no external assets: it opens from a laptop, a bucket or an e-mail."""
     image = base64.b64encode(png_bytes(view, flag)).decode("ascii")
@@ -136,12 +130,6 @@ td,th{{border:1px solid #ccc;padding:0.2em 0.5em;text-align:right}} td:first-chi
 <h2>Most changed tensors</h2>{_table(view, top)}
 </body></html>
 """.encode("utf-8")
-
-
-def write_html(view: ReportView, summary: str, path: str, top: int = 20) -> None:
-    data = html_bytes(view, summary, "--html", top)  # before the file is opened: a failure leaves none
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _table(view: ReportView, top: int) -> str:
