@@ -85,12 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_report(path: str | None, report: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-
-
 def resolve_options(args: argparse.Namespace):
     """The command's options: defaults, then the --config file, then the flags given."""
     options_type = COMMAND_OPTIONS[args.command][0]
@@ -110,14 +104,10 @@ def resolve_options(args: argparse.Namespace):
 
 
 def _merge(options: MergeOptions) -> int:
-    from jobs.driver import run_merge  # imports Ray: only for commands that need it
+    from jobs.api import run
     from jobs.progress import summary_table
 
-    if options.report_png:  # refused before the merge, not after it
-        from merge_core.publish.report_plot import require_matplotlib
-
-        require_matplotlib("--report-png")
-    summary = run_merge(options)
+    summary = run(options)
     rows = [
         ("output", summary.output),
         ("shards", f"{summary.shards} ({summary.tensors} tensors)"),
@@ -137,51 +127,40 @@ def _merge(options: MergeOptions) -> int:
         rows.append(("came back bit for bit", f"{recovered['tensors_identical']} of {recovered['tensors']} tensors, "
                      f"{share:.1%} of elements; the rest within {recovered['max_ulps']} ulp of "
                      f"{recovered['original']}"))
-    changes = summary.manifest.get("model_changes", {})
-    view = None
-    if options.report_png or changes.get("requantized_tensors") or changes.get("dequantized_tensors"):
-        from jobs.report_cmd import read_view, survival
-
-        view = read_view(summary.output)
-        kept, warning = survival(view)
-        if kept:
-            rows.append(("adapter kept", kept))
-        if warning:
-            logging.getLogger("lora_merge").warning(warning)
+    if summary.adapter_kept:
+        rows.append(("adapter kept", summary.adapter_kept))
     print(summary_table(rows))
-    if options.report_png:
-        from jobs.report_cmd import draw
-
-        for where in draw(view, options.report_png, None, ""):
-            print(f"report picture: {where}")
-    report = {k: v for k, v in vars(summary).items() if k != "manifest"}
-    _write_report(options.report, report | {"gb_per_second": summary.gb_per_second,
-                                            "timings": summary.manifest.get("timings", {})})
+    for where in summary.pictures:
+        print(f"report picture: {where}")
     return EXIT_OK
 
 
 def _verify(options: VerifyOptions) -> int:
+    from jobs.api import write_json
     from jobs.verify_job import run_verify
 
     summary = run_verify(options)
+    if summary.problems:
+        raise ValidationError(summary.problems)
     print(f"verified {summary.merged}: {summary.shards} shards, {summary.tensors_checked} tensors, "
           f"{summary.bytes_checked / 1e9:.3f} GB re-read; no problems")
-    _write_report(options.report, vars(summary))
+    write_json(options.report, vars(summary))
     return EXIT_OK
 
 
 def _report(options: ReportOptions) -> int:
-    from jobs.report_cmd import run_report
+    from jobs.api import report
 
-    print(run_report(options))
+    shown = report(options.merged_uri, png=options.png, html=options.html)
+    print("\n".join([shown.text, *(f"wrote {where}" for where in shown.written)]))
     return EXIT_OK
 
 
 def _plan(options: PlanOptions) -> int:
     from jobs.plan_view import run_plan
 
-    text, data = run_plan(options)
-    print(json.dumps(data, indent=2) if options.json else text)
+    planned = run_plan(options)
+    print(json.dumps(planned.data, indent=2) if options.json else planned.text)
     return EXIT_OK
 
 
@@ -225,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in problems:  # one indented line per problem
             print(f"  {problem}", file=sys.stderr)
     if problems:
-        _write_report(getattr(options, "report", None), {"problems": problems})
+        from jobs.api import write_json
+
+        write_json(getattr(options, "report", None), {"problems": problems})
     return code
 
 

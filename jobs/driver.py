@@ -1,20 +1,20 @@
-"""The merge driver: check every input up front, plan, run one Ray task per shard, then publish."""
+"""The merge driver: check every input up front, plan, run one task per shard (on Ray, through
+the executor), then publish."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-
-import ray
+from typing import Callable
 
 from jobs.claim import Run, check_output, claim, interrupted, resumable, tidy
+from jobs.executor import Executor
 from jobs.options import MergeInputs, MergeOptions, UnmergeOptions
-from jobs.progress import Progress
+from jobs.progress import Progress, ProgressEvent
 from jobs.runner import get_with_retries, reclaim_signals, run_over_lanes, stop_signals
 from jobs.scheduling import check_fits, plan_lanes
-from jobs.tasks import finalize_task, merge_shard_task
+from jobs.tasks import finalize_work, merge_shard_work
 from merge_core.errors import InputError, TransientStorageError
 from merge_core.inputs.adapter import LoraAdapter, load_adapter
 from merge_core.inputs.adapter_files import scan_adapter, stage_pickled_adapter
@@ -33,7 +33,7 @@ from merge_core.names import (
 )
 from merge_core.planning.plan import MergePlan
 from merge_core.planning.planner import plan_merge
-from merge_core.publish.journal import PAUSE_ENV, fingerprint, pause_point
+from merge_core.publish.journal import fingerprint, pause_point
 from merge_core.publish.lineage import check_not_merged_twice, unrecorded
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
@@ -42,8 +42,7 @@ from merge_core.worker.spec import MergeSpec
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
-# The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
-LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+ProgressCallback = Callable[[ProgressEvent], None]
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,9 @@ class Prepared:
     plan: MergePlan
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MergeSummary:
+    """What a merge (or unmerge) did: the summary the command prints, and the manifest it published."""
     output: str
     shards: int
     tensors: int
@@ -65,10 +65,12 @@ class MergeSummary:
     seconds: float
     device: str
     retries: int = 0
-    reused: int = 0
+    reused: int = 0  # shards --resume took from the interrupted run
     validated: bool = True
     nodes: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict, repr=False)
+    adapter_kept: str | None = None  # a quantized base: what the stored weights kept of the update
+    pictures: list[str] = field(default_factory=list)  # where report_png drew the heatmap
 
     @property
     def gb_per_second(self) -> float:
@@ -102,21 +104,16 @@ def _remove_staging(output: Storage, options: StorageOptions) -> None:
     open_storage(f"{output.uri}/{STAGING_DIR}", options).remove_tree()
 
 
-def connect(address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    # Tests only: a pause point reaches the tasks too (a running cluster's workers do not inherit
-    # the driver's environment).
-    hooks = {"runtime_env": {"env_vars": {PAUSE_ENV: os.environ[PAUSE_ENV]}}} if PAUSE_ENV in os.environ else {}
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, **hooks)
-    else:
-        # "local": a new Ray for this job, never silently a cluster that `ray start` left on this machine.
-        # It listens on loopback for this process alone: no token to set up (and warn about).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 logging_level=logging.WARNING, **hooks)
+def start_executor(executor: Executor | None, address: str | None) -> Executor:
+    """The executor a job runs on, started: the one given, else Ray (the cluster at `address`, or a
+    local one)."""
+    if executor is None:
+        from jobs.ray_executor import RayExecutor  # here: `plan` and in-process runs never load Ray
+
+        executor = RayExecutor(address)
+    executor.start()
     reclaim_signals()
+    return executor
 
 
 def _adapter_record(adapter: LoraAdapter, weight: float, given_as: str, storage: StorageOptions) -> dict:
@@ -202,11 +199,12 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
     return prepared, records
 
 
-def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: Run):
+def _run_shards(executor: Executor, plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: Run,
+                callback: ProgressCallback | None):
     """One task per shard not done yet, over the lanes, the journal rewritten after each."""
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
              plan.write_bytes / 1e9, run.output.uri)
-    progress = Progress(len(plan.tasks), plan.write_bytes)
+    progress = Progress(len(plan.tasks), plan.write_bytes, callback=callback)
     for result in run.done:
         progress.shard_done(result.name, result.size, "reused from the unfinished run", reused=True)
     memory = {t.name: t.memory_bytes for t in plan.tasks}
@@ -221,13 +219,13 @@ def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, 
             log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
-        return merge_shard_task.options(**lane_options, memory=memory[task.name],
-                                        resources=dict(options.task_resources) or None).remote(task, spec)
+        return executor.submit(merge_shard_work, (task, spec), dict(lane_options, memory=memory[task.name],
+                                                                     resources=dict(options.task_resources) or None))
 
     done = {r.name for r in run.done}
     try:
-        outcome = run_over_lanes([t for t in plan.tasks if t.name not in done], lanes, submit, lambda t: t.name,
-                                 finished, progress)
+        outcome = run_over_lanes(executor, [t for t in plan.tasks if t.name not in done], lanes, submit,
+                                 lambda t: t.name, finished, progress)
     except BaseException:
         progress.close()
         tidy(run)
@@ -236,19 +234,22 @@ def _run_shards(plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, 
     return outcome
 
 
-def run_merge(options: MergeOptions) -> MergeSummary:
+def run_merge(options: MergeOptions, executor: Executor | None = None,
+              progress: ProgressCallback | None = None) -> MergeSummary:
     """Check and plan, find what an interrupted run left (--resume), claim the output (the journal,
     before any task runs), merge the shards, publish. SIGTERM or Ctrl-C stops it cleanly:
-    Interrupted, once the tasks are cancelled, the uploads aborted and the journal current."""
+    Interrupted, once the tasks are cancelled, the uploads aborted and the journal current.
+    `executor`: where the tasks run (default: Ray, as options.ray_address says)."""
     run = Run(open_storage(options.output, options.storage))
     with stop_signals():
         try:
-            return _merge(options, run)
+            return _merge(options, run, executor, progress)
         except KeyboardInterrupt:
             raise interrupted(run, options) from None
 
 
-def _merge(options: MergeOptions, run: Run) -> MergeSummary:
+def _merge(options: MergeOptions, run: Run, executor: Executor | None,
+           progress: ProgressCallback | None) -> MergeSummary:
     started = time.perf_counter()
     output = run.output
     prepared, records = _check_and_plan(output, options)
@@ -259,32 +260,36 @@ def _merge(options: MergeOptions, run: Run) -> MergeSummary:
     reused, clearing = resumable(output, options, plan, run.key)
     planned = time.perf_counter()
 
-    connect(options.ray_address)
-    lanes = plan_lanes(ray.nodes(), options.device, options.task_cpus, len(plan.tasks) - len(reused))
-    check_fits(ray.nodes(), max(plan.tasks, key=lambda t: t.memory_bytes))
+    executor = start_executor(executor, options.ray_address)
+    nodes = executor.nodes()
+    lanes = plan_lanes(nodes, options.device, options.task_cpus, len(plan.tasks) - len(reused))
+    check_fits(nodes, max(plan.tasks, key=lambda t: t.memory_bytes))
     claim(run, options, reused, clearing)
     original = _original(options, plan, prepared.base)
     spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
                         allow_nonfinite=options.allow_nonfinite, read_back=options.validate, original_uri=original)
-    outcome = _run_shards(plan, spec, options, lanes, run)
+    outcome = _run_shards(executor, plan, spec, options, lanes, run, progress)
     merged = time.perf_counter()
 
     run.record()  # current before the final task, which publishes only what the journal vouches for
     results = run.done
-    cluster = {"resources": ray.cluster_resources(), "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
-               "lanes": {lane.name: lane.slots for lane in lanes}}
+    cluster = {"resources": executor.resources(), "nodes": len([n for n in executor.nodes() if n.get("Alive")]),
+               "lanes": {lane.name: lane.slots for lane in lanes}, "executor": executor.name}
     publication = Publication(tuple(results), prepared.base.extra_files, prepared.base.index_metadata,
                               tuple(records), {"plan_seconds": planned - started, "merge_seconds": merged - planned},
                               cluster, outcome.retries, tuple(r.name for r in reused), prepared.base.manifest,
                               original)
     try:
-        manifest = get_with_retries(lambda: finalize_task.remote(plan, spec, publication), "the final task")
+        manifest = get_with_retries(executor, lambda: executor.submit(finalize_work, (plan, spec, publication), {}),
+                                    "the final task")
     except BaseException:
         tidy(run, record=False)  # the journal is current, and must not come back once the index is there
         raise
     if options.allow_pickle:
         _remove_staging(output, options.storage)
-    return MergeSummary(output.uri, len(plan.tasks), sum(r.tensors for r in results), plan.fused_tensor_count,
-                        plan.read_bytes, sum(r.size for r in results), time.perf_counter() - started,
-                        ",".join(sorted({r.device for r in results})), sum(outcome.retries.values()),
-                        len(reused), options.validate, sorted({r.node for r in results}), manifest)
+    return MergeSummary(output=output.uri, shards=len(plan.tasks), tensors=sum(r.tensors for r in results),
+                        fused_tensors=plan.fused_tensor_count, bytes_read=plan.read_bytes,
+                        bytes_written=sum(r.size for r in results), seconds=time.perf_counter() - started,
+                        device=",".join(sorted({r.device for r in results})), retries=sum(outcome.retries.values()),
+                        reused=len(reused), validated=options.validate, nodes=sorted({r.node for r in results}),
+                        manifest=manifest)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from jobs.driver import prepare
 from jobs.options import MergeInputs
 from jobs.scheduling import TASKS_PER_GPU
@@ -88,8 +90,26 @@ def describe_quantization(base: BaseCheckpoint) -> str | None:
     return f"{detail}: {len(base.quantized)} quantized weights"
 
 
-def run_plan(inputs: MergeInputs) -> tuple[str, dict]:
+@dataclass(frozen=True, kw_only=True)
+class PlanSummary:
+    """What a merge would do: the figures `lora-merge plan` prints, the text, and the dict of --json."""
+    base: str
+    adapters: tuple[str, ...]
+    operation: str  # merge or unmerge
+    shards: int
+    fused_tensors: int
+    read_bytes: int
+    write_bytes: int
+    quantization: str | None
+    text: str = field(repr=False)
+    data: dict = field(repr=False)  # `lora-merge plan --json`: every shard with what it reads and fuses
+
+
+def run_plan(inputs: MergeInputs) -> PlanSummary:
     prepared = prepare(inputs)
     quantization = describe_quantization(prepared.base)
-    return (render_plan(prepared.plan, inputs.device, quantization),
-            plan_as_dict(prepared.plan, inputs.device, quantization))
+    data = plan_as_dict(prepared.plan, inputs.device, quantization)
+    return PlanSummary(base=data["base"], adapters=tuple(data["adapters"]), operation=data["operation"],
+                       shards=data["tasks"], fused_tensors=data["fused_tensors"], read_bytes=data["read_bytes"],
+                       write_bytes=data["write_bytes"], quantization=quantization,
+                       text=render_plan(prepared.plan, inputs.device, quantization), data=data)

@@ -1,21 +1,43 @@
 """What the driver shows while a job runs: a live bar on a terminal, one log line per shard otherwise,
-and a closing summary table."""
+a ProgressEvent for each step to a caller's callback (the Python API's `progress=`), and a closing
+summary table."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from typing import Sequence, TextIO
+from dataclasses import dataclass
+from typing import Callable, Sequence, TextIO
 
 log = logging.getLogger("lora_merge")
 BAR_WIDTH = 28
 REDRAW_SECONDS = 0.5
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a running job, as a progress callback receives it."""
+    kind: str  # "shard_done" (merged, verified or reused) or "retry"
+    shard: str
+    shards_done: int
+    shards_total: int
+    bytes_done: int
+    bytes_total: int
+    retries: int
+    detail: str = ""  # what the step did, or why the retry
+    reused: bool = False  # a shard --resume took from the interrupted run
+
+    @property
+    def fraction(self) -> float:
+        return self.shards_done / self.shards_total if self.shards_total else 1.0
+
+
 class Progress:
-    def __init__(self, shards: int, total_bytes: int, stream: TextIO = sys.stderr, live: bool | None = None):
+    def __init__(self, shards: int, total_bytes: int, stream: TextIO = sys.stderr, live: bool | None = None,
+                 callback: Callable[[ProgressEvent], None] | None = None):
         self.shards, self.total_bytes = shards, total_bytes
+        self.callback = callback
         self.done = self.done_bytes = self.retries = self.reused = 0
         self.started = time.perf_counter()
         self.stream = stream
@@ -31,6 +53,7 @@ class Progress:
         self.done += 1
         self.done_bytes += size
         self.reused += reused
+        self._tell("shard_done", name, detail, reused)
         if self.live:
             self.draw(force=True)
         else:
@@ -39,9 +62,15 @@ class Progress:
 
     def retry(self, name: str, reason: str, attempt: int) -> None:
         self.retries += 1
+        self._tell("retry", name, reason)
         if self.live:
             self.stream.write("\n")
         log.warning("retrying %s (attempt %d): %s", name, attempt, reason)
+
+    def _tell(self, kind: str, name: str, detail: str, reused: bool = False) -> None:
+        if self.callback:
+            self.callback(ProgressEvent(kind, name, self.done, self.shards, self.done_bytes, self.total_bytes,
+                                        self.retries, detail, reused))
 
     def draw(self, force: bool = False) -> None:
         now = time.perf_counter()

@@ -1,16 +1,15 @@
-"""`lora-merge report MERGED_URI [--png F] [--html F]`: what a merge changed, from the merged model's
-own report and manifest (local or S3); and the picture `merge --report-png` draws at the end."""
+"""What a merge changed, from the merged model's own report and manifest (local or S3): the view
+`lora-merge report` shows, the picture and page it draws (and `merge --report-png` at the end),
+and what a quantized base's stored weights kept of the update."""
 
 from __future__ import annotations
 
 import json
 import statistics
 
-from jobs.options import ReportOptions
 from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
 from merge_core.names import CONFIG_JSON, MANIFEST_NAME, REPORT_NAME
-from merge_core.publish.report_summary import summary_text
 from merge_core.publish.report_view import LOST_BELOW, ReportView, load_view
 
 
@@ -63,10 +62,3 @@ def survival(view: ReportView, named: int = 3) -> tuple[str | None, str | None]:
     shown = ", ".join(f"{t.name} ({t.adapter_kept:.2f})" for t in lost[:named])
     return line, (f"requantization kept less than {LOST_BELOW:.0%} of the adapter's update in {len(lost)} of "
                   f"{len(measured)} tensors, e.g. {shown}: merge with --dequantize to keep the update whole")
-
-
-def run_report(options: ReportOptions) -> str:
-    view = read_view(options.merged_uri)
-    summary = summary_text(view)
-    written = draw(view, options.png, options.html, summary)
-    return "\n".join([summary, *(f"wrote {where}" for where in written)])

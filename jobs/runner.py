@@ -1,5 +1,5 @@
-"""Run one Ray task per shard over the lanes, retrying transient failures, never bad input; and
-stop them all when the job is told to stop.
+"""Run one task per shard over the lanes of an executor, retrying transient failures, never bad
+input; and stop them all when the job is told to stop.
 
 Retries are the driver's, not Ray's (tasks run with max_retries=0): the driver sees every
 failure, so it can tell a flaky store or a lost worker (retried, counted per shard, reported)
@@ -17,23 +17,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
-import ray
-from ray import exceptions as ray_errors
-
+from jobs.executor import Executor
 from jobs.progress import Progress
 from jobs.scheduling import Lane, free_lane
-from merge_core.errors import InputError, TransientStorageError, ValidationError
+from merge_core.errors import InputError, ValidationError
 
 log = logging.getLogger("lora_merge")
 MAX_ATTEMPTS = 4
 # Between attempts of the final task: a store that fails for a while gets ~14 s to come back
 # before a whole job's work waits for a --resume.
 FINAL_RETRY_WAITS = (2, 4, 8)
-CANCEL_WAIT_SECONDS = 10  # how long a cancelled task may take to die before the output is cleaned
-# Failures a second attempt may cure: the store or network, or the worker or node under the task.
-TRANSIENT = (TransientStorageError, ConnectionError, TimeoutError, ray_errors.WorkerCrashedError,
-             ray_errors.NodeDiedError, ray_errors.ObjectLostError, ray_errors.OwnerDiedError,
-             ray_errors.RaySystemError, ray_errors.LocalRayletDiedError, ray_errors.OutOfMemoryError)
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
@@ -44,22 +37,23 @@ class Outcome(Generic[Result]):
     retries: dict[str, int] = field(default_factory=dict)
 
 
-def _is_transient(exc: BaseException) -> bool:
+def _is_transient(exc: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
     if isinstance(exc, (InputError, ValidationError)):
         return False
-    if isinstance(exc, TRANSIENT):
+    if isinstance(exc, transient):
         return True
     cause = getattr(exc, "cause", None)  # a RayTaskError wraps what the task raised
-    return isinstance(cause, TRANSIENT) and not isinstance(cause, (InputError, ValidationError))
+    return isinstance(cause, transient) and not isinstance(cause, (InputError, ValidationError))
 
 
-def run_over_lanes(jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[[Job, dict], ray.ObjectRef],
+def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[[Job, dict], object],
                    name_of: Callable[[Job], str], on_result: Callable[[Job, Result], None],
                    progress: Progress | None = None) -> Outcome[Result]:
-    """Submit jobs into free lane slots, wait with ray.wait, retry transient failures."""
+    """Submit jobs into free lane slots (`submit` returns the executor's handle), wait for the
+    first to finish, retry transient failures."""
     queue = list(jobs)
     attempts: dict[str, int] = {}
-    pending: dict[ray.ObjectRef, tuple[Job, Lane]] = {}
+    pending: dict[object, tuple[Job, Lane]] = {}
     outcome: Outcome[Result] = Outcome()
     try:
         while queue or pending:
@@ -70,7 +64,7 @@ def run_over_lanes(jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[
                 pending[submit(job, lane.options)] = (job, lane)
                 lane.running += 1
                 continue
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            done = executor.wait(list(pending), 0.5)
             if progress:
                 progress.draw()
             if not done:
@@ -78,10 +72,10 @@ def run_over_lanes(jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[
             job, lane = pending.pop(done[0])
             lane.running -= 1
             try:
-                result = ray.get(done[0])
+                result = executor.get(done[0])
             except Exception as exc:
                 name = name_of(job)
-                if not _is_transient(exc) or attempts[name] >= MAX_ATTEMPTS:
+                if not _is_transient(exc, executor.transient) or attempts[name] >= MAX_ATTEMPTS:
                     raise
                 outcome.retries[name] = outcome.retries.get(name, 0) + 1
                 if progress:
@@ -91,32 +85,24 @@ def run_over_lanes(jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[
             outcome.results.append(result)
             on_result(job, result)
     except BaseException:
-        cancel_all(list(pending))
+        executor.cancel(list(pending))
         raise
     return outcome
 
 
-def cancel_all(refs: Sequence[ray.ObjectRef]) -> None:
-    """Kill the tasks behind `refs` and wait (briefly) until they are gone, so that nothing they
-    were writing can appear after the caller has cleaned up the output."""
-    for ref in refs:
-        ray.cancel(ref, force=True)
-    if refs:
-        ray.wait(list(refs), num_returns=len(refs), timeout=CANCEL_WAIT_SECONDS)
-
-
-def get_with_retries(submit: Callable[[], ray.ObjectRef], name: str, waits: Sequence[float] = FINAL_RETRY_WAITS):
+def get_with_retries(executor: Executor, submit: Callable[[], object], name: str,
+                     waits: Sequence[float] = FINAL_RETRY_WAITS):
     """Run one task to its result, retrying transient failures after a pause; stopped (Ctrl-C,
     SIGTERM), the task is cancelled before the interruption goes on."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
         ref = submit()
         try:
-            return ray.get(ref)
+            return executor.get(ref)
         except KeyboardInterrupt:
-            cancel_all([ref])
+            executor.cancel([ref])
             raise
         except Exception as exc:
-            if not _is_transient(exc) or attempt == MAX_ATTEMPTS:
+            if not _is_transient(exc, executor.transient) or attempt == MAX_ATTEMPTS:
                 raise
             log.warning("retrying %s (attempt %d): %s", name, attempt + 1, _one_line(exc))
             time.sleep(waits[min(attempt, len(waits)) - 1] if waits else 0)

@@ -1,4 +1,5 @@
-"""`lora-merge verify`: re-check an existing merged model against its base and adapters, on Ray."""
+"""`lora-merge verify`: re-check an existing merged model against its base and adapters, one task
+per shard (on Ray, through the executor)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import ray
-
-from jobs.driver import connect, prepare
+from jobs.driver import ProgressCallback, prepare, start_executor
+from jobs.executor import Executor
 from jobs.options import VerifyOptions
 from jobs.progress import Progress
 from jobs.runner import run_over_lanes
 from jobs.scheduling import plan_lanes
-from jobs.tasks import verify_shard_task
-from merge_core.errors import InputError, ValidationError
+from jobs.tasks import verify_shard_work
+from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from merge_core.publish.validate import check_config, check_headers, check_index
@@ -35,6 +35,10 @@ class VerifySummary:
     bytes_checked: int
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
 
 def _read_json(storage, name: str) -> dict | None:
     if not storage.exists(name):
@@ -45,7 +49,10 @@ def _read_json(storage, name: str) -> dict | None:
         return None
 
 
-def run_verify(options: VerifyOptions) -> VerifySummary:
+def run_verify(options: VerifyOptions, executor: Executor | None = None,
+               progress: ProgressCallback | None = None) -> VerifySummary:
+    """Every shard re-read and every tensor merged again; the findings in the summary's problems
+    (none: the merged model is what its inputs make). Bad input raises InputError."""
     plan = prepare(options).plan
     merged = open_storage(options.merged, options.storage)
     index = _read_json(merged, INDEX_NAME)
@@ -61,31 +68,29 @@ def run_verify(options: VerifyOptions) -> VerifySummary:
     _, headers = check_headers(plan, merged)  # per-shard header problems come from the verify tasks
     problems += check_index(plan, index, headers) + check_config(plan, merged)
 
-    connect(options.ray_address)
-    lanes = plan_lanes(ray.nodes(), options.device if options.device != "cuda" else "auto")
-    progress = Progress(len(plan.tasks), plan.write_bytes)
+    executor = start_executor(executor, options.ray_address)
+    lanes = plan_lanes(executor.nodes(), options.device if options.device != "cuda" else "auto")
+    shown = Progress(len(plan.tasks), plan.write_bytes, callback=progress)
 
     spec = MergeSpec.of(plan, merged.uri, storage=options.storage)
 
     def submit(task, lane_options):
         size, sha = recorded.get(task.name, (None, None))
-        return verify_shard_task.options(**lane_options).remote(task, spec, size, sha, 1 if task.name in on_gpu else 0)
+        return executor.submit(verify_shard_work, (task, spec, size, sha, 1 if task.name in on_gpu else 0),
+                               lane_options)
 
     def done(task, verdict: ShardVerdict):
-        progress.shard_done(verdict.name, verdict.size, f"{verdict.tensors_checked} tensors checked, "
-                            f"{len(verdict.problems)} problems")
+        shown.shard_done(verdict.name, verdict.size, f"{verdict.tensors_checked} tensors checked, "
+                         f"{len(verdict.problems)} problems")
 
     try:
-        outcome = run_over_lanes(plan.tasks, lanes, submit, lambda t: t.name, done, progress)
+        outcome = run_over_lanes(executor, plan.tasks, lanes, submit, lambda t: t.name, done, shown)
     finally:
-        progress.close()
+        shown.close()
     verdicts = sorted(outcome.results, key=lambda v: v.name)
     problems += [p for v in verdicts for p in v.problems]
     if recorded and set(recorded) != {t.name for t in plan.tasks}:
         problems.append(f"{merged.describe(MANIFEST_NAME)}: records shards {sorted(recorded)} but the base has "
                         f"{sorted(t.name for t in plan.tasks)}")
-    summary = VerifySummary(merged.uri, len(plan.tasks), sum(v.tensors_checked for v in verdicts),
-                            sum(v.size for v in verdicts), problems)
-    if problems:
-        raise ValidationError(problems)
-    return summary
+    return VerifySummary(merged.uri, len(plan.tasks), sum(v.tensors_checked for v in verdicts),
+                         sum(v.size for v in verdicts), problems)

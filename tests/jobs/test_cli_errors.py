@@ -110,10 +110,14 @@ def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever():
 def test_only_transient_failures_are_retried():
     from ray import exceptions as ray_errors
 
+    from jobs.executor import InProcessExecutor
+    from jobs.ray_executor import RayExecutor
     from jobs.runner import _is_transient
     from merge_core.errors import TransientStorageError, ValidationError
-    assert _is_transient(TransientStorageError("s3://b/p: GET: SlowDown"))
-    assert _is_transient(ConnectionError("reset")) and _is_transient(ray_errors.WorkerCrashedError())
-    assert not _is_transient(InputError("x", "bad header", "re-save it"))
-    assert not _is_transient(ValidationError(["x: sha256 differs"]))
-    assert not _is_transient(RuntimeError("a bug"))
+    for transient in (RayExecutor.transient, InProcessExecutor.transient):
+        assert _is_transient(TransientStorageError("s3://b/p: GET: SlowDown"), transient)
+        assert _is_transient(ConnectionError("reset"), transient)
+        assert not _is_transient(InputError("x", "bad header", "re-save it"), transient)
+        assert not _is_transient(ValidationError(["x: sha256 differs"]), transient)
+        assert not _is_transient(RuntimeError("a bug"), transient)
+    assert _is_transient(ray_errors.WorkerCrashedError(), RayExecutor.transient)

@@ -200,7 +200,7 @@ def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, many_shards, two_
     try:
         stdout, stderr = job.communicate(timeout=600)
     finally:
-        s3_server.start(server.data_dir, server.access_key, server.secret_key)
+        s3_server.start_again(server)
     assert job.returncode == 3, stderr
     assert stderr.strip().splitlines()[-1].startswith("error: TransientStorageError: s3://")
     assert INDEX_NAME not in list_keys(s3, "gone/out")

@@ -286,7 +286,7 @@ def test_s3_failing_during_the_final_task_is_ridden_out(s3, models, tmp_path):
         wait_until(lambda: "retrying the final task" in run.stderr.read_text() or run.job.poll() is not None, 60,
                    "the final task to fail")
     finally:
-        s3_server.start(server.data_dir, server.access_key, server.secret_key)
+        s3_server.start_again(server)
     code, stderr = run.finish()
     assert code == 0, stderr
     assert "retrying the final task (attempt 2)" in stderr

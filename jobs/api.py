@@ -1,0 +1,128 @@
+"""lora-merge from Python: merge, unmerge, verify, plan and report as functions over URIs and
+keyword options, returning typed results and raising the project's errors. The command line is a
+thin layer over these; both take the options jobs/options.py declares, with the same defaults.
+
+Options are the long flags with underscores (`overwrite=True`, `device="cpu"`,
+`ray_address="auto"`, `combine="ties"`, `density=0.5`, ...). A merge runs on the Ray cluster this
+process has joined, else the one at `ray_address`, else a local Ray started for it; `progress`
+is called with a ProgressEvent as each shard finishes or is retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from jobs.driver import MergeSummary, ProgressCallback, run_merge
+from jobs.executor import Executor
+from jobs.options import MergeOptions, PlanOptions, ReportOptions, UnmergeOptions, VerifyOptions, build, defaults
+from jobs.plan_view import PlanSummary, run_plan
+from jobs.verify_job import VerifySummary, run_verify
+from merge_core.errors import InputError
+from merge_core.publish.report_view import ReportView
+
+log = logging.getLogger("lora_merge")
+
+
+def options_for(kind: type, **values):
+    """The options dataclass `kind` from keyword values over its defaults; an option the command
+    does not take is a TypeError naming the ones it does."""
+    known = {f.name for f in dataclasses.fields(kind) if f.metadata.get("flag") or f.metadata.get("spec")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    merged = defaults(kind) | {k: v for k, v in values.items() if v is not None}
+    for name in ("adapters", "weights"):
+        if isinstance(merged.get(name), (str, int, float)):
+            merged[name] = [merged[name]]
+    return build(kind, merged)
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+
+
+def run(options: MergeOptions, executor: Executor | None = None,
+        progress: ProgressCallback | None = None) -> MergeSummary:
+    """A merge (or unmerge) from its options: the picture (report_png) checked for before and drawn
+    after, what the stored weights kept of the update measured for a quantized base, the JSON
+    summary written (report)."""
+    if options.report_png:  # refused before the merge, not after it
+        from merge_core.publish.report_plot import require_matplotlib
+
+        require_matplotlib("--report-png")
+    summary = run_merge(options, executor, progress)
+    changes = summary.manifest.get("model_changes", {})
+    view = None
+    if options.report_png or changes.get("requantized_tensors") or changes.get("dequantized_tensors"):
+        from jobs.report_cmd import draw, read_view, survival
+
+        view = read_view(summary.output)
+        summary.adapter_kept, warning = survival(view)
+        if warning:
+            log.warning(warning)
+        if options.report_png:
+            summary.pictures = draw(view, options.report_png, None, "")
+    report = {k: v for k, v in vars(summary).items() if k != "manifest"}
+    write_json(options.report, report | {"gb_per_second": summary.gb_per_second,
+                                          "timings": summary.manifest.get("timings", {})})
+    return summary
+
+
+def merge(base: str, adapters: str | Sequence[str], output: str, *, weights: Sequence[float] | float = (),
+          progress: ProgressCallback | None = None, **options) -> MergeSummary:
+    """Fuse `adapters` into `base` and publish the merged checkpoint at `output` (each a local path
+    or s3://bucket/prefix). Raises InputError for bad input (nothing written), ValidationError when
+    the merged model fails its checks (no index written), Interrupted when stopped by a signal."""
+    return run(options_for(MergeOptions, base=base, adapters=adapters, output=output, weights=weights, **options),
+               progress=progress)
+
+
+def unmerge(merged: str, adapters: str | Sequence[str], output: str, *, original: str | None = None,
+            progress: ProgressCallback | None = None, **options) -> MergeSummary:
+    """Take `adapters` back out of `merged` (a lora-merge or PEFT merge) into `output`, as PEFT's
+    unmerge_adapter() does; `original`: the original base, to compare with and restore from."""
+    return run(options_for(UnmergeOptions, base=merged, adapters=adapters, output=output, original=original,
+                           **options), progress=progress)
+
+
+def verify(base: str, adapters: str | Sequence[str], merged: str, *, weights: Sequence[float] | float = (),
+           progress: ProgressCallback | None = None, **options) -> VerifySummary:
+    """Re-read every shard of `merged` and merge every tensor again: the findings are the summary's
+    `problems` (`ok` when there are none). Raises InputError for bad input."""
+    return run_verify(options_for(VerifyOptions, base=base, adapters=adapters, merged=merged, weights=weights,
+                                  **options), progress=progress)
+
+
+def plan(base: str, adapters: str | Sequence[str], *, weights: Sequence[float] | float = (),
+         **options) -> PlanSummary:
+    """What a merge would read, fuse and write, from headers alone; writes nothing, starts no Ray."""
+    return run_plan(options_for(PlanOptions, base=base, adapters=adapters, weights=weights, **options))
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What a merge changed, from the merged model's own report and manifest."""
+    merged: str
+    text: str  # the summary `lora-merge report` prints
+    view: ReportView = field(repr=False)  # every tensor's row, the adapters, the heatmap's grids
+    written: tuple[str, ...] = ()  # where the picture and the page went
+
+
+def report(merged: str, *, png: str | None = None, html: str | None = None) -> ReportSummary:
+    """Read `merged`'s merge_report.parquet and manifest; draw the heatmap to `png` and the page to
+    `html` (local paths or s3:// URIs) when given."""
+    from jobs.report_cmd import draw, read_view
+    from merge_core.publish.report_summary import summary_text
+
+    options = options_for(ReportOptions, merged_uri=merged, png=png, html=html)
+    view = read_view(options.merged_uri)
+    text = summary_text(view)
+    return ReportSummary(options.merged_uri, text, view, tuple(draw(view, options.png, options.html, text)))
+
+

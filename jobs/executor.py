@@ -1,0 +1,81 @@
+"""Where a job's tasks run. Every real run uses a Ray cluster (jobs/ray_executor.py); the
+in-process executor here runs the same task functions one after another in this process, without
+Ray, for the tests of the numerics, the formats and publication.
+
+An executor hands out handles for submitted work and answers the few questions the driver asks:
+the cluster's nodes (for lanes and memory checks), which handles are done, their results, and
+which failures a second attempt may cure.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from typing import Any, Callable, Protocol, Sequence
+
+from jobs.tasks import Placement
+from merge_core.errors import TransientStorageError
+
+# Failures a second attempt may cure wherever the task ran: the store or the network.
+STORAGE_TRANSIENT = (TransientStorageError, ConnectionError, TimeoutError)
+
+
+class Executor(Protocol):
+    name: str
+    transient: tuple[type[BaseException], ...]  # failures a retry may cure
+
+    def start(self) -> None: ...
+
+    def nodes(self) -> list[dict]: ...  # as ray.nodes(): NodeID, Alive, Resources {CPU, GPU, memory}
+
+    def resources(self) -> dict: ...  # the cluster's total resources, for the manifest
+
+    def submit(self, work: Callable, args: tuple, options: dict) -> Any: ...
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list: ...  # at most one finished handle
+
+    def get(self, handle: Any) -> Any: ...
+
+    def cancel(self, handles: Sequence[Any]) -> None: ...  # returns once they are stopped (or briefly waited for)
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class InProcessExecutor:
+    """Runs each task when it is submitted, in this process, on this machine's CPUs. The work and
+    its arguments are exactly what Ray would run; only the scheduling is gone."""
+    name = "in-process"
+    transient = STORAGE_TRANSIENT
+    NODE = "in-process"
+
+    def start(self) -> None:
+        pass
+
+    def nodes(self) -> list[dict]:
+        return [{"NodeID": self.NODE, "Alive": True,
+                 "Resources": {"CPU": float(os.cpu_count() or 1), "memory": float(_memory_bytes())}}]
+
+    def resources(self) -> dict:
+        return dict(self.nodes()[0]["Resources"])
+
+    def submit(self, work: Callable, args: tuple, options: dict) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(work(*args, Placement(self.NODE, int(options.get("num_cpus") or 1))))
+        except Exception as exc:  # a KeyboardInterrupt goes on up, as it would from ray.get
+            future.set_exception(exc)
+        return future
+
+    def wait(self, handles: Sequence[Future], timeout: float) -> list[Future]:
+        return [h for h in handles if h.done()][:1]
+
+    def get(self, handle: Future) -> Any:
+        return handle.result()
+
+    def cancel(self, handles: Sequence[Future]) -> None:
+        pass  # nothing runs behind a handle: each task ran to its end when it was submitted

@@ -1,0 +1,105 @@
+"""The Ray executor: every real run's tasks, one Ray task per unit of work, on the cluster given
+(--ray-address) or on a local Ray started for the job.
+
+Tasks run with max_retries=0: retries are the driver's (jobs/runner.py), which tells transient
+failures from bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import ray
+from ray import exceptions as ray_errors
+
+from jobs.executor import STORAGE_TRANSIENT
+from jobs.tasks import Placement, finalize_work, merge_shard_work, verify_shard_work
+from merge_core.publish.journal import PAUSE_ENV
+
+# The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+CANCEL_WAIT_SECONDS = 10  # how long a cancelled task may take to die before the output is cleaned
+
+
+def _placement() -> Placement:
+    context = ray.get_runtime_context()
+    cpus = int(context.get_assigned_resources().get("CPU", 1))
+    return Placement(context.get_node_id(), max(1, cpus), bool(ray.get_gpu_ids()))
+
+
+# One Ray task per kind of work, named for it (a worker's process title is ray::<name>).
+@ray.remote(max_retries=0)
+def merge_shard_task(*args):
+    return merge_shard_work(*args, _placement())
+
+
+@ray.remote(max_retries=0)
+def verify_shard_task(*args):
+    return verify_shard_work(*args, _placement())
+
+
+@ray.remote(max_retries=0)
+def finalize_task(*args):
+    return finalize_work(*args, _placement())
+
+
+REMOTE = {merge_shard_work: merge_shard_task, verify_shard_work: verify_shard_task, finalize_work: finalize_task}
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local Ray for this job; a Ray this process already
+    joined (a user's script, a notebook) is used as it is."""
+    if ray.is_initialized():
+        return
+    # Tests only: a pause point reaches the tasks too (a running cluster's workers do not inherit
+    # the driver's environment).
+    hooks = {"runtime_env": {"env_vars": {PAUSE_ENV: os.environ[PAUSE_ENV]}}} if PAUSE_ENV in os.environ else {}
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, **hooks)
+    else:
+        # "local": a new Ray for this job, never silently a cluster that `ray start` left on this machine.
+        # It listens on loopback for this process alone: no token to set up (and warn about).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 logging_level=logging.WARNING, **hooks)
+
+
+class RayExecutor:
+    name = "ray"
+    # Besides the store: the worker or node under the task.
+    transient = STORAGE_TRANSIENT + (
+        ray_errors.WorkerCrashedError, ray_errors.NodeDiedError, ray_errors.ObjectLostError,
+        ray_errors.OwnerDiedError, ray_errors.RaySystemError, ray_errors.LocalRayletDiedError,
+        ray_errors.OutOfMemoryError)
+
+    def __init__(self, address: str | None = None):
+        self.address = address
+
+    def start(self) -> None:
+        connect(self.address)
+
+    def nodes(self) -> list[dict]:
+        return ray.nodes()
+
+    def resources(self) -> dict:
+        return ray.cluster_resources()
+
+    def submit(self, work: Callable, args: tuple, options: dict) -> ray.ObjectRef:
+        return REMOTE[work].options(**options).remote(*args)
+
+    def wait(self, handles: Sequence[ray.ObjectRef], timeout: float) -> list:
+        done, _ = ray.wait(list(handles), num_returns=1, timeout=timeout)
+        return done
+
+    def get(self, handle: ray.ObjectRef) -> Any:
+        return ray.get(handle)
+
+    def cancel(self, handles: Sequence[ray.ObjectRef]) -> None:
+        """Kill the tasks and wait (briefly) until they are gone, so that nothing they were writing
+        can appear after the caller has cleaned up the output."""
+        for ref in handles:
+            ray.cancel(ref, force=True)
+        if handles:
+            ray.wait(list(handles), num_returns=len(handles), timeout=CANCEL_WAIT_SECONDS)

@@ -1,0 +1,28 @@
+"""lora-merge from Python.
+
+    import lora_merge
+
+    summary = lora_merge.merge("s3://models/llama-70b", "s3://adapters/support/v12",
+                               "s3://models/llama-70b-support-v12", ray_address="auto")
+    print(summary.fused_tensors, summary.output)
+
+merge, unmerge, verify, plan and report take the command line's options as keywords (the long
+flags with underscores: overwrite=True, device="cpu", combine="ties", ...), with the same defaults,
+and return typed results; bad input raises InputError, whose message is the line the command
+prints after "error: ". A merge runs on the Ray cluster this process has joined, else the one at
+`ray_address`, else a local Ray started for it.
+"""
+
+from jobs.api import ReportSummary, merge, plan, report, unmerge, verify
+from jobs.driver import MergeSummary
+from jobs.plan_view import PlanSummary
+from jobs.progress import ProgressEvent
+from jobs.runner import Interrupted
+from jobs.verify_job import VerifySummary
+from merge_core.errors import InputError, TransientStorageError, ValidationError
+from merge_core.publish.manifest import tool_version
+
+__version__ = tool_version()
+__all__ = ["InputError", "Interrupted", "MergeSummary", "PlanSummary", "ProgressEvent", "ReportSummary",
+           "TransientStorageError", "ValidationError", "VerifySummary", "merge", "plan", "report", "unmerge",
+           "verify"]
