@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on GPU machines install a CUDA build into .venv first and it is kept.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# What needs no Ray cluster, no S3 server and no process of its own (markers in pyproject.toml).
+test-fast: setup
+	$(PY) -m pytest -q -m "not cluster and not s3 and not processes"
 
 # A real merge end to end: local S3 server, generated model and adapter, local Ray, verify, load.
 demo: setup

@@ -2,7 +2,9 @@
 (--ray-address) or on a local Ray started for the job.
 
 Tasks run with max_retries=0: retries are the driver's (jobs/runner.py), which tells transient
-failures from bad input.
+failures from bad input. And with max_calls=0: Ray would otherwise end a worker after each task
+that asked for a GPU, so every GPU shard would pay a new process, torch's import and CUDA's start
+again; a kept worker also keeps its buffers (merge_core.numerics.workspace).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ def _placement() -> Placement:
 
 
 # One Ray task per kind of work, named for it (a worker's process title is ray::<name>).
-@ray.remote(max_retries=0)
+@ray.remote(max_retries=0, max_calls=0)
 def merge_shard_task(*args):
     return merge_shard_work(*args, _placement())
 
 
-@ray.remote(max_retries=0)
+@ray.remote(max_retries=0, max_calls=0)
 def verify_shard_task(*args):
     return verify_shard_work(*args, _placement())
 

@@ -13,6 +13,19 @@ SENTINEL_SECRET = "SENTINEL-secret-7f3a9c1e5d-do-not-print"
 BUCKET = "models"
 
 
+# Tests are marked by the services their fixtures start (`make test-fast` runs those needing none).
+CLUSTER_FIXTURES = {"two_node_cluster", "ray_session"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if "s3" in used:
+            item.add_marker(pytest.mark.s3)
+        if used & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     server = s3_server.start(str(tmp_path_factory.mktemp("s3")), access_key="lora-merge-tests",

@@ -31,6 +31,7 @@ def test_rayjob_runs_lora_merge_on_gpu_workers_with_the_mounted_spec(tmp_path):
     assert spec["entrypoint"].split()[:4] == ["lora-merge", "merge", "--config", f"{mount}/job.yaml"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}, "Ray 2.60 needs a token; KubeRay makes it"
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "shard tasks stay off the head"
     (gpu,) = spec["rayClusterSpec"]["workerGroupSpecs"]

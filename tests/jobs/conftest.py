@@ -1,11 +1,17 @@
-"""Ray for the job tests: a simulated two-node cluster, one node with a logical GPU."""
+"""Ray for the job tests: a simulated two-node cluster, one node with a logical GPU, that this
+test process joins, so that the command (jobs.cli.main) and the Python API run in-process on
+warm workers; `run_cli` starts the command as a process of its own, for the tests that must kill
+or stop it."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 
 import pytest
@@ -45,5 +51,32 @@ def two_node_cluster(s3):
     cluster.shutdown()
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([LORA_MERGE, *args], capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def ray_session(two_node_cluster):
+    """This process joined to the two-node cluster: `cli(...)` and the API run their tasks there."""
+    import ray
+
+    cluster, _ = two_node_cluster
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    yield two_node_cluster
+    ray.shutdown()
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`lora-merge ARGS` as a process of its own (a local Ray of its own unless --ray-address)."""
+    return subprocess.run([LORA_MERGE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`lora-merge ARGS` in this process (jobs.cli.main, on the Ray this process joined): the same
+    exit code, stdout and stderr as the command, without a process and a Ray start per call."""
+    from jobs.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse's usage errors and --help
+            code = stop.code
+    logging.getLogger().handlers.clear()  # main's handler writes to `err`, which is gone now
+    return subprocess.CompletedProcess(["lora-merge", *args], code, out.getvalue(), err.getvalue())

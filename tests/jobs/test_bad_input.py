@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs.cli import main
 from merge_core.names import INDEX_NAME
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -157,11 +157,11 @@ def test_an_existing_model_is_refused_without_overwrite(models, tmp_path, capsys
     assert digest_tree(str(out)) == before
 
 
-def test_a_pickled_adapter_loads_only_with_allow_pickle_and_only_as_tensors(models, two_node_cluster, tmp_path,
+def test_a_pickled_adapter_loads_only_with_allow_pickle_and_only_as_tensors(models, ray_session, tmp_path,
                                                                            capsys):
     from tests.reference import assert_bit_identical, load_checkpoint
 
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     adapter = tmp_path / "adapter"
     shutil.copytree(models.adapter, adapter)
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
@@ -172,7 +172,7 @@ def test_a_pickled_adapter_loads_only_with_allow_pickle_and_only_as_tensors(mode
     assert main(args) == 2
     assert "--allow-pickle" in capsys.readouterr().err and not out.exists()
 
-    run = run_cli(*args, "--allow-pickle", "--ray-address", cluster.address)  # a subprocess: it joins Ray
+    run = cli(*args, "--allow-pickle", "--ray-address", cluster.address)
     assert run.returncode == 0, run.stderr
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
     assert not (out / ".lora-merge-staging").exists(), "the converted adapter is removed once published"

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.scheduling import plan_lanes
 from merge_core.errors import InputError
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 
 
 def one_error_line(run) -> str:
@@ -23,7 +23,7 @@ def one_error_line(run) -> str:
 
 def test_missing_base(models, tmp_path):
     out = tmp_path / "out"
-    run = run_cli("merge", "--base", str(tmp_path / "nowhere"), "--adapter", models.adapter, "--output", str(out))
+    run = cli("merge", "--base", str(tmp_path / "nowhere"), "--adapter", models.adapter, "--output", str(out))
     assert one_error_line(run) == (f"error: {tmp_path}/nowhere: no model.safetensors.index.json or model.safetensors "
                                    "found (point --base at a Hugging Face checkpoint saved with safetensors)")
     assert not out.exists()
@@ -34,9 +34,9 @@ def test_adapter_config_not_json_with_and_without_debug(models, tmp_path):
     shutil.copytree(models.adapter, adapter)
     (adapter / "adapter_config.json").write_text("{")
     args = ("merge", "--base", models.base, "--adapter", str(adapter), "--output", str(tmp_path / "out"))
-    line = one_error_line(run_cli(*args))
+    line = one_error_line(cli(*args))
     assert line.startswith(f"error: {adapter}/adapter_config.json: not valid JSON")
-    debug = run_cli(*args, "--debug")
+    debug = cli(*args, "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     assert not (tmp_path / "out").exists()
 
@@ -46,7 +46,7 @@ def test_adapter_that_does_not_fit_the_base(models, tmp_path):
     shutil.copytree(models.adapter, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 16}))
-    line = one_error_line(run_cli("merge", "--base", models.base, "--adapter", str(adapter),
+    line = one_error_line(cli("merge", "--base", models.base, "--adapter", str(adapter),
                                   "--output", str(tmp_path / "out")))
     assert "tensors have rank 4 but the config gives 16 (r/rank_pattern)" in line
 
@@ -55,15 +55,15 @@ def test_leftover_partial_output_is_refused(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model-00001-of-00005.safetensors").write_bytes(b"partial")
-    line = one_error_line(run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out)))
+    line = one_error_line(cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out)))
     assert "holds an unfinished merge (1 files) (pass --resume to finish it, --overwrite to start over" in line
     assert os.listdir(out) == ["model-00001-of-00005.safetensors"]
 
 
 def test_usage_errors_are_exit_2_too(models):
-    line = one_error_line(run_cli("merge", "--base", models.base))
+    line = one_error_line(cli("merge", "--base", models.base))
     assert line == "error: --adapter: is required (pass --adapter, or set adapters in the --config file)"
-    line = one_error_line(run_cli("verify", "--base", models.base))
+    line = one_error_line(cli("verify", "--base", models.base))
     assert "the following arguments are required: --adapter, --merged" in line
 
 
@@ -91,7 +91,7 @@ def test_fewer_shards_than_cores_get_a_share_of_a_node_each():
 
 
 def test_output_that_is_an_input_is_refused(models, tmp_path):
-    line = one_error_line(run_cli("merge", "--base", models.base, "--adapter", models.adapter,
+    line = one_error_line(cli("merge", "--base", models.base, "--adapter", models.adapter,
                                   "--output", models.adapter + "/", "--overwrite"))
     assert line == (f"error: {models.adapter}: the output is one of the inputs (choose another --output)")
     assert os.path.exists(os.path.join(models.adapter, "adapter_model.safetensors"))

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from jobs.cli import main
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 from tests.reference import assert_bit_identical, load_checkpoint
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -25,12 +25,12 @@ def write_spec(path, **values) -> str:
     return str(path)
 
 
-def test_a_job_spec_supplies_every_option_and_flags_override_it(models, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_a_job_spec_supplies_every_option_and_flags_override_it(models, ray_session, tmp_path):
+    cluster, _ = ray_session
     spec = write_spec(tmp_path / "job.yaml", base=models.base, adapters=[{"uri": models.adapter, "weight": 1.0}],
                       output=str(tmp_path / "from-spec"), ray_address=cluster.address, device="cpu",
                       report=str(tmp_path / "report.json"))
-    run = run_cli("merge", "--config", spec, "--output", str(tmp_path / "from-flag"))
+    run = cli("merge", "--config", spec, "--output", str(tmp_path / "from-flag"))
     assert run.returncode == 0, run.stderr
     assert not (tmp_path / "from-spec").exists(), "the flag overrode the file"
     assert_bit_identical(load_checkpoint(str(tmp_path / "from-flag")), models.reference)
@@ -65,38 +65,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_a_merge_on_a_running_cluster(models, s3, tmp_path):
-    """`ray start --head`, `ray job submit --working-dir . -- lora-merge merge --config job.yaml`, check, stop."""
+def stop_head(head: subprocess.Popen, log) -> str:
+    """Stop the head started with --block and return what it printed; never raises, so that a
+    failure of the test is the one reported."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log.flush()
+    return open(log.name, errors="replace").read()[-3000:]
+
+
+@pytest.mark.cluster
+@pytest.mark.processes
+def test_ray_job_submit_runs_a_merge_on_a_running_cluster(models, tmp_path):
+    """README's Ray Jobs recipe on a machine where Ray has never run: `ray get-auth-token --generate`,
+    `ray start --head`, `RAY_AUTH_MODE=token ray job submit --working-dir . -- lora-merge merge
+    --config job.yaml`. HOME is the test's own, so the token is too (and ~/.ray is never read)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(key, None)
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+    assert token.returncode == 0 and (home / ".ray" / "auth_token").exists(), token.stderr[-2000:]
     gcs_port, dashboard_port = free_port(), free_port()
-    # Ray 2.60 starts clusters with token authentication; its CLI sends the token in this mode.
-    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
     # Ports of its own for every agent: the other test clusters hold Ray's default ones.
+    log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                              f"--dashboard-agent-listen-port={free_port()}",
                              f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
                              f"--runtime-env-agent-port={free_port()}",
                              "--object-store-memory=100000000", "--include-dashboard=true"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
+    submit_env = dict(env, RAY_AUTH_MODE="token")
+    printed = ""
     try:
         deadline = time.monotonic() + 90
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+        while subprocess.run([RAY, "job", "list", "--address", address], env=submit_env,
                              capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not come up"
+            assert head.poll() is None, "the Ray head exited"
+            assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
         spec = write_spec(tmp_path / "job.yaml", base=models.base, adapters=[models.adapter],
                           output=str(tmp_path / "merged"), ray_address="auto")
         for _ in range(15):  # the head's job agent comes up a little after its API answers
             submit = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", REPO, "--",
                                      "lora-merge", "merge", "--config", spec, "--log-format", "json"],
-                                    env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+                                    env=submit_env, capture_output=True, text=True, timeout=600, cwd=REPO)
             if "No available agent to submit job" not in submit.stderr:
                 break
             time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
         assert_bit_identical(load_checkpoint(str(tmp_path / "merged")), models.reference)
+    except BaseException as failure:
+        printed = stop_head(head, log) or "(nothing)"
+        raise AssertionError(f"{failure}; the Ray head printed:\n{printed}") from failure
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        if not printed:
+            stop_head(head, log)

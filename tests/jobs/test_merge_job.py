@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from merge_core.names import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli, run_cli
 from tests.reference import assert_bit_identical, load_checkpoint
 
 
@@ -18,7 +18,10 @@ def sha256(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.cluster
+@pytest.mark.processes
 def test_merge_on_a_local_ray_equals_peft_and_publishes_a_complete_checkpoint(models, tmp_path):
+    """The command as a user runs it: a process of its own that starts a local Ray for the job."""
     out, report = str(tmp_path / "merged"), str(tmp_path / "report.json")
     run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out, "--report", report)
     assert run.returncode == 0, run.stderr
@@ -67,10 +70,10 @@ def test_merge_on_a_local_ray_equals_peft_and_publishes_a_complete_checkpoint(mo
     assert all(r["delta_norm"] is None and r["scales"] == [] for r in rows if not r["fused"])
 
 
-def test_tasks_spread_over_a_two_node_cluster_with_a_logical_gpu(models, two_node_cluster, tmp_path):
-    cluster, gpu_node = two_node_cluster
+def test_tasks_spread_over_a_two_node_cluster_with_a_logical_gpu(models, ray_session, tmp_path):
+    cluster, gpu_node = ray_session
     out = str(tmp_path / "merged")
-    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out,
+    run = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out,
                   "--ray-address", cluster.address)
     assert run.returncode == 0, run.stderr
     assert_bit_identical(load_checkpoint(out), models.reference)
@@ -81,15 +84,15 @@ def test_tasks_spread_over_a_two_node_cluster_with_a_logical_gpu(models, two_nod
     assert manifest["cluster"]["lanes"] == {"gpu": 2, f"cpu@{cluster.head_node.node_id[:8]}": 1}
 
 
-def test_existing_model_is_refused_without_overwrite_and_replaced_with_it(models, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_existing_model_is_refused_without_overwrite_and_replaced_with_it(models, ray_session, tmp_path):
+    cluster, _ = ray_session
     out = tmp_path / "merged"
     out.mkdir()
     (out / INDEX_NAME).write_text('{"weight_map": {}}')
     (out / "model.safetensors").write_bytes(b"precious")
     before = {n: sha256(str(out / n)) for n in os.listdir(out)}
 
-    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
+    run = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
                   "--ray-address", cluster.address)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
@@ -97,26 +100,26 @@ def test_existing_model_is_refused_without_overwrite_and_replaced_with_it(models
         "(pass --overwrite to replace it, or choose another --output)")
     assert {n: sha256(str(out / n)) for n in os.listdir(out)} == before
 
-    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
+    run = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
                   "--ray-address", cluster.address, "--overwrite")
     assert run.returncode == 0, run.stderr
     assert not (out / "model.safetensors").exists(), "the old model's weights must not linger beside the new ones"
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
 
 
-def test_several_adapters_combined_through_the_cli_and_verified(models, two_node_cluster, tmp_path):
+def test_several_adapters_combined_through_the_cli_and_verified(models, ray_session, tmp_path):
     """--combine ties of two adapters on the cluster: the manifest says how, verify re-derives every
     tensor with the same arithmetic, and the result differs from a plain weighted sum."""
     from tests.reference import make_adapter
 
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     second = make_adapter(str(tmp_path / "second"), "qwen2", seed=7, r=2, lora_alpha=4, target_modules=["q_proj"])
     common = ["--base", models.base, "--adapter", models.adapter, "--adapter", second, "--weight", "0.7",
               "--weight", "0.3", "--ray-address", cluster.address]
     ties = ["--combine", "ties", "--density", "0.5"]
     out, plain = str(tmp_path / "ties"), str(tmp_path / "plain")
     for target, extra in ((out, ties), (plain, [])):
-        run = run_cli("merge", *common, *extra, "--output", target)
+        run = cli("merge", *common, *extra, "--output", target)
         assert run.returncode == 0, run.stderr
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
     assert manifest["arithmetic"] == {"rounding": "once", "combine": {
@@ -124,9 +127,9 @@ def test_several_adapters_combined_through_the_cli_and_verified(models, two_node
     merged, summed = load_checkpoint(out), load_checkpoint(plain)
     assert any(not merged[k].equal(summed[k]) for k in merged if "q_proj" in k), "TIES prunes and elects signs"
 
-    run = run_cli("verify", *common, *ties, "--merged", out)
+    run = cli("verify", *common, *ties, "--merged", out)
     assert run.returncode == 0, run.stderr
-    run = run_cli("verify", *common, "--merged", out)  # without --combine the arithmetic differs
+    run = cli("verify", *common, "--merged", out)  # without --combine the arithmetic differs
     assert run.returncode == 4 and "q_proj.weight" in run.stderr
 
 
@@ -140,16 +143,16 @@ def test_adapters_of_different_bases_are_refused_unless_allowed(models, tmp_path
         (tmp_path / name / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": base_name}))
         copies.append(str(tmp_path / name))
     plan = ["plan", "--base", models.base, "--adapter", copies[0], "--adapter", copies[1]]
-    run = run_cli(*plan)
+    run = cli(*plan)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: {copies[1]}: was trained on 'someone/another-model', but {copies[0]} on 'org/base-model' "
         "(merge adapters of one base, or pass --allow-base-mismatch if the bases are the same weights under "
         "other names)")
-    assert run_cli(*plan, "--allow-base-mismatch").returncode == 0
+    assert cli(*plan, "--allow-base-mismatch").returncode == 0
 
 
-def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_node_cluster, tmp_path):
+def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(ray_session, tmp_path):
     """A tied 96-token base; the adapter was made after resize_token_embeddings(100) with a trained
     lm_head (modules_to_save). The merge resizes the embedding, adds an untied 100-row lm_head.weight to
     the embedding's shard, rewrites config.json, validates all of it on the cluster, records it in the
@@ -159,7 +162,7 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
     from tests.reference import make_base
     from tests.variant_reference import build_adapter, causal_lm, peft_reference, read_config
 
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     spec = causal_lm(tie_word_embeddings=True)
     base = make_base(str(tmp_path / "base"), tie_word_embeddings=True)
     adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
@@ -172,12 +175,12 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
     reference = peft_reference(spec, base, [adapter], str(tmp_path / "peft"), resize=100)
     out = str(tmp_path / "merged")
     common = ["--base", base, "--adapter", adapter, "--ray-address", cluster.address]
-    planned = run_cli("plan", "--base", base, "--adapter", adapter)
+    planned = cli("plan", "--base", base, "--adapter", adapter)
     assert planned.returncode == 0, planned.stderr
     assert "resizes model.embed_tokens.weight from [96, 64] to [100, 64]" in planned.stdout
     assert "adds lm_head.weight (untied from model.embed_tokens.weight)" in planned.stdout
     assert "rewrites config.json: vocab_size=100, tie_word_embeddings=False" in planned.stdout
-    run = run_cli("merge", *common, "--output", out)
+    run = cli("merge", *common, "--output", out)
     assert run.returncode == 0, run.stderr
     assert_bit_identical(load_checkpoint(out), reference)
     assert reference["lm_head.weight"].shape == (100, 64)
@@ -207,16 +210,16 @@ def test_resized_vocabulary_and_untied_head_through_the_cli_and_verified(two_nod
     report = pq.read_table(os.path.join(out, REPORT_NAME)).to_pylist()
     assert {r["name"]: r["shape"] for r in report}["lm_head.weight"] == [100, 64]
 
-    run = run_cli("verify", *common, "--merged", out)
+    run = cli("verify", *common, "--merged", out)
     assert run.returncode == 0, run.stderr
     with open(os.path.join(out, "config.json"), "w") as f:  # a config that ties the head again
         json.dump(config | {"tie_word_embeddings": True}, f)
-    run = run_cli("verify", *common, "--merged", out)
+    run = cli("verify", *common, "--merged", out)
     assert run.returncode == 4
     assert f"{out}/config.json: tie_word_embeddings is True, the merge makes it False" in run.stderr
 
 
-def test_moe_experts_stored_per_expert_through_the_cli_and_verified(two_node_cluster, tmp_path):
+def test_moe_experts_stored_per_expert_through_the_cli_and_verified(ray_session, tmp_path):
     """LoRA on Mixtral's fused expert parameters (target_parameters), merged into the checkpoint's
     per-expert w1/w3/w2 tensors on the cluster, each from its slice of lora_A and lora_B; validated,
     verified, and equal to PEFT's merge bit for bit."""
@@ -224,7 +227,7 @@ def test_moe_experts_stored_per_expert_through_the_cli_and_verified(two_node_clu
 
     from tests.variant_reference import build_adapter, mixtral, peft_reference, save_base
 
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     spec = mixtral()
     base = save_base(spec, str(tmp_path / "base"))
     adapter = build_adapter(spec, base, str(tmp_path / "adapter"), LoraConfig(
@@ -232,12 +235,12 @@ def test_moe_experts_stored_per_expert_through_the_cli_and_verified(two_node_clu
     reference = peft_reference(spec, base, [adapter], str(tmp_path / "peft"))
     out = str(tmp_path / "merged")
     common = ["--base", base, "--adapter", adapter, "--ray-address", cluster.address]
-    run = run_cli("merge", *common, "--output", out)
+    run = cli("merge", *common, "--output", out)
     assert run.returncode == 0, run.stderr
     assert_bit_identical(load_checkpoint(out), reference)
     manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
     assert manifest["fused_tensor_count"] == 2 * 4 * 3  # layers × experts × (w1, w3, w2)
     assert manifest["adapters"][0]["scales"] == {f"model.layers.{i}.mlp.experts.{p}": 3.0 for i in (0, 1)
                                                 for p in ("gate_up_proj", "down_proj")}
-    run = run_cli("verify", *common, "--merged", out)
+    run = cli("verify", *common, "--merged", out)
     assert run.returncode == 0, run.stderr

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from jobs.cli import main
 from merge_core.names import INDEX_NAME
 from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 from tests.jobs.test_bad_input import shard_of
 from tests.quantized_models import save_dequantized, save_fp8_llama, save_int4_kimi_style, stored_tensors
 from tests.variant_reference import build_adapter
@@ -35,11 +35,11 @@ def fp8(tmp_path_factory):
     return checkpoint, twin, adapter
 
 
-def test_fp8_merge_validates_verifies_and_plans(fp8, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_fp8_merge_validates_verifies_and_plans(fp8, ray_session, tmp_path):
+    cluster, _ = ray_session
     checkpoint, _, adapter = fp8
     out = str(tmp_path / "out")
-    run = run_cli("merge", "--base", checkpoint.path, "--adapter", adapter, "--output", out,
+    run = cli("merge", "--base", checkpoint.path, "--adapter", adapter, "--output", out,
                   "--ray-address", cluster.address)
     assert run.returncode == 0, run.stderr
     assert "adapter kept" in run.stdout and "median" in run.stdout
@@ -49,23 +49,23 @@ def test_fp8_merge_validates_verifies_and_plans(fp8, two_node_cluster, tmp_path)
     assert changed == {f"model.layers.{i}.{m}.{s}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj",
                                                                               "mlp.down_proj")
                        for s in ("weight", "weight_scale_inv")}
-    verified = run_cli("verify", "--base", checkpoint.path, "--adapter", adapter, "--merged", out,
+    verified = cli("verify", "--base", checkpoint.path, "--adapter", adapter, "--merged", out,
                        "--ray-address", cluster.address)
     assert verified.returncode == 0, verified.stderr
-    planned = run_cli("plan", "--base", checkpoint.path, "--adapter", adapter)
+    planned = cli("plan", "--base", checkpoint.path, "--adapter", adapter)
     assert planned.returncode == 0, planned.stderr
     assert "(fp8 e4m3, 128×128 blocks: 14 quantized weights)" in planned.stdout
     assert "requantizes" in planned.stdout
 
 
-def test_fp8_dequantized_loads_as_a_plain_model_and_predicts_as_peft(fp8, two_node_cluster, tmp_path):
+def test_fp8_dequantized_loads_as_a_plain_model_and_predicts_as_peft(fp8, ray_session, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     checkpoint, twin, adapter = fp8
     out = str(tmp_path / "out")
-    run = run_cli("merge", "--base", checkpoint.path, "--adapter", adapter, "--output", out, "--dequantize",
+    run = cli("merge", "--base", checkpoint.path, "--adapter", adapter, "--output", out, "--dequantize",
                   "--ray-address", cluster.address)
     assert run.returncode == 0, run.stderr
     assert "quantization_config" not in json.load(open(os.path.join(out, "config.json")))
@@ -80,22 +80,22 @@ def test_fp8_dequantized_loads_as_a_plain_model_and_predicts_as_peft(fp8, two_no
     torch.testing.assert_close(ours, peft, rtol=0, atol=0.05)
 
 
-def test_int4_s3_to_s3(s3, two_node_cluster, tmp_path):
+def test_int4_s3_to_s3(s3, ray_session, tmp_path):
     from peft import LoraConfig
     from transformers import DeepseekV3ForCausalLM
 
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     checkpoint = save_int4_kimi_style(str(tmp_path / "base"))
     twin = save_dequantized(checkpoint, str(tmp_path / "twin"))
     adapter = build_adapter((DeepseekV3ForCausalLM, None), twin, str(tmp_path / "adapter"), LoraConfig(
         r=4, lora_alpha=8, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     base_uri, adapter_uri = upload_dir(s3, checkpoint.path, "int4/base"), upload_dir(s3, adapter, "int4/adapter")
     out = f"s3://{BUCKET}/int4/out"
-    run = run_cli("merge", "--base", base_uri, "--adapter", adapter_uri, "--output", out, "--part-size-mb", "5",
+    run = cli("merge", "--base", base_uri, "--adapter", adapter_uri, "--output", out, "--part-size-mb", "5",
                   "--ray-address", cluster.address)
     assert run.returncode == 0, run.stderr
     assert INDEX_NAME in list_keys(s3, "int4/out") and open_uploads(s3, "int4/out") == []
-    verified = run_cli("verify", "--base", base_uri, "--adapter", adapter_uri, "--merged", out,
+    verified = cli("verify", "--base", base_uri, "--adapter", adapter_uri, "--merged", out,
                        "--ray-address", cluster.address)
     assert verified.returncode == 0, verified.stderr
 

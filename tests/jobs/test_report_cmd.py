@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from tests.conftest import BUCKET
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -13,17 +13,17 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_merge_draws_its_picture_and_report_shows_it_again(models, s3, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_merge_draws_its_picture_and_report_shows_it_again(models, s3, ray_session, tmp_path):
+    cluster, _ = ray_session
     out, picture = tmp_path / "merged", tmp_path / "merge_report.png"
-    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
+    run = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
                   "--ray-address", cluster.address, "--report-png", str(picture))
     assert run.returncode == 0, run.stderr
     assert f"report picture: {picture}" in run.stdout
     assert png_size(picture.read_bytes())[0] == 1000
 
     page = f"s3://{BUCKET}/report/merge_report.html"
-    shown = run_cli("report", str(out), "--html", page, "--png", str(tmp_path / "again.png"))
+    shown = cli("report", str(out), "--html", page, "--png", str(tmp_path / "again.png"))
     assert shown.returncode == 0, shown.stderr
     assert models.adapter in shown.stdout and "changed most" in shown.stdout
     assert "touched q, k, v, o, gate, up, down" in shown.stdout
@@ -33,7 +33,7 @@ def test_merge_draws_its_picture_and_report_shows_it_again(models, s3, two_node_
 
 
 def test_report_of_something_that_is_no_merge_is_one_line(tmp_path):
-    run = run_cli("report", str(tmp_path))
+    run = cli("report", str(tmp_path))
     assert run.returncode == 2
     assert run.stderr.strip() == (f"error: {tmp_path}/merge_report.parquet: not found: this is not the output of a "
                                   "finished lora-merge run (point at a directory or prefix lora-merge merged into)")

@@ -10,14 +10,14 @@ import pytest
 
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from tests.conftest import BUCKET, SENTINEL_SECRET, list_keys, open_uploads, upload_dir
-from tests.jobs.conftest import Models, run_cli
+from tests.jobs.conftest import Models, cli
 from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
 
 RUNS: list = []  # every command run here, for the credential check at the end
 
 
 def merge(*args: str):
-    run = run_cli("merge", *args)
+    run = cli("merge", *args)
     RUNS.append(run)
     return run
 
@@ -37,8 +37,8 @@ def medium(tmp_path_factory, s3) -> Models:
     return Models(base, adapter, peft_merged(base, adapter, str(root / "peft")))
 
 
-def test_s3_to_s3_merge_uploads_shards_in_parts_and_equals_peft(s3, medium, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_s3_to_s3_merge_uploads_shards_in_parts_and_equals_peft(s3, medium, ray_session, tmp_path):
+    cluster, _ = ray_session
     base, adapter = upload_dir(s3, medium.base, "s2s/base"), upload_dir(s3, medium.adapter, "s2s/adapter")
     run = merge("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/s2s/out", "--part-size-mb", "5",
                 "--ray-address", cluster.address)
@@ -52,8 +52,8 @@ def test_s3_to_s3_merge_uploads_shards_in_parts_and_equals_peft(s3, medium, two_
     assert json.load(open(tmp_path / "out" / MANIFEST_NAME))["base"]["uri"] == base
 
 
-def test_local_to_s3_and_s3_to_local(s3, models, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_local_to_s3_and_s3_to_local(s3, models, ray_session, tmp_path):
+    cluster, _ = ray_session
     run = merge("--base", models.base, "--adapter", models.adapter, "--output", f"s3://{BUCKET}/l2s/out",
                 "--ray-address", cluster.address)
     assert run.returncode == 0, run.stderr
@@ -67,8 +67,8 @@ def test_local_to_s3_and_s3_to_local(s3, models, two_node_cluster, tmp_path):
     assert sorted(os.listdir(tmp_path / "s2l")) == sorted(os.listdir(tmp_path / "l2s"))
 
 
-def test_second_publish_without_overwrite_is_refused_and_the_first_stays(s3, models, two_node_cluster):
-    cluster, _ = two_node_cluster
+def test_second_publish_without_overwrite_is_refused_and_the_first_stays(s3, models, ray_session):
+    cluster, _ = ray_session
     out = f"s3://{BUCKET}/twice/out"
     assert merge("--base", models.base, "--adapter", models.adapter, "--output", out,
                  "--ray-address", cluster.address).returncode == 0
@@ -91,9 +91,9 @@ def test_wrong_credentials_are_bad_input(s3, models, tmp_path, monkeypatch):
                                                           "access denied")
 
 
-def test_the_secret_key_never_appears_in_output_logs_or_errors(s3, two_node_cluster, tmp_path):
+def test_the_secret_key_never_appears_in_output_logs_or_errors(s3, ray_session, tmp_path):
     """Runs last in this module: looks through everything the runs above produced."""
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     assert len(RUNS) >= 6
     for run in RUNS:
         assert SENTINEL_SECRET not in run.stdout + run.stderr

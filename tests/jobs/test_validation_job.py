@@ -16,16 +16,16 @@ from merge_core.format.header import encode_header
 from merge_core.inputs.checkpoint import read_shard_header
 from merge_core.io.local import LocalStorage
 from merge_core.names import INDEX_NAME
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 from tests.reference import make_adapter, make_base
 
 
-def test_verify_passes_a_good_merge_and_names_the_tensor_a_flipped_byte_hit(models, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_verify_passes_a_good_merge_and_names_the_tensor_a_flipped_byte_hit(models, ray_session, tmp_path):
+    cluster, _ = ray_session
     out = str(tmp_path / "merged")
     common = ("--base", models.base, "--adapter", models.adapter, "--ray-address", cluster.address)
-    assert run_cli("merge", *common, "--output", out).returncode == 0
-    good = run_cli("verify", *common, "--merged", out)
+    assert cli("merge", *common, "--output", out).returncode == 0
+    good = cli("verify", *common, "--merged", out)
     assert good.returncode == 0, good.stderr
     assert "no problems" in good.stdout
 
@@ -36,7 +36,7 @@ def test_verify_passes_a_good_merge_and_names_the_tensor_a_flipped_byte_hit(mode
     data = bytearray(open(os.path.join(out, shard), "rb").read())
     data[offset] ^= 0x10
     open(os.path.join(out, shard), "wb").write(bytes(data))
-    bad = run_cli("verify", *common, "--merged", out, "--report", str(tmp_path / "verify.json"))
+    bad = cli("verify", *common, "--merged", out, "--report", str(tmp_path / "verify.json"))
     assert bad.returncode == 4
     assert bad.stderr.count("error: validation failed:") == 1
     assert f"tensor {name}: 1 of 7168 elements differ" in bad.stderr
@@ -45,13 +45,13 @@ def test_verify_passes_a_good_merge_and_names_the_tensor_a_flipped_byte_hit(mode
 
 
 @pytest.mark.parametrize("layout", ["sharded", "single file"])
-def test_a_merge_that_produces_inf_exits_4_and_publishes_nothing(two_node_cluster, tmp_path, layout):
-    cluster, _ = two_node_cluster
+def test_a_merge_that_produces_inf_exits_4_and_publishes_nothing(ray_session, tmp_path, layout):
+    cluster, _ = ray_session
     base = make_base(str(tmp_path / "base"), dtype=torch.float16,
                      max_shard_size="60KB" if layout == "sharded" else "50MB")
     adapter = make_adapter(str(tmp_path / "adapter"), target_modules=["o_proj"], b_std=1e8)
     out = tmp_path / "out"
-    run = run_cli("merge", "--base", base, "--adapter", adapter, "--output", str(out), "--ray-address",
+    run = cli("merge", "--base", base, "--adapter", adapter, "--output", str(out), "--ray-address",
                   cluster.address)
     assert run.returncode == 4, run.stderr
     assert "self_attn.o_proj.weight: fusing produced" in run.stderr and "--allow-nonfinite" in run.stderr
@@ -59,7 +59,7 @@ def test_a_merge_that_produces_inf_exits_4_and_publishes_nothing(two_node_cluste
     assert not (out / INDEX_NAME).exists() and not (out / "model.safetensors").exists(), \
         "nothing a loader would pick up"
     assert not [n for n in os.listdir(out) if n.endswith(".partial")]
-    run = run_cli("merge", "--base", base, "--adapter", adapter, "--output", str(out), "--ray-address",
+    run = cli("merge", "--base", base, "--adapter", adapter, "--output", str(out), "--ray-address",
                   cluster.address, "--overwrite", "--allow-nonfinite")
     assert run.returncode == 0, run.stderr
 
@@ -125,7 +125,7 @@ def test_plan_of_a_405b_scale_checkpoint_from_headers_alone(tmp_path):
     base, adapter = synthetic_405b(tmp_path)
     assert len(os.listdir(base)) == 193
     started = time.monotonic()
-    run = run_cli("plan", "--base", base, "--adapter", adapter, "--json", timeout=120)
+    run = cli("plan", "--base", base, "--adapter", adapter, "--json")
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stderr
     plan = json.loads(run.stdout)
@@ -136,7 +136,7 @@ def test_plan_of_a_405b_scale_checkpoint_from_headers_alone(tmp_path):
     assert all(s["resources"]["num_cpus"] == 1 and s["resources"]["memory"] > 0 for s in plan["shards"])
     print(f"plan of 191 shards / {sum(s['tensors'] for s in plan['shards'])} tensors took {elapsed:.1f} s")
 
-    text = run_cli("plan", "--base", base, "--adapter", adapter, timeout=120)
+    text = cli("plan", "--base", base, "--adapter", adapter)
     assert text.returncode == 0
     assert text.stdout.splitlines()[0] == (f"base {base}: 191 shards, 882 tensors to fuse, "
                                            f"read {plan['read_bytes'] / 1e9:.2f} GB, "
