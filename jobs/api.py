@@ -21,7 +21,6 @@ from jobs.executor import Executor
 from jobs.options import MergeOptions, PlanOptions, ReportOptions, UnmergeOptions, VerifyOptions, build, defaults
 from jobs.plan_view import PlanSummary, run_plan
 from jobs.verify_job import VerifySummary, run_verify
-from merge_core.errors import InputError
 from merge_core.publish.report_view import ReportView
 
 log = logging.getLogger("lora_merge")

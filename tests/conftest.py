@@ -57,3 +57,11 @@ def list_keys(server: s3_server.S3Server, prefix: str) -> list[str]:
 def open_uploads(server: s3_server.S3Server, prefix: str) -> list[str]:
     page = server.client().list_multipart_uploads(Bucket=BUCKET, Prefix=f"{prefix}/")
     return [u["Key"] for u in page.get("Uploads", [])]
+
+
+def download(server: s3_server.S3Server, prefix: str, target) -> str:
+    """Every object under `prefix` into the new local folder `target`."""
+    os.makedirs(target)
+    for name in list_keys(server, prefix):
+        server.client().download_file(BUCKET, f"{prefix}/{name}", os.path.join(target, name))
+    return str(target)

@@ -11,6 +11,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 
@@ -80,3 +82,34 @@ def cli(*args: str) -> subprocess.CompletedProcess:
             code = stop.code
     logging.getLogger().handlers.clear()  # main's handler writes to `err`, which is gone now
     return subprocess.CompletedProcess(["lora-merge", *args], code, out.getvalue(), err.getvalue())
+
+
+def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Beside:
+    """`action` on a thread of its own while the test's main thread runs a merge in-process;
+    `result()` joins it and raises what it raised."""
+
+    def __init__(self, action):
+        self.failure: BaseException | None = None
+
+        def run():
+            try:
+                action()
+            except BaseException as exc:  # re-raised in the test's thread
+                self.failure = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 120) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the action beside the merge did not finish"
+        if self.failure:
+            raise self.failure

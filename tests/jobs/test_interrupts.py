@@ -22,9 +22,11 @@ import pytest
 from infra import s3_server
 from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.publish.journal import PAUSE_ENV
-from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
-from tests.jobs.conftest import LORA_MERGE, Models, run_cli
+from tests.conftest import BUCKET, download, list_keys, open_uploads, upload_dir
+from tests.jobs.conftest import LORA_MERGE, Models, cli, wait_until
 from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
+
+pytestmark = pytest.mark.processes  # each run it stops is a process of its own
 
 
 class Held:
@@ -81,14 +83,6 @@ class Held:
         raise AssertionError(f"no worker running {title.decode()}")
 
 
-def wait_until(condition, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def error_line(stderr: str) -> str:
     return [line for line in stderr.splitlines() if line.strip()][-1]
 
@@ -107,7 +101,7 @@ def shards_on_disk(out: Path) -> set[str]:
 
 def resume_and_check(args: tuple[str, ...], out: Path, models: Models, report: Path) -> dict:
     """--resume ends in PEFT's bits, the journal gone, no temp file left; returns the manifest."""
-    resumed = run_cli("merge", *args, "--resume", "--report", str(report))
+    resumed = cli("merge", *args, "--resume", "--report", str(report))
     assert resumed.returncode == 0, resumed.stderr
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
     assert [n for n in os.listdir(out) if n.startswith(".")] == [], "no journal, no temp files"
@@ -127,8 +121,8 @@ WINDOWS = {
 
 
 @pytest.mark.parametrize("window", WINDOWS)
-def test_driver_killed_in_each_window_then_resume_finishes(window, models, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_driver_killed_in_each_window_then_resume_finishes(window, models, ray_session, tmp_path):
+    cluster, _ = ray_session
     out = tmp_path / "out"
     args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--ray-address", cluster.address)
     if window == "clearing":  # an old model, and a model.safetensors that loaders would take over the index
@@ -165,7 +159,7 @@ def test_resume_refuses_files_that_no_run_recorded(models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model-00001-of-00005.safetensors").write_bytes(b"someone else's")
-    refused = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out), "--resume")
+    refused = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out), "--resume")
     assert refused.returncode == 2
     assert error_line(refused.stderr) == (f"error: {out}: nothing to resume: the output holds 1 files but no journal "
                                           "of a lora-merge run (pass --overwrite to replace them, or choose an empty "
@@ -173,10 +167,10 @@ def test_resume_refuses_files_that_no_run_recorded(models, tmp_path):
     assert os.listdir(out) == ["model-00001-of-00005.safetensors"]
 
 
-def test_final_task_worker_killed_after_the_index_is_retried_and_succeeds(models, two_node_cluster, tmp_path):
+def test_final_task_worker_killed_after_the_index_is_retried_and_succeeds(models, ray_session, tmp_path):
     """The retry finds the index its first attempt wrote, and knows it for this merge's. A --resume
     then has nothing to finish, and says so."""
-    cluster, _ = two_node_cluster
+    cluster, _ = ray_session
     out = tmp_path / "out"
     args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--ray-address", cluster.address)
     run = Held(tmp_path, args, "index-written")
@@ -188,15 +182,15 @@ def test_final_task_worker_killed_after_the_index_is_retried_and_succeeds(models
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
     assert [n for n in os.listdir(out) if n.startswith(".")] == []
 
-    refused = run_cli("merge", *args, "--resume")
+    refused = cli("merge", *args, "--resume")
     assert refused.returncode == 2
     assert error_line(refused.stderr) == (f"error: {out}/{INDEX_NAME}: the output already holds a finished model: "
                                           "nothing to resume (pass --overwrite to replace it, or choose another "
                                           "--output)")
 
 
-def test_ctrl_c_stops_cleanly_a_second_stops_at_once_and_resume_finishes(models, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_ctrl_c_stops_cleanly_a_second_stops_at_once_and_resume_finishes(models, ray_session, tmp_path):
+    cluster, _ = ray_session
     out = tmp_path / "out"
     args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--ray-address", cluster.address)
     first = Held(tmp_path, args, "shard-landed")
@@ -239,15 +233,8 @@ def s3_json(s3, key: str) -> dict:
     return json.loads(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
 
-def download(s3, prefix: str, target: Path) -> str:
-    target.mkdir()
-    for name in list_keys(s3, prefix):
-        s3.client().download_file(BUCKET, f"{prefix}/{name}", str(target / name))
-    return str(target)
-
-
-def test_sigterm_mid_upload_on_s3_aborts_uploads_then_resume_finishes(s3, medium, two_node_cluster, tmp_path):
-    cluster, _ = two_node_cluster
+def test_sigterm_mid_upload_on_s3_aborts_uploads_then_resume_finishes(s3, medium, ray_session, tmp_path):
+    cluster, _ = ray_session
     prefix = "interrupts/sigterm"
     args = ("--base", medium.base, "--adapter", medium.adapter, "--output", f"s3://{BUCKET}/{prefix}",
             "--part-size-mb", "5", "--ray-address", cluster.address)
@@ -265,7 +252,7 @@ def test_sigterm_mid_upload_on_s3_aborts_uploads_then_resume_finishes(s3, medium
     assert open_uploads(s3, prefix) == [], "the cancelled workers' uploads were aborted"
     assert INDEX_NAME not in list_keys(s3, prefix)
 
-    resumed = run_cli("merge", *args, "--resume")
+    resumed = cli("merge", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert open_uploads(s3, prefix) == [] and JOURNAL_NAME not in list_keys(s3, prefix)
     assert_bit_identical(load_checkpoint(download(s3, prefix, tmp_path / "out")), medium.reference)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
-from tests.conftest import BUCKET, SENTINEL_SECRET, list_keys, open_uploads, upload_dir
+from tests.conftest import BUCKET, SENTINEL_SECRET, download, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import Models, cli
 from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
 
@@ -20,13 +20,6 @@ def merge(*args: str):
     run = cli("merge", *args)
     RUNS.append(run)
     return run
-
-
-def download(s3, prefix: str, target) -> str:
-    target.mkdir()
-    for name in list_keys(s3, prefix):
-        s3.client().download_file(BUCKET, f"{prefix}/{name}", str(target / name))
-    return str(target)
 
 
 @pytest.fixture(scope="module")
