@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.reference import make_adapter, make_base, peft_merged
+from tests.reference import MEDIUM, make_adapter, make_base, peft_merged
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
 LORA_MERGE = os.path.join(os.path.dirname(sys.executable), "lora-merge")
@@ -39,6 +39,15 @@ def models(tmp_path_factory) -> Models:
     (root / "base" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
     adapter = make_adapter(str(root / "adapter"), "qwen2", r=4, lora_alpha=8, use_rslora=True)
     return Models(base, adapter, peft_merged(base, adapter, str(root / "peft"), "qwen2"))
+
+
+@pytest.fixture(scope="session")
+def medium(tmp_path_factory) -> Models:
+    """Shards of about 9 MB: with 5 MiB parts each goes up as a multipart upload, open for a while."""
+    root = tmp_path_factory.mktemp("medium")
+    base = make_base(str(root / "base"), max_shard_size="12MB", **MEDIUM)
+    adapter = make_adapter(str(root / "adapter"), sizes=MEDIUM, r=16, lora_alpha=32)
+    return Models(base, adapter, peft_merged(base, adapter, str(root / "peft")))
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
 from infra import s3_server
 from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
+from merge_core.publish.journal import PAUSE_ENV
 from tests.conftest import BUCKET, download, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import LORA_MERGE, OBJECT_STORE_BYTES, Beside, Models, cli, wait_until
 from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
@@ -23,8 +25,9 @@ pytestmark = pytest.mark.processes  # each kills or stops a process: a worker, a
 def many_shards(tmp_path_factory) -> Models:
     """About 30 shards, so that a job is still running when a test strikes."""
     root = tmp_path_factory.mktemp("many")
-    base = make_base(str(root / "base"), max_shard_size="1MB", **MEDIUM)
-    adapter = make_adapter(str(root / "adapter"), sizes=MEDIUM)
+    sizes = MEDIUM | {"vocab_size": 2048}
+    base = make_base(str(root / "base"), max_shard_size="500KB", **sizes)
+    adapter = make_adapter(str(root / "adapter"), sizes=sizes)
     return Models(base, adapter, peft_merged(base, adapter, str(root / "peft")))
 
 
@@ -142,40 +145,49 @@ def test_node_removed_mid_run_the_job_completes_on_the_others(many_shards, ray_s
     assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
 
 
-def test_s3_stopped_for_a_few_seconds_mid_run_is_ridden_out(s3, many_shards, ray_session, tmp_path):
-    base, adapter = upload_dir(s3, many_shards.base, "outage/base"), upload_dir(s3, many_shards.adapter,
-                                                                                 "outage/adapter")
+def test_s3_stopped_for_a_few_seconds_mid_run_is_ridden_out(s3, models, ray_session, tmp_path, monkeypatch):
+    """The store goes away as soon as the first shard has landed and comes back a few seconds
+    later: the shards submitted meanwhile ride it out on botocore's retries."""
+    base, adapter = upload_dir(s3, models.base, "outage/base"), upload_dir(s3, models.adapter, "outage/adapter")
+    monkeypatch.setenv(PAUSE_ENV, f"shard-landed:{tmp_path}")  # the driver, in this process, holds there
 
-    def restart_the_store():
-        wait_until(lambda: s3_journal_shards(s3, "outage/out") >= 1, what="a finished shard")
-        s3_server.restart(s3_server.load(s3.data_dir), pause=3)
+    def outage():
+        wait_until(lambda: (tmp_path / "shard-landed.paused").exists(), what="the first shard")
+        server = s3_server.load(s3.data_dir)
+        s3_server.stop(server)
+        (tmp_path / "shard-landed.go").touch()
+        time.sleep(1)
+        s3_server.start_again(server)
 
-    restarter = Beside(restart_the_store)
+    restarter = Beside(outage)
     run = cli("merge", "--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/outage/out")
     restarter.result()
     assert run.returncode == 0, run.stderr
     assert INDEX_NAME in list_keys(s3, "outage/out") and open_uploads(s3, "outage/out") == []
-    assert_bit_identical(load_checkpoint(download(s3, "outage/out", tmp_path / "downloaded")), many_shards.reference)
+    assert_bit_identical(load_checkpoint(download(s3, "outage/out", tmp_path / "downloaded")), models.reference)
 
 
-def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, many_shards, ray_session, tmp_path):
+def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, models, ray_session, tmp_path):
     """On a Ray of its own, whose workers inherit AWS_MAX_ATTEMPTS=2, so that the store's errors
-    reach the driver's retries soon."""
-    base = upload_dir(s3, many_shards.base, "gone/base")
-    adapter = upload_dir(s3, many_shards.adapter, "gone/adapter")
+    reach the driver's retries soon; the store goes away once the first shard has landed."""
+    base = upload_dir(s3, models.base, "gone/base")
+    adapter = upload_dir(s3, models.adapter, "gone/adapter")
     job = start_merge("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/gone/out",
-                      env=dict(os.environ, AWS_MAX_ATTEMPTS="2"))
-    wait_until(lambda: s3_journal_shards(s3, "gone/out") >= 1, what="a finished shard")
+                      env=dict(os.environ, AWS_MAX_ATTEMPTS="2", **{PAUSE_ENV: f"shard-landed:{tmp_path}"}))
+    wait_until(lambda: (tmp_path / "shard-landed.paused").exists() or job.poll() is not None, 120,
+               what="the first shard")
     server = s3_server.load(s3.data_dir)
     s3_server.stop(server)
     try:
+        (tmp_path / "shard-landed.go").touch()
         stdout, stderr = job.communicate(timeout=600)
     finally:
         s3_server.start_again(server)
     assert job.returncode == 3, stderr
     assert stderr.strip().splitlines()[-1].startswith("error: TransientStorageError: s3://")
     assert INDEX_NAME not in list_keys(s3, "gone/out")
-    # Uploads the dead store could not be told to abort go with the next run over this output.
+    # What the dead store could not be told (uploads to abort, the journal) goes with the next run.
     rerun = cli("merge", "--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/gone/out", "--resume")
     assert rerun.returncode == 0, rerun.stderr
-    assert open_uploads(s3, "gone/out") == []
+    assert open_uploads(s3, "gone/out") == [] and JOURNAL_NAME not in list_keys(s3, "gone/out")
+    assert_bit_identical(load_checkpoint(download(s3, "gone/out", tmp_path / "downloaded")), models.reference)

@@ -24,7 +24,7 @@ from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.publish.journal import PAUSE_ENV
 from tests.conftest import BUCKET, download, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import LORA_MERGE, Models, cli, wait_until
-from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
+from tests.reference import assert_bit_identical, load_checkpoint
 
 pytestmark = pytest.mark.processes  # each run it stops is a process of its own
 
@@ -220,20 +220,17 @@ def test_ctrl_c_stops_cleanly_a_second_stops_at_once_and_resume_finishes(models,
 
 
 @pytest.fixture(scope="module")
-def medium(tmp_path_factory, s3) -> Models:
-    """Shards of about 9 MB: with 5 MiB parts each goes up as a multipart upload, open for a while."""
-    root = tmp_path_factory.mktemp("medium")
-    base = make_base(str(root / "base"), max_shard_size="12MB", **MEDIUM)
-    adapter = make_adapter(str(root / "adapter"), sizes=MEDIUM, r=16, lora_alpha=32)
-    return Models(upload_dir(s3, base, "interrupts/base"), upload_dir(s3, adapter, "interrupts/adapter"),
-                  peft_merged(base, adapter, str(root / "peft")))
+def medium_on_s3(medium, s3) -> Models:
+    return Models(upload_dir(s3, medium.base, "interrupts/base"), upload_dir(s3, medium.adapter, "interrupts/adapter"),
+                  medium.reference)
 
 
 def s3_json(s3, key: str) -> dict:
     return json.loads(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
 
-def test_sigterm_mid_upload_on_s3_aborts_uploads_then_resume_finishes(s3, medium, ray_session, tmp_path):
+def test_sigterm_mid_upload_on_s3_aborts_uploads_then_resume_finishes(s3, medium_on_s3, ray_session, tmp_path):
+    medium = medium_on_s3
     cluster, _ = ray_session
     prefix = "interrupts/sigterm"
     args = ("--base", medium.base, "--adapter", medium.adapter, "--output", f"s3://{BUCKET}/{prefix}",

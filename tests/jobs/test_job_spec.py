@@ -66,16 +66,18 @@ def free_port() -> int:
 
 
 def stop_head(head: subprocess.Popen, log) -> str:
-    """Stop the head started with --block and return what it printed; never raises, so that a
-    failure of the test is the one reported."""
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    """Stop the head started with --block (its whole process group: not `ray stop`, which would stop
+    every Ray on the machine) and return what it printed; never raises, so that the test's own
+    failure is the one reported."""
+    for signum, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
         try:
-            os.killpg(head.pid, signal.SIGKILL)
+            os.killpg(head.pid, signum)
+            head.wait(timeout=grace)
+            break
         except ProcessLookupError:
-            pass
+            break
+        except subprocess.TimeoutExpired:
+            continue
     log.flush()
     return open(log.name, errors="replace").read()[-3000:]
 

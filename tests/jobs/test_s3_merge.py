@@ -6,12 +6,10 @@ import glob
 import json
 import os
 
-import pytest
-
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from tests.conftest import BUCKET, SENTINEL_SECRET, download, list_keys, open_uploads, upload_dir
-from tests.jobs.conftest import Models, cli
-from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
+from tests.jobs.conftest import cli
+from tests.reference import assert_bit_identical, load_checkpoint
 
 RUNS: list = []  # every command run here, for the credential check at the end
 
@@ -20,14 +18,6 @@ def merge(*args: str):
     run = cli("merge", *args)
     RUNS.append(run)
     return run
-
-
-@pytest.fixture(scope="module")
-def medium(tmp_path_factory, s3) -> Models:
-    root = tmp_path_factory.mktemp("medium")
-    base = make_base(str(root / "base"), max_shard_size="12MB", **MEDIUM)
-    adapter = make_adapter(str(root / "adapter"), sizes=MEDIUM, r=16, lora_alpha=32)
-    return Models(base, adapter, peft_merged(base, adapter, str(root / "peft")))
 
 
 def test_s3_to_s3_merge_uploads_shards_in_parts_and_equals_peft(s3, medium, ray_session, tmp_path):
