@@ -165,29 +165,3 @@ def test_s3_stopped_for_a_few_seconds_mid_run_is_ridden_out(s3, models, ray_sess
     assert run.returncode == 0, run.stderr
     assert INDEX_NAME in list_keys(s3, "outage/out") and open_uploads(s3, "outage/out") == []
     assert_bit_identical(load_checkpoint(download(s3, "outage/out", tmp_path / "downloaded")), models.reference)
-
-
-def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, models, ray_session, tmp_path):
-    """On a Ray of its own, whose workers inherit AWS_MAX_ATTEMPTS=2, so that the store's errors
-    reach the driver's retries soon; the store goes away once the first shard has landed."""
-    base = upload_dir(s3, models.base, "gone/base")
-    adapter = upload_dir(s3, models.adapter, "gone/adapter")
-    job = start_merge("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/gone/out",
-                      env=dict(os.environ, AWS_MAX_ATTEMPTS="2", **{PAUSE_ENV: f"shard-landed:{tmp_path}"}))
-    wait_until(lambda: (tmp_path / "shard-landed.paused").exists() or job.poll() is not None, 120,
-               what="the first shard")
-    server = s3_server.load(s3.data_dir)
-    s3_server.stop(server)
-    try:
-        (tmp_path / "shard-landed.go").touch()
-        stdout, stderr = job.communicate(timeout=600)
-    finally:
-        s3_server.start_again(server)
-    assert job.returncode == 3, stderr
-    assert stderr.strip().splitlines()[-1].startswith("error: TransientStorageError: s3://")
-    assert INDEX_NAME not in list_keys(s3, "gone/out")
-    # What the dead store could not be told (uploads to abort, the journal) goes with the next run.
-    rerun = cli("merge", "--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/gone/out", "--resume")
-    assert rerun.returncode == 0, rerun.stderr
-    assert open_uploads(s3, "gone/out") == [] and JOURNAL_NAME not in list_keys(s3, "gone/out")
-    assert_bit_identical(load_checkpoint(download(s3, "gone/out", tmp_path / "downloaded")), models.reference)

@@ -255,12 +255,57 @@ def test_sigterm_mid_upload_on_s3_aborts_uploads_then_resume_finishes(s3, medium
     assert_bit_identical(load_checkpoint(download(s3, prefix, tmp_path / "out")), medium.reference)
 
 
-def test_s3_failing_during_the_final_task_is_ridden_out(s3, models, tmp_path):
-    """On a Ray of its own, whose workers inherit AWS_MAX_ATTEMPTS=1: the store's errors reach the
-    final task at once, which fails, and is retried once the store is back. The first try of a job
-    spec with `resume: true` (an output that does not exist yet) just runs."""
+@pytest.fixture(scope="module")
+def flaky_store_cluster(s3):
+    """A Ray of its own whose workers inherit AWS_MAX_ATTEMPTS=1: the store's errors reach the
+    tasks at once (the session's cluster has botocore retry for a minute)."""
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.get("AWS_MAX_ATTEMPTS")
+    os.environ["AWS_MAX_ATTEMPTS"] = "1"
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20})
+        cluster.wait_for_nodes()
+    finally:
+        os.environ.pop("AWS_MAX_ATTEMPTS") if saved is None else os.environ.update(AWS_MAX_ATTEMPTS=saved)
+    yield cluster
+    cluster.shutdown()
+
+
+def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, models, flaky_store_cluster, ray_session, tmp_path):
+    """The store goes away once the first shard has landed: every shard after it fails, is retried
+    a bounded number of times, and the run exits 3 without an index; once the store is back a
+    --resume finishes the same output."""
+    base, adapter = upload_dir(s3, models.base, "gone/base"), upload_dir(s3, models.adapter, "gone/adapter")
+    args = ("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/gone/out")
+    run = Held(tmp_path, (*args, "--ray-address", flaky_store_cluster.address), "shard-landed",
+               env={"AWS_MAX_ATTEMPTS": "1"})
+    run.wait_paused("shard-landed")
+    server = s3_server.load(s3.data_dir)
+    s3_server.stop(server)
+    try:
+        run.release("shard-landed")
+        code, stderr = run.finish(timeout=300)
+    finally:
+        s3_server.start_again(server)
+    assert code == 3, stderr
+    assert error_line(stderr).startswith("error: TransientStorageError: s3://")
+    assert "retrying model-" in stderr, "shards were retried before the run gave up"
+    assert INDEX_NAME not in list_keys(s3, "gone/out")
+    # What the dead store could not be told (uploads to abort, the journal) goes with the next run.
+    rerun = cli("merge", *args, "--resume")
+    assert rerun.returncode == 0, rerun.stderr
+    assert open_uploads(s3, "gone/out") == [] and JOURNAL_NAME not in list_keys(s3, "gone/out")
+    assert_bit_identical(load_checkpoint(download(s3, "gone/out", tmp_path / "out")), models.reference)
+
+
+def test_s3_failing_during_the_final_task_is_ridden_out(s3, models, flaky_store_cluster, tmp_path):
+    """The store's errors reach the final task at once, which fails, and is retried once the store
+    is back. The first try of a job spec with `resume: true` (an output that does not exist yet)
+    just runs."""
     base, adapter = upload_dir(s3, models.base, "flaky/base"), upload_dir(s3, models.adapter, "flaky/adapter")
-    args = ("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/flaky/out", "--resume")
+    args = ("--base", base, "--adapter", adapter, "--output", f"s3://{BUCKET}/flaky/out", "--resume",
+            "--ray-address", flaky_store_cluster.address)
     run = Held(tmp_path, args, "finalizing", env={"AWS_MAX_ATTEMPTS": "1"})
     run.wait_paused("finalizing", timeout=180)
     server = s3_server.load(s3.data_dir)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from merge_core.names import INDEX_NAME, MANIFEST_NAME, REPORT_NAME
-from tests.jobs.conftest import cli, run_cli
+from tests.jobs.conftest import cli
 from tests.reference import assert_bit_identical, load_checkpoint
 
 
@@ -18,12 +18,11 @@ def sha256(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.mark.cluster
-@pytest.mark.processes
-def test_merge_on_a_local_ray_equals_peft_and_publishes_a_complete_checkpoint(models, tmp_path):
-    """The command as a user runs it: a process of its own that starts a local Ray for the job."""
+def test_merge_equals_peft_and_publishes_a_complete_checkpoint(models, ray_session, tmp_path):
+    """(The command as a process of its own that starts a local Ray for its job: the S3 fault tests
+    in test_faults.py and test_interrupts.py, and the Ray Jobs test in test_job_spec.py.)"""
     out, report = str(tmp_path / "merged"), str(tmp_path / "report.json")
-    run = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out, "--report", report)
+    run = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", out, "--report", report)
     assert run.returncode == 0, run.stderr
     assert_bit_identical(load_checkpoint(out), models.reference)
 
