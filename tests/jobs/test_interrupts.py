@@ -272,6 +272,7 @@ def flaky_store_cluster(s3):
     cluster.shutdown()
 
 
+@pytest.mark.xdist_group("flaky_store_cluster")
 def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, models, flaky_store_cluster, ray_session, tmp_path):
     """The store goes away once the first shard has landed: every shard after it fails, is retried
     a bounded number of times, and the run exits 3 without an index; once the store is back a
@@ -299,6 +300,7 @@ def test_s3_stopped_for_good_exits_3_after_bounded_retries(s3, models, flaky_sto
     assert_bit_identical(load_checkpoint(download(s3, "gone/out", tmp_path / "out")), models.reference)
 
 
+@pytest.mark.xdist_group("flaky_store_cluster")
 def test_s3_failing_during_the_final_task_is_ridden_out(s3, models, flaky_store_cluster, tmp_path):
     """The store's errors reach the final task at once, which fails, and is retried once the store
     is back. The first try of a job spec with `resume: true` (an output that does not exist yet)

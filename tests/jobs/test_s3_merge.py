@@ -6,12 +6,16 @@ import glob
 import json
 import os
 
+import pytest
+
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from tests.conftest import BUCKET, SENTINEL_SECRET, download, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import cli
 from tests.reference import assert_bit_identical, load_checkpoint
 
-RUNS: list = []  # every command run here, for the credential check at the end
+# Every command run here, for the credential check at the end: one test process runs them all.
+RUNS: list = []
+pytestmark = pytest.mark.xdist_group("s3_merge_runs")
 
 
 def merge(*args: str):
