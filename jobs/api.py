@@ -20,6 +20,7 @@ from jobs.driver import MergeSummary, ProgressCallback, run_merge
 from jobs.executor import Executor
 from jobs.options import MergeOptions, PlanOptions, ReportOptions, UnmergeOptions, VerifyOptions, build, defaults
 from jobs.plan_view import PlanSummary, run_plan
+from jobs.recorded import with_recorded
 from jobs.verify_job import VerifySummary, run_verify
 from merge_core.publish.report_view import ReportView
 
@@ -67,9 +68,7 @@ def run(options: MergeOptions, executor: Executor | None = None,
             log.warning(warning)
         if options.report_png:
             summary.pictures = draw(view, options.report_png, None, "")
-    report = {k: v for k, v in vars(summary).items() if k != "manifest"}
-    write_json(options.report, report | {"gb_per_second": summary.gb_per_second,
-                                          "timings": summary.manifest.get("timings", {})})
+    write_json(options.report, summary.as_dict())
     return summary
 
 
@@ -85,17 +84,20 @@ def merge(base: str, adapters: str | Sequence[str], output: str, *, weights: Seq
 def unmerge(merged: str, adapters: str | Sequence[str], output: str, *, original: str | None = None,
             progress: ProgressCallback | None = None, **options) -> MergeSummary:
     """Take `adapters` back out of `merged` (a lora-merge or PEFT merge) into `output`, as PEFT's
-    unmerge_adapter() does; `original`: the original base, to compare with and restore from."""
-    return run(options_for(UnmergeOptions, base=merged, adapters=adapters, output=output, original=original,
-                           **options), progress=progress)
+    unmerge_adapter() does, with the weights its manifest records unless given; `original`: the
+    original base, to compare with and restore from."""
+    chosen = options_for(UnmergeOptions, base=merged, adapters=adapters, output=output, original=original, **options)
+    return run(with_recorded(chosen, set(options), merged), progress=progress)
 
 
 def verify(base: str, adapters: str | Sequence[str], merged: str, *, weights: Sequence[float] | float = (),
            progress: ProgressCallback | None = None, **options) -> VerifySummary:
     """Re-read every shard of `merged` and merge every tensor again: the findings are the summary's
-    `problems` (`ok` when there are none). Raises InputError for bad input."""
-    return run_verify(options_for(VerifyOptions, base=base, adapters=adapters, merged=merged, weights=weights,
-                                  **options), progress=progress)
+    `problems` (`ok` when there are none). The weights and arithmetic not given are taken from the
+    merged model's manifest. Raises InputError for bad input."""
+    chosen = options_for(VerifyOptions, base=base, adapters=adapters, merged=merged, weights=weights, **options)
+    return run_verify(with_recorded(chosen, set(options) | ({"weights"} if weights else set()), merged),
+                      progress=progress)
 
 
 def plan(base: str, adapters: str | Sequence[str], *, weights: Sequence[float] | float = (),

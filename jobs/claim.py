@@ -5,12 +5,13 @@ stops), what an interrupted run left to resume, and the tidying after a failure 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from jobs.options import MergeOptions
 from jobs.runner import Interrupted, stopped_by
 from merge_core.errors import InputError
-from merge_core.io.registry import open_storage
+from merge_core.io.registry import open_storage, scheme_of
 from merge_core.io.storage import Storage
 from merge_core.names import INDEX_NAME, JOURNAL_NAME
 from merge_core.planning.plan import MergePlan
@@ -20,10 +21,25 @@ from merge_core.worker.shard_result import ShardResult
 log = logging.getLogger("lora_merge")
 
 
+# Where Ray Jobs unpacks `--working-dir`: a temporary copy that Ray deletes when it pleases.
+RAY_WORKING_DIR_MARK = "/runtime_resources/working_dir_files/"
+
+
+def _inside_ray_working_dir(output: Storage) -> bool:
+    here = os.getcwd()
+    if RAY_WORKING_DIR_MARK not in here or scheme_of(output.uri):
+        return False
+    root = here[:here.index(RAY_WORKING_DIR_MARK) + len(RAY_WORKING_DIR_MARK)]
+    return os.path.realpath(output.uri).startswith(root)
+
+
 def check_output(output: Storage, options: MergeOptions) -> None:
     inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.base, *options.adapters)]
     if output.uri.rstrip("/") in inputs:
         raise InputError(output.uri, "the output is one of the inputs", "choose another --output")
+    if _inside_ray_working_dir(output):
+        raise InputError(output.uri, "lies in the temporary working directory of this Ray job, which Ray deletes",
+                         "give --output as an absolute path outside it (on storage every node sees) or an s3:// URI")
     if options.overwrite and options.resume:
         raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
     names = output.list_names()

@@ -9,6 +9,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from jobs.cli_text import EXAMPLES, EXIT_CODES, OVERVIEW, SUMMARIES
 from jobs.options import (
     MergeOptions,
     PlanOptions,
@@ -26,59 +27,34 @@ from merge_core.errors import InputError, ValidationError
 from merge_core.publish.manifest import tool_version
 
 EXIT_OK, EXIT_INPUT, EXIT_RUNTIME, EXIT_VALIDATION = 0, 2, 3, 4
-EXIT_CODES = """exit codes: 0 done; 2 bad input (one line naming the file or tensor and the fix; nothing
-written); 3 runtime failure after retries, or stopped by SIGTERM (no index written; --resume
-finishes it); 4 validation failed (no index written; the problems are listed); 130 stopped by
-Ctrl-C (--resume finishes it)"""
-
-EXAMPLES = {
-    "merge": """examples:
-  lora-merge merge --base ./Llama-3.1-8B --adapter ./my-lora --output ./merged
-  lora-merge merge --base s3://models/llama --adapter s3://loras/a --output s3://models/llama-a
-  lora-merge merge --base ./base --adapter ./a --adapter ./b --weight 0.7 --weight 0.3 --output ./merged
-  lora-merge merge --base ./base --adapter ./a --output ./merged --overwrite --ray-address auto""",
-    "verify": """examples:
-  lora-merge verify --base ./Llama-3.1-8B --adapter ./my-lora --merged ./merged
-  lora-merge verify --base s3://models/llama --adapter s3://loras/a --merged s3://models/llama-a""",
-    "plan": """examples:
-  lora-merge plan --base ./Llama-3.1-8B --adapter ./my-lora
-  lora-merge plan --base s3://models/llama-405b --adapter s3://loras/a --json""",
-    "unmerge": """examples:
-  lora-merge unmerge --merged ./merged --adapter ./my-lora --output ./unmerged
-  lora-merge unmerge --merged s3://models/llama-a --adapter s3://loras/a --output s3://models/llama --base s3://orig""",
-    "report": """examples:
-  lora-merge report ./merged
-  lora-merge report s3://models/llama-a --png report.png --html s3://models/llama-a/merge_report.html""",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors are bad input too: exit 2, one line
         self.exit(EXIT_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-# command → (its options, one-line summary, whether it takes --config)
+# command → (its options, whether it takes --config)
 COMMAND_OPTIONS = {
-    "merge": (MergeOptions, "fuse adapters into a base checkpoint and publish the result", True),
-    "verify": (VerifyOptions, "re-check a merged model against its base and adapters, byte for byte", False),
-    "plan": (PlanOptions, "show what a merge would read, fuse and write; reads headers only, writes nothing", False),
-    "report": (ReportOptions, "show what a merge changed: a summary, and a heatmap as PNG or HTML", False),
-    "unmerge": (UnmergeOptions, "take adapters back out of a merged model, as PEFT's unmerge_adapter() does", True),
+    "merge": (MergeOptions, True),
+    "verify": (VerifyOptions, False),
+    "plan": (PlanOptions, False),
+    "report": (ReportOptions, False),
+    "unmerge": (UnmergeOptions, True),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-merge", description="Merge LoRA adapters into a large checkpoint, shard by shard, "
-                     "on a Ray cluster.", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     "on a Ray cluster.", epilog=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lora-merge {tool_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (options, summary, configurable) in COMMAND_OPTIONS.items():
-        sub = commands.add_parser(name, help=summary, description=summary, epilog=f"{EXAMPLES[name]}\n\n{EXIT_CODES}",
+    for name, (options, configurable) in COMMAND_OPTIONS.items():
+        sub = commands.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name],
+                                  epilog=f"{EXAMPLES[name]}\n\n{EXIT_CODES[name]}",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         if configurable:
             sub.add_argument("--config", metavar="FILE", help="take options from this YAML job spec (local or "
-                             "s3://); flags given here override it")
-        add_flags(sub, options, from_config=configurable)
+                             "s3://; relative paths in it are from its own folder); flags given here override it")
+        add_flags(sub, options, name, from_config=configurable)
         sub.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         sub.add_argument("--log-format", choices=("text", "json"), default="text",
                          help="json: one JSON object per log line, for cluster log collectors")
@@ -89,79 +65,64 @@ def resolve_options(args: argparse.Namespace):
     """The command's options: defaults, then the --config file, then the flags given."""
     options_type = COMMAND_OPTIONS[args.command][0]
     values = defaults(options_type)
+    from_file: dict = {}
     if getattr(args, "config", None):
         from jobs.job_config import load_job_config
 
-        values.update(load_job_config(args.config, spec_keys(options_type)))
+        from_file = load_job_config(args.config, spec_keys(options_type))
+        values.update(from_file)
     flags = given(args, options_type)
+    chosen = set(from_file) | set(flags)  # what the user set, for the options a manifest may also record
     if "adapters" in flags:  # adapters on the command line replace the file's, weights with them
         flags.setdefault("weights", [])
     values.update(flags)
     for name, flag in required(options_type).items():
         if not values.get(name):
             raise InputError(flag, "is required", f"pass {flag}, or set {name} in the --config file")
-    return build(options_type, values)
+    options = build(options_type, values)
+    if args.command in ("verify", "unmerge"):  # how the merged model was made, unless told otherwise
+        from jobs.recorded import with_recorded
+
+        options = with_recorded(options, chosen, options.merged if args.command == "verify" else options.base)
+    return options
 
 
-def _merge(options: MergeOptions) -> int:
+def _merge(options: MergeOptions) -> tuple[str, dict]:
     from jobs.api import run
-    from jobs.progress import summary_table
+    from jobs.progress import merge_rows, summary_table
 
     summary = run(options)
-    rows = [
-        ("output", summary.output),
-        ("shards", f"{summary.shards} ({summary.tensors} tensors)"),
-        ("fused tensors", str(summary.fused_tensors)),
-        ("read", f"{summary.bytes_read / 1e9:.3f} GB"),
-        ("written", f"{summary.bytes_written / 1e9:.3f} GB"),
-        ("wall time", f"{summary.seconds:.1f} s ({summary.gb_per_second:.2f} GB/s written)"),
-        ("nodes", f"{len(summary.nodes)}, device {summary.device}"),
-        ("retries", str(summary.retries)),
-        ("reused shards", f"{summary.reused} (--resume)" if options.resume else "0"),
-        ("validated", "yes: headers, index, sizes (sha256 read-back on object stores), NaN/Inf, float64 spot check"
-         if summary.validated else "no (--no-validate)"),
-    ]
-    recovered = summary.manifest.get("recovery")
-    if recovered:
-        share = recovered["elements_identical"] / max(1, recovered["elements"])
-        rows.append(("came back bit for bit", f"{recovered['tensors_identical']} of {recovered['tensors']} tensors, "
-                     f"{share:.1%} of elements; the rest within {recovered['max_ulps']} ulp of "
-                     f"{recovered['original']}"))
-    if summary.adapter_kept:
-        rows.append(("adapter kept", summary.adapter_kept))
-    print(summary_table(rows))
-    for where in summary.pictures:
-        print(f"report picture: {where}")
-    return EXIT_OK
+    text = "\n".join([summary_table(merge_rows(summary, options.resume)),
+                      *(f"report picture: {where}" for where in summary.pictures)])
+    return text, {"event": "summary", "command": "unmerge" if options.unmerge else "merge"} | summary.as_dict()
 
 
-def _verify(options: VerifyOptions) -> int:
+def _verify(options: VerifyOptions) -> tuple[str, dict]:
     from jobs.api import write_json
+    from jobs.progress import size_text
     from jobs.verify_job import run_verify
 
     summary = run_verify(options)
     if summary.problems:
         raise ValidationError(summary.problems)
-    print(f"verified {summary.merged}: {summary.shards} shards, {summary.tensors_checked} tensors, "
-          f"{summary.bytes_checked / 1e9:.3f} GB re-read; no problems")
     write_json(options.report, vars(summary))
-    return EXIT_OK
+    return (f"verified {summary.merged}: {summary.shards} shards, {summary.tensors_checked} tensors, "
+            f"{size_text(summary.bytes_checked)} re-read; no problems"), {"event": "verified"} | vars(summary)
 
 
-def _report(options: ReportOptions) -> int:
+def _report(options: ReportOptions) -> tuple[str, dict]:
     from jobs.api import report
 
     shown = report(options.merged_uri, png=options.png, html=options.html)
-    print("\n".join([shown.text, *(f"wrote {where}" for where in shown.written)]))
-    return EXIT_OK
+    text = "\n".join([shown.text, *(f"wrote {where}" for where in shown.written)])
+    return text, {"event": "report", "merged": shown.merged, "summary": shown.text, "written": list(shown.written)}
 
 
-def _plan(options: PlanOptions) -> int:
+def _plan(options: PlanOptions) -> tuple[str, dict]:
     from jobs.plan_view import run_plan
 
     planned = run_plan(options)
-    print(json.dumps(planned.data, indent=2) if options.json else planned.text)
-    return EXIT_OK
+    return json.dumps(planned.data, indent=2) if options.json else planned.text, {"event": "plan"} | planned.data
 
 
 COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan, "report": _report, "unmerge": _merge}
@@ -190,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = None
     try:
         options = resolve_options(args)
-        return COMMANDS[args.command](options)
+        text, data = COMMANDS[args.command](options)
+        print(json.dumps(data, default=str) if args.log_format == "json" else text)
+        return EXIT_OK
     except BaseException as exc:  # every failure leaves as one line and an exit code
         failure = exc
         if args.debug:

@@ -11,7 +11,7 @@ from typing import Callable
 from jobs.claim import Run, check_output, claim, interrupted, resumable, tidy
 from jobs.executor import Executor
 from jobs.options import MergeInputs, MergeOptions, UnmergeOptions
-from jobs.progress import Progress, ProgressEvent
+from jobs.progress import Progress, ProgressEvent, plural, size_text
 from jobs.runner import get_with_retries, reclaim_signals, run_over_lanes, stop_signals
 from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import finalize_work, merge_shard_work
@@ -72,9 +72,16 @@ class MergeSummary:
     adapter_kept: str | None = None  # a quantized base: what the stored weights kept of the update
     pictures: list[str] = field(default_factory=list)  # where report_png drew the heatmap
 
+    adapters: list[dict] = field(default_factory=list)  # each adapter's URI and weight, in order
+
     @property
     def gb_per_second(self) -> float:
         return self.bytes_written / self.seconds / 1e9 if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        """The summary as --report and --log-format json write it (the manifest apart)."""
+        return {k: v for k, v in vars(self).items() if k != "manifest"} | {
+            "gb_per_second": self.gb_per_second, "timings": self.manifest.get("timings", {})}
 
 
 def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
@@ -97,7 +104,25 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
     restorable = bool(getattr(inputs, "original", None))  # unmerge --base: DoRA and copies restored from it
     plan = plan_merge(base, adapters, weights, inputs.sequential, inputs.combine_spec, inputs.allow_base_mismatch,
                       inputs.dequantize, inputs.unmerge, restorable)
+    _warn_surprises(base, adapters, weights)
     return Prepared(base, tuple(adapters), weights, plan)
+
+
+def _last_part(name: str) -> str:
+    return str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def _warn_surprises(base: BaseCheckpoint, adapters, weights) -> None:
+    """What is allowed but rarely meant: an adapter weighted 0, an adapter whose config names
+    another model than the base (the shapes fit, so nothing else would tell)."""
+    base_names = {_last_part(base.uri), _last_part(base.config.get("_name_or_path", "") or "")} - {""}
+    for adapter, weight in zip(adapters, weights):
+        if weight == 0:
+            log.warning("%s has weight 0, so it changes nothing: drop it, or give it another --weight", adapter.uri)
+        trained_on = adapter.config.get("base_model_name_or_path")
+        if trained_on and _last_part(trained_on) not in base_names:
+            log.warning("%s was trained on %r (its %s), and the base is %s: merge it only into that model's weights",
+                        adapter.uri, trained_on, ADAPTER_CONFIG_NAME, base.uri)
 
 
 def _remove_staging(output: Storage, options: StorageOptions) -> None:
@@ -133,7 +158,8 @@ def _weights_sha256(record: dict) -> str:
 
 
 def _describe(result: ShardResult) -> str:
-    return (f"{result.fused} tensors fused, {result.seconds:.2f} s on node {result.node[:8]} ({result.device}), "
+    return (f"{plural(result.fused, 'tensor')} fused, {result.seconds:.2f} s on node {result.node[:8]} "
+            f"({result.device}), "
             f"fuse {result.fuse_seconds:.2f} s, waiting on reads {result.read_wait_seconds:.2f} s")
 
 
@@ -181,6 +207,7 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
     """Every input read and checked, the plan made, the adapters hashed; nothing written but the
     staged copy of a pickle-only adapter (--allow-pickle), removed again on failure."""
     check_output(output, options)
+    output.check_writable()
     staging = f"{output.uri}/{STAGING_DIR}" if options.allow_pickle else None
     try:
         prepared = prepare(options, staging)
@@ -202,8 +229,8 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
 def _run_shards(executor: Executor, plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: Run,
                 callback: ProgressCallback | None):
     """One task per shard not done yet, over the lanes, the journal rewritten after each."""
-    log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
-             plan.write_bytes / 1e9, run.output.uri)
+    log.info("merging %s (%s to fuse, %s) into %s", plural(len(plan.tasks), "shard"),
+             plural(plan.fused_tensor_count, "tensor"), size_text(plan.write_bytes), run.output.uri)
     progress = Progress(len(plan.tasks), plan.write_bytes, callback=callback)
     for result in run.done:
         progress.shard_done(result.name, result.size, "reused from the unfinished run", reused=True)
@@ -291,5 +318,7 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
                         fused_tensors=plan.fused_tensor_count, bytes_read=plan.read_bytes,
                         bytes_written=sum(r.size for r in results), seconds=time.perf_counter() - started,
                         device=",".join(sorted({r.device for r in results})), retries=sum(outcome.retries.values()),
-                        reused=len(reused), validated=options.validate, nodes=sorted({r.node for r in results}),
-                        manifest=manifest)
+                        reused=len(reused), validated=options.validate, manifest=manifest,
+                        # the nodes of this run: a reused shard was merged where the interrupted run ran
+                        nodes=sorted({r.node for r in results if r.name not in {u.name for u in reused}}),
+                        adapters=[{"uri": uri, "weight": w} for uri, w in zip(options.adapters, prepared.weights)])

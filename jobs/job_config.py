@@ -2,18 +2,24 @@
 
 Keys are the long flags with underscores (`part_size_mb`, `ray_address`, ...), plus `adapters`
 as a list of URIs or of {uri, weight}. Flags given on the command line override the file.
-Unknown keys are errors, so a typo never silently falls back to a default.
+Unknown keys are errors, so a typo never silently falls back to a default. A relative path in the
+file is relative to the file's own folder (so a spec kept in git beside its models means the same
+wherever it is run from, a Ray job's temporary working directory included).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import yaml
 
 from jobs.options import MergeOptions, spec_keys
 from merge_core.errors import InputError
-from merge_core.io.registry import open_storage
+from merge_core.io.registry import open_storage, scheme_of
+
+# The keys whose values are locations: relative ones are taken from the spec's folder.
+LOCATION_KEYS = ("base", "output", "original", "merged", "report", "report_png")
 
 
 def load_job_config(uri: str, keys: Mapping[str, tuple] | None = None) -> dict:
@@ -45,7 +51,23 @@ def load_job_config(uri: str, keys: Mapping[str, tuple] | None = None) -> dict:
     values = {k: v for k, v in spec.items() if k != "adapters"}
     if "adapters" in spec:
         values["adapters"], values["weights"] = _adapters(spec["adapters"], where)
+    folder = storage.uri.rstrip("/")
+    for key in LOCATION_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = beside(folder, values[key])
+    if "adapters" in values:
+        values["adapters"] = [beside(folder, uri) for uri in values["adapters"]]
     return values
+
+
+def beside(folder: str, location: str) -> str:
+    """`location` as written in a spec kept in `folder`: an absolute path or a URI as it is, a
+    relative path from the folder."""
+    if scheme_of(location) or location.startswith(("/", "~")):
+        return location
+    if scheme_of(folder):
+        return f"{folder}/{location}"
+    return os.path.normpath(os.path.join(folder, location))
 
 
 def _adapters(entries: list, where: str) -> tuple[list[str], list[float]]:

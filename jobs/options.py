@@ -16,11 +16,14 @@ from merge_core.numerics.combine import COMBINE_METHODS, CombineSpec
 BOOL = (bool, "true or false")
 
 
-def option(default, flag: str | None = None, help: str = "", *, spec: tuple | None = None, required: bool = False,
-           factory=None, **argparse_kwargs):
+def option(default, flag: str | None = None, help: str | Mapping[str, str] = "", *, spec: tuple | None = None,
+           required: bool = False, factory=None, commands: tuple[str, ...] | None = None, **argparse_kwargs):
     """A field with its command-line flag (None: job spec only) and its job-spec type and wording
-    (None: command line only). argparse_kwargs: action, type, choices, metavar."""
-    metadata = {"flag": flag, "help": help, "spec": spec, "required": required, "argparse": argparse_kwargs}
+    (None: command line only). `help` may differ by command: {command: text, "": for the others}.
+    `commands`: the only commands that show the flag (None: every command with the field).
+    argparse_kwargs: action, type, choices, metavar."""
+    metadata = {"flag": flag, "help": help, "spec": spec, "required": required, "argparse": argparse_kwargs,
+                "commands": commands}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -29,37 +32,56 @@ def option(default, flag: str | None = None, help: str = "", *, spec: tuple | No
 @dataclass(frozen=True)
 class MergeInputs:
     """What every command reads: the base, the adapters, and how they are put together."""
-    base: str = option("", "--base", "base checkpoint: a directory or s3://bucket/prefix holding model.safetensors "
-                       "or model.safetensors.index.json with its shards", spec=(str, "a URI"), required=True,
-                       metavar="URI")
-    adapters: tuple[str, ...] = option((), "--adapter", "PEFT adapter directory or prefix; repeat to merge several",
-                                       spec=(list, "a list of URIs or of {uri, weight}"), required=True,
-                                       action="append", metavar="URI")
-    weights: tuple[float, ...] = option((), "--weight", "weight of the adapter in the same position (default 1)",
-                                        action="append", type=float, metavar="W")
-    sequential: bool = option(False, "--sequential", "merge several adapters one after another, rounding after each, "
-                              "in the order given: bit-identical to PEFT's merge_and_unload(adapter_names=[...]) "
-                              "(default: W + Σ wᵢ·ΔWᵢ, rounded once)", spec=BOOL, action="store_true")
-    combine: str | None = option(None, "--combine", "combine the adapters' full deltas per tensor: ties, "
-                                 "dare_linear, dare_ties or magnitude_prune (see README.md, Several adapters)",
-                                 spec=(str, "ties, dare_linear, dare_ties or magnitude_prune"),
-                                 choices=COMBINE_METHODS)
+    base: str = option("", "--base", {
+        "": "the base checkpoint: a directory or s3://bucket/prefix holding model.safetensors or "
+            "model.safetensors.index.json with its shards",
+        "verify": "the base the model was merged from (with --unmerge: the merged model the adapters were taken "
+                  "out of)",
+        "plan": "the base checkpoint to plan a merge into (with --unmerge: the merged model to take them out of)"},
+        spec=(str, "a URI"), required=True, metavar="URI")
+    adapters: tuple[str, ...] = option((), "--adapter", {
+        "": "a PEFT adapter directory or prefix; repeat to merge several",
+        "verify": "an adapter of the merge; repeat for several, in the merge's order",
+        "plan": "a PEFT adapter directory or prefix; repeat to plan a merge of several"},
+        spec=(list, "a list of URIs or of {uri, weight}"), required=True, action="append", metavar="URI")
+    weights: tuple[float, ...] = option((), "--weight", {
+        "": "weight of the adapter in the same position (default 1)",
+        "verify": "weight of the adapter in the same position (default: as the merged model's manifest records, "
+                  "else 1)"}, action="append", type=float, metavar="W")
+    sequential: bool = option(False, "--sequential", {
+        "": "merge several adapters one after another, rounding after each, in the order given: bit-identical to "
+            "PEFT's merge_and_unload(adapter_names=[...]) (default: W + Σ wᵢ·ΔWᵢ, rounded once)",
+        "verify": "the merge rounded after each adapter (default: as the merged model's manifest records)"},
+        spec=BOOL, action="store_true")
+    combine: str | None = option(None, "--combine", {
+        "": "combine the adapters' full deltas per tensor: ties, dare_linear, dare_ties or magnitude_prune (see "
+            "README.md, Several adapters)",
+        "verify": "the merge combined the deltas with this method (default: as the merged model's manifest "
+                  "records)"}, spec=(str, "ties, dare_linear, dare_ties or magnitude_prune"), choices=COMBINE_METHODS)
     density: float = option(1.0, "--density", "with --combine: the fraction of each delta kept, 0 < D <= 1 "
                             "(default 1)", spec=((int, float), "a fraction, 0 < density <= 1"), type=float,
                             metavar="D")
     seed: int = option(0, "--seed", "with --combine dare_*: the seed of the random masks (default 0)",
                        spec=(int, "a whole number"), type=int)
-    allow_base_mismatch: bool = option(False, "--allow-base-mismatch", "merge adapters whose configs name "
+    allow_base_mismatch: bool = option(False, "--allow-base-mismatch", "accept adapters whose configs name "
                                        "different base models", spec=BOOL, action="store_true")
-    device: str = option("auto", "--device", "where to fuse: cuda needs GPUs in the cluster; auto uses them when "
-                         "present", spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "--device", {
+        "": "where to fuse: cuda needs GPUs in the cluster; auto uses them when present",
+        "verify": "where to merge again for the comparison: auto uses GPUs when present (the manifest's record of "
+                  "where each shard was fused decides the tolerance)",
+        "plan": "the device the plan sizes each task's resources for"},
+        spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
     unmerge: bool = option(False)  # take the adapters out of --base, a merged model (set by unmerge, plan, verify)
-    dequantize: bool = option(False, "--dequantize", "write a quantized base's weights (FP8, MXFP4, INT4) as bf16: "
-                              "no scales, no quantization_config (default: each weight keeps the base's format)",
-                              spec=BOOL, action="store_true")
+    dequantize: bool = option(False, "--dequantize", {
+        "": "write a quantized base's weights (FP8, MXFP4, INT4) as bf16: no scales, no quantization_config "
+            "(default: each weight keeps the base's format)",
+        "verify": "the merge wrote a quantized base's weights as bf16 (merge --dequantize)",
+        "plan": "plan a merge that writes a quantized base's weights as bf16 (merge --dequantize)"},
+        spec=BOOL, action="store_true")
     part_size_mb: int = option(DEFAULT_PART_BYTES // 2**20, "--part-size-mb", "multipart upload part size for "
                                f"s3:// output (default {DEFAULT_PART_BYTES // 2**20}, at least 5)",
-                               spec=(int, "a whole number of MiB"), type=int, metavar="MB")
+                               spec=(int, "a whole number of MiB"), type=int, metavar="MB",
+                               commands=("merge", "unmerge"))
 
     @property
     def storage(self) -> StorageOptions:
@@ -74,17 +96,23 @@ class MergeInputs:
 class RayOptions:
     ray_address: str | None = option(None, "--ray-address", "join this Ray cluster (default: start a local one)",
                                      spec=(str, "a Ray address"), metavar="ADDR")
-    report: str | None = option(None, "--report", "also write the run's summary as JSON to FILE",
+    report: str | None = option(None, "--report", {"": "also write the run's summary as JSON to FILE",
+                                                   "verify": "also write the findings as JSON to FILE"},
                                 spec=(str, "a file path"), metavar="FILE")
 
 
 @dataclass(frozen=True)
 class MergeOptions(RayOptions, MergeInputs):
-    output: str = option("", "--output", "where to write the merged checkpoint", spec=(str, "a URI"),
-                         required=True, metavar="URI")
+    output: str = option("", "--output", {"": "where to write the merged checkpoint (a directory or "
+                                              "s3://bucket/prefix)",
+                                          "unmerge": "where to write the checkpoint with the adapters taken out (a "
+                                                     "directory or s3://bucket/prefix)"},
+                         spec=(str, "a URI"), required=True, metavar="URI")
     overwrite: bool = option(False, "--overwrite", "replace whatever is at --output", spec=BOOL, action="store_true")
-    resume: bool = option(False, "--resume", "finish an interrupted merge into --output, reusing every shard it "
-                          "proves complete", spec=BOOL, action="store_true")
+    resume: bool = option(False, "--resume", {"": "finish an interrupted merge into --output, reusing every shard "
+                                              "it proves complete",
+                                          "unmerge": "finish an interrupted unmerge into --output, reusing every "
+                                                     "shard it proves complete"}, spec=BOOL, action="store_true")
     allow_pickle: bool = option(False, "--allow-pickle", "accept adapters stored only as adapter_model.bin, loaded "
                                 "with torch.load(weights_only=True) (never plain unpickling)", spec=BOOL,
                                 action="store_true")
@@ -114,6 +142,13 @@ class UnmergeOptions(MergeOptions):
                                   "there)", spec=(str, "a URI"), metavar="URI")
     strict: bool = option(False, "--strict", "refuse an adapter the merged model's manifest does not record "
                           "(default: warn)", spec=BOOL, action="store_true")
+    adapters: tuple[str, ...] = option((), "--adapter", "a PEFT adapter merged into --merged; repeat to take out "
+                                       "several (the last given comes out first)",
+                                       spec=(list, "a list of URIs or of {uri, weight}"), required=True,
+                                       action="append", metavar="URI")
+    weights: tuple[float, ...] = option((), "--weight", "weight the adapter in the same position was merged with "
+                                        "(default: as the merged model's manifest records, else 1)",
+                                        action="append", type=float, metavar="W")
     unmerge: bool = option(True)
     # merge's options that have no meaning here: no flag, no job-spec key
     combine: str | None = option(None)
@@ -147,22 +182,30 @@ class PlanOptions(MergeInputs):
                            action="store_true")
 
 
-def add_flags(parser: argparse.ArgumentParser, options: type, from_config: bool = False) -> None:
-    """One flag per field that has one. Every flag defaults to None, so that a value given on the
-    command line can be told from one left out (and merged over a job spec, then the defaults).
-    With from_config, required options may come from the --config file instead."""
+def help_for(meta: Mapping, command: str) -> str:
+    text = meta["help"]
+    return text.get(command, text.get("", "")) if isinstance(text, Mapping) else text
+
+
+def add_flags(parser: argparse.ArgumentParser, options: type, command: str, from_config: bool = False) -> None:
+    """One flag per field that has one, with that command's wording; required ones in a group of
+    their own. Every flag defaults to None, so that a value given on the command line can be told
+    from one left out (and merged over a job spec, then the defaults). With from_config, required
+    options may come from the --config file instead."""
+    needed = parser.add_argument_group("required" + (" (here, or in the --config file)" if from_config else ""))
     for f in dataclasses.fields(options):
         meta = f.metadata
-        if not meta.get("flag"):
+        if not meta.get("flag") or command not in (meta.get("commands") or (command,)):
             continue
         kwargs = dict(meta["argparse"])
         if kwargs.get("action") in ("store_true", "store_false"):
             kwargs["default"] = None
         if not meta["flag"].startswith("-"):  # a positional argument, named by its metavar
-            parser.add_argument(f.name, metavar=meta["flag"], help=meta["help"], **kwargs)
+            parser.add_argument(f.name, metavar=meta["flag"], help=help_for(meta, command), **kwargs)
             continue
-        parser.add_argument(meta["flag"], dest=f.name, help=meta["help"],
-                            required=meta["required"] and not from_config, **kwargs)
+        (needed if meta["required"] else parser).add_argument(
+            meta["flag"], dest=f.name, help=help_for(meta, command), required=meta["required"] and not from_config,
+            **kwargs)
 
 
 def spec_keys(options: type) -> dict[str, tuple]:

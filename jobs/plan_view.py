@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from jobs.driver import prepare
 from jobs.options import MergeInputs
+from jobs.progress import plural, size_text
 from jobs.scheduling import TASKS_PER_GPU
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.planning.plan import MergePlan
@@ -41,14 +42,15 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
 def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -> str:
     data = plan_as_dict(plan, device, quantization)
     stored = f" ({quantization})" if quantization else ""
-    lines = [f"base {data['base']}{stored}: {data['tasks']} shards, {data['fused_tensors']} tensors to fuse, "
-             f"read {data['read_bytes'] / 1e9:.2f} GB, write {data['write_bytes'] / 1e9:.2f} GB",
-             f"{'shard':<44} {'GB':>7} {'tensors':>7} {'fused':>5} {'memory GB':>9}  adapters touching it"]
+    lines = [f"base {data['base']}{stored}: {plural(data['tasks'], 'shard')}, "
+             f"{plural(data['fused_tensors'], 'tensor')} to fuse, read {size_text(data['read_bytes'])}, "
+             f"write {size_text(data['write_bytes'])}",
+             f"{'shard':<44} {'size':>10} {'tensors':>7} {'fused':>5} {'memory':>10}  adapters touching it"]
     for shard in data["shards"]:
         touching = ", ".join(f"{uri} ({len(names)})" for uri, names in shard["fused"].items() if names) or "-"
-        lines.append(f"{shard['name']:<44} {shard['size'] / 1e9:7.2f} {shard['tensors']:7d} "
+        lines.append(f"{shard['name']:<44} {size_text(shard['size']):>10} {shard['tensors']:7d} "
                      f"{sum(len(v) for v in shard['fused'].values()):5d} "
-                     f"{shard['resources']['memory'] / 1e9:9.2f}  {touching}")
+                     f"{size_text(shard['resources']['memory']):>10}  {touching}")
     for shard in data["shards"]:
         for verb, key in (("requantizes", "requantized"), ("dequantizes to bf16", "dequantized")):
             if shard[key]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any, Callable, Sequence
 
 import ray
@@ -18,11 +19,15 @@ from ray import exceptions as ray_errors
 
 from jobs.executor import STORAGE_TRANSIENT
 from jobs.tasks import Placement, finalize_work, merge_shard_work, verify_shard_work
+from merge_core.errors import InputError
 from merge_core.publish.journal import PAUSE_ENV
 
 # The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 CANCEL_WAIT_SECONDS = 10  # how long a cancelled task may take to die before the output is cleaned
+# How long the cluster's address may take to answer before the job says so (ray.init itself
+# retries a dead address for minutes, behind lines of its own).
+CONNECT_TIMEOUT_SECONDS = 10
 
 
 def _placement() -> Placement:
@@ -50,11 +55,37 @@ def finalize_task(*args):
 REMOTE = {merge_shard_work: merge_shard_task, verify_shard_work: verify_shard_task, finalize_work: finalize_task}
 
 
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    """Refuse, with one line, a cluster address nothing answers at: `auto` (or RAY_ADDRESS) naming
+    a cluster that is gone, or a host:port with no Ray behind it."""
+    fix = ("start the cluster (ray start --head), pass the address of a running one, or leave --ray-address out to "
+           "start a local Ray for this job")
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # Ray moved it: ray.init will say what it finds
+        return
+    try:
+        resolved = get_ray_address_from_environment(address, None)
+    except ConnectionError:
+        raise InputError(f"--ray-address {address}", "no running Ray cluster was found on this machine", fix) from None
+    if not resolved or resolved in ("local", "auto"):
+        return
+    host, _, port = resolved.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        told = "" if resolved == address else f" (where {address} leads)"
+        raise InputError(f"--ray-address {address}", f"no Ray cluster answers at {resolved}{told} within "
+                         f"{timeout:g} s", fix) from None
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray for this job; a Ray this process already
     joined (a user's script, a notebook) is used as it is."""
     if ray.is_initialized():
         return
+    if address:
+        check_reachable(address)
     # Tests only: a pause point reaches the tasks too (a running cluster's workers do not inherit
     # the driver's environment).
     hooks = {"runtime_env": {"env_vars": {PAUSE_ENV: os.environ[PAUSE_ENV]}}} if PAUSE_ENV in os.environ else {}

@@ -46,8 +46,9 @@ def _is_transient(exc: BaseException, transient: tuple[type[BaseException], ...]
     return isinstance(cause, transient) and not isinstance(cause, (InputError, ValidationError))
 
 
-def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane], submit: Callable[[Job, dict], object],
-                   name_of: Callable[[Job], str], on_result: Callable[[Job, Result], None],
+def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane],
+                   submit: Callable[[Job, dict], object], name_of: Callable[[Job], str],
+                   on_result: Callable[[Job, Result], None],
                    progress: Progress | None = None) -> Outcome[Result]:
     """Submit jobs into free lane slots (`submit` returns the executor's handle), wait for the
     first to finish, retry transient failures."""

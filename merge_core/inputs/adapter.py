@@ -15,6 +15,7 @@ from merge_core.errors import InputError
 from merge_core.format.header import FLOAT_DTYPES, ShardHeader, TensorInfo
 from merge_core.inputs.adapter_config import check_config, lora_scale, module_in, targeted_module
 from merge_core.inputs.checkpoint import read_json, read_shard_header
+from merge_core.inputs.location import not_an_adapter
 from merge_core.io.storage import Storage
 from merge_core.kinds import ExpertShare, Kind, is_conv_kernel
 from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES
@@ -257,6 +258,9 @@ UPDATE_BUILDERS = {"LORA": _lora_updates, "IA3": _ia3_updates, "LOHA": _lycoris_
 
 
 def load_adapter(storage: Storage) -> LoraAdapter:
+    elsewhere = not_an_adapter(storage)
+    if elsewhere:
+        raise elsewhere
     config = check_config(read_json(storage, ADAPTER_CONFIG_NAME, "point --adapter at a PEFT adapter directory"),
                            storage.describe(ADAPTER_CONFIG_NAME))
     if not storage.exists(ADAPTER_WEIGHTS_NAME):

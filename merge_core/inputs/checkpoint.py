@@ -15,6 +15,7 @@ from typing import Mapping
 from merge_core.errors import InputError
 from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, TensorInfo, header_length, parse_header
 from merge_core.format.quantization import QuantizedWeight, QuantScheme, group_weights, read_scheme
+from merge_core.inputs.location import not_a_model
 from merge_core.io.storage import Storage, check_plain_name
 from merge_core.names import (
     CONFIG_JSON,
@@ -161,8 +162,7 @@ def load_base(storage: Storage) -> BaseCheckpoint:
     elif SINGLE_NAME in names:
         weight_map, metadata, shard_names = {}, {}, [SINGLE_NAME]
     else:
-        raise InputError(storage.uri, f"no {INDEX_NAME} or {SINGLE_NAME} found",
-                         "point --base at a Hugging Face checkpoint saved with safetensors")
+        raise not_a_model(storage)
 
     with ThreadPoolExecutor(min(HEADER_READ_THREADS, len(shard_names))) as pool:
         headers = list(pool.map(lambda n: read_shard_header(storage, n), shard_names))

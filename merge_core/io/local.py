@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import uuid
+from typing import Iterator
 
 from merge_core.errors import InputError
 from merge_core.io.storage import ObjectWriter, Storage, check_plain_name
 
 PARTIAL_SUFFIX = ".partial"
+
+# What the system says when the output cannot take a file, as the user's mistake and its fix.
+_NOT_WRITABLE = ("is not writable: permission denied", "choose a folder you may write to as --output, or fix its "
+                 "permissions")
+_FULL = "free space there, then run the same command with --resume"
+OUTPUT_ERRORS = {
+    errno.EROFS: ("is on a read-only file system", "choose a writable --output"),
+    errno.EACCES: _NOT_WRITABLE,
+    errno.EPERM: _NOT_WRITABLE,
+    errno.ENOSPC: ("ran out of space on its device", _FULL),
+    errno.EDQUOT: ("is over its disk quota", _FULL),
+    errno.ENOTDIR: ("lies inside a file, not a folder", "choose an --output whose parents are folders"),
+    errno.EISDIR: ("holds a folder where a file is written", "remove that folder, or choose another --output"),
+}
+
+
+def output_error(exc: OSError, subject: str) -> InputError | None:
+    """The one-line error for an OS error at the output, naming `subject` (never a temp file)."""
+    known = OUTPUT_ERRORS.get(exc.errno)
+    return InputError(subject, *known) if known else None
+
+
+@contextlib.contextmanager
+def _writing(subject: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        translated = output_error(exc, subject)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def _fsync_directory(path: str) -> None:
@@ -25,21 +59,24 @@ class _LocalWriter(ObjectWriter):
         self._final = final_path
         directory, base = os.path.split(final_path)
         self._temp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
-        self._file = open(self._temp, "xb")
+        with _writing(final_path):
+            self._file = open(self._temp, "xb")
         self._done = False
 
     def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        with _writing(self._final):
+            self._file.write(data)
 
     def commit(self, exclusive: bool = False) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if exclusive:
-            self._claim()
-        else:
-            os.replace(self._temp, self._final)
-        _fsync_directory(os.path.dirname(self._final))  # the rename is durable once the entry is
+        with _writing(self._final):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            if exclusive:
+                self._claim()
+            else:
+                os.replace(self._temp, self._final)
+            _fsync_directory(os.path.dirname(self._final))  # the rename is durable once the entry is
         self._done = True
 
     def _claim(self) -> None:
@@ -107,13 +144,30 @@ class LocalStorage(Storage):
                       if os.path.isfile(os.path.join(self.root, n))
                       and not (n.startswith(".") and n.endswith(PARTIAL_SUFFIX)))
 
+    def check_writable(self) -> None:
+        """Refuse, before anything is written, an output that cannot take a file: a file in its
+        place, a read-only or full file system, no permission. Leaves no trace."""
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise InputError(self.root, "is a file, not a folder", "choose a folder as --output")
+        created = not os.path.exists(self.root)
+        with _writing(self.root):
+            os.makedirs(self.root, exist_ok=True)
+            probe = os.path.join(self.root, f".write-probe-{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+            with open(probe, "xb") as f:
+                f.write(b"\0")
+            os.unlink(probe)
+            if created:
+                os.rmdir(self.root)
+
     def open_writer(self, name: str) -> ObjectWriter:
-        os.makedirs(self.root, exist_ok=True)
+        with _writing(self.root):
+            os.makedirs(self.root, exist_ok=True)
         return _LocalWriter(self._path(name))
 
     def delete(self, name: str) -> None:
         try:
-            os.unlink(self._path(name))
+            with _writing(self._path(name)):
+                os.unlink(self._path(name))
         except FileNotFoundError:
             pass
 
@@ -121,8 +175,9 @@ class LocalStorage(Storage):
         shutil.rmtree(self.root, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> None:
-        os.replace(self._path(old), self._path(new))
-        _fsync_directory(self.root)
+        with _writing(self._path(new)):
+            os.replace(self._path(old), self._path(new))
+            _fsync_directory(self.root)
 
     def discard_incomplete(self) -> None:
         if os.path.isdir(self.root):

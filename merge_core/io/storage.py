@@ -64,6 +64,9 @@ class Storage(ABC):
         """The name as a user would type it, for messages."""
         return f"{self.uri.rstrip('/')}/{name}"
 
+    def check_writable(self) -> None:
+        """Raise InputError if this location cannot take files; by default the first write tells."""
+
     def check_object_size(self, nbytes: int) -> None:
         """Refuse (InputError) before any write an object this backend could not store, such as
         one that needs more multipart parts than S3 allows. Local files take any size."""

@@ -24,8 +24,7 @@ def one_error_line(run) -> str:
 def test_missing_base(models, tmp_path):
     out = tmp_path / "out"
     run = cli("merge", "--base", str(tmp_path / "nowhere"), "--adapter", models.adapter, "--output", str(out))
-    assert one_error_line(run) == (f"error: {tmp_path}/nowhere: no model.safetensors.index.json or model.safetensors "
-                                   "found (point --base at a Hugging Face checkpoint saved with safetensors)")
+    assert one_error_line(run) == f"error: {tmp_path}/nowhere: does not exist or is empty (check the path given as --base)"
     assert not out.exists()
 
 

@@ -128,8 +128,14 @@ def test_several_adapters_combined_through_the_cli_and_verified(models, ray_sess
 
     run = cli("verify", *common, *ties, "--merged", out)
     assert run.returncode == 0, run.stderr
-    run = cli("verify", *common, "--merged", out)  # without --combine the arithmetic differs
+    # Left out, the weights and the arithmetic are the manifest's: the same verdict.
+    run = cli("verify", "--base", models.base, "--adapter", models.adapter, "--adapter", second, "--merged", out)
+    assert run.returncode == 0, run.stderr
+    # Given and different, they are used, and one line says how they differ from the record.
+    run = cli("verify", *common, "--combine", "magnitude_prune", "--merged", out)
     assert run.returncode == 4 and "q_proj.weight" in run.stderr
+    assert (f"{out}/merge_manifest.json records how the adapters were merged, and the options given differ: "
+            "--combine magnitude_prune (recorded: ties); using the options given") in run.stderr.splitlines()
 
 
 def test_adapters_of_different_bases_are_refused_unless_allowed(models, tmp_path):

@@ -97,5 +97,9 @@ def test_index_naming_a_tensor_no_shard_has(base_dir, tmp_path):
 
 
 def test_no_checkpoint_at_all(tmp_path):
-    with pytest.raises(InputError, match="no model.safetensors.index.json or model.safetensors found"):
+    with pytest.raises(InputError, match="does not exist or is empty"):
+        load_base(LocalStorage(str(tmp_path)))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="no model.safetensors.index.json or model.safetensors found; it "
+                                         "holds pytorch_model.bin"):
         load_base(LocalStorage(str(tmp_path)))
