@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     out = os.path.join(args.workdir, "out")
     if args.storage == "s3":
-        from infra import s3_server
+        from lora_merge import s3_server
         from tests.conftest import BUCKET, upload_dir
         server = s3_server.start(os.path.join(args.workdir, "s3"))
         os.environ.update(server.env())

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-from infra import s3_server
+from lora_merge import s3_server
 
 BUCKET = "demo"
 DEMO_MODEL = dict(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,

@@ -52,7 +52,7 @@ class MergeInputs:
         "": "merge several adapters one after another, rounding after each, in the order given: bit-identical to "
             "PEFT's merge_and_unload(adapter_names=[...]) (default: W + Σ wᵢ·ΔWᵢ, rounded once)",
         "verify": "the merge rounded after each adapter (default: as the merged model's manifest records)"},
-        spec=BOOL, action="store_true")
+        spec=BOOL, action="store_true", commands=("merge", "verify", "plan"))  # an unmerge always rounds after each
     combine: str | None = option(None, "--combine", {
         "": "combine the adapters' full deltas per tensor: ties, dare_linear, dare_ties or magnitude_prune (see "
             "README.md, Several adapters)",

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from infra import s3_server
+from lora_merge import s3_server
 
 # Must never appear in any output, log line or error message.
 SENTINEL_SECRET = "SENTINEL-secret-7f3a9c1e5d-do-not-print"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from infra import s3_server
+from lora_merge import s3_server
 from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.publish.journal import PAUSE_ENV
 from tests.conftest import BUCKET, download, list_keys, open_uploads, upload_dir

