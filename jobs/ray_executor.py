@@ -24,6 +24,11 @@ from merge_core.publish.journal import PAUSE_ENV
 
 # The driver never puts tensors in Ray's object store, so a local cluster needs only a little.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+# A Ray started for one job: its workers start as the job does (not when the first shard is
+# submitted) and import torch before they take work, so that both happen while the driver plans.
+# (A cluster of your own takes the same settings: RAY_preload_python_modules=torch and
+# RAY_enable_worker_prestart=true in the environment of `ray start`.)
+LOCAL_SYSTEM_CONFIG = {"preload_python_modules": ["torch"], "enable_worker_prestart": True}
 CANCEL_WAIT_SECONDS = 10  # how long a cancelled task may take to die before the output is cleaned
 # How long the cluster's address may take to answer before the job says so (ray.init itself
 # retries a dead address for minutes, behind lines of its own).
@@ -96,7 +101,7 @@ def connect(address: str | None) -> None:
         # It listens on loopback for this process alone: no token to set up (and warn about).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 logging_level=logging.WARNING, **hooks)
+                 logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG, **hooks)
 
 
 class RayExecutor:

@@ -55,7 +55,10 @@ def two_node_cluster(s3):
     """Depends on the S3 server so that its nodes (and their workers) inherit the AWS settings."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES})
+    from jobs.ray_executor import LOCAL_SYSTEM_CONFIG
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES,
+                                                            "_system_config": LOCAL_SYSTEM_CONFIG})
     gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=OBJECT_STORE_BYTES)
     cluster.wait_for_nodes()
     yield cluster, gpu_node

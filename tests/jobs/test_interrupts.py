@@ -261,10 +261,13 @@ def flaky_store_cluster(s3):
     tasks at once (the session's cluster has botocore retry for a minute)."""
     from ray.cluster_utils import Cluster
 
+    from jobs.ray_executor import LOCAL_SYSTEM_CONFIG
+
     saved = os.environ.get("AWS_MAX_ATTEMPTS")
     os.environ["AWS_MAX_ATTEMPTS"] = "1"
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20,
+                                                                "_system_config": LOCAL_SYSTEM_CONFIG})
         cluster.wait_for_nodes()
     finally:
         os.environ.pop("AWS_MAX_ATTEMPTS") if saved is None else os.environ.update(AWS_MAX_ATTEMPTS=saved)
