@@ -307,7 +307,7 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
                               cluster, outcome.retries, tuple(r.name for r in reused), prepared.base.manifest,
                               original)
     try:
-        manifest = get_with_retries(executor, lambda: executor.submit(finalize_work, (plan, spec, publication), {}),
+        manifest = get_with_retries(executor, lambda _: executor.submit(finalize_work, (plan, spec, publication), {}),
                                     "the final task")
     except BaseException:
         tidy(run, record=False)  # the journal is current, and must not come back once the index is there

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -24,17 +25,32 @@ from merge_core.errors import InputError, ValidationError
 
 log = logging.getLogger("lora_merge")
 MAX_ATTEMPTS = 4
-# Between attempts of the final task: a store that fails for a while gets ~14 s to come back
-# before a whole job's work waits for a --resume.
-FINAL_RETRY_WAITS = (2, 4, 8)
+# Between attempts of a task: exponential backoff with jitter ("equal jitter": half the step
+# fixed, half random), so that many tasks failing together (a store throttling, a node lost) come
+# back spread out. A shard's three retries wait about 1, 2 and 4 s; the final task's 2, 4 and 8 s,
+# so that a store failing for a while gets ~14 s before a whole job's work waits for a --resume.
+SHARD_BACKOFF_SECONDS = 1.0
+FINAL_BACKOFF_SECONDS = 2.0
+BACKOFF_CAP_SECONDS = 30.0
 Job = TypeVar("Job")
 Result = TypeVar("Result")
+
+
+def backoff(attempt: int, base: float, rng: random.Random = random) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1, 2, ...)."""
+    step = min(BACKOFF_CAP_SECONDS, base * 2 ** (attempt - 1))
+    return step / 2 + rng.uniform(0, step / 2)
 
 
 @dataclass
 class Outcome(Generic[Result]):
     results: list[Result] = field(default_factory=list)
     retries: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, list[str]] = field(default_factory=dict)  # each retried failure, in one line
+
+    def retried(self, name: str, reason: str) -> None:
+        self.retries[name] = self.retries.get(name, 0) + 1
+        self.reasons.setdefault(name, []).append(reason)
 
 
 def _is_transient(exc: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
@@ -51,19 +67,23 @@ def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane
                    on_result: Callable[[Job, Result], None],
                    progress: Progress | None = None) -> Outcome[Result]:
     """Submit jobs into free lane slots (`submit` returns the executor's handle), wait for the
-    first to finish, retry transient failures."""
-    queue = list(jobs)
+    first to finish, retry transient failures after a backoff."""
+    queue: list[tuple[float, Job]] = [(0.0, job) for job in jobs]  # (not before, job)
     attempts: dict[str, int] = {}
     pending: dict[object, tuple[Job, Lane]] = {}
     outcome: Outcome[Result] = Outcome()
     try:
         while queue or pending:
             lane = free_lane(lanes)
-            if queue and lane:
-                job = queue.pop(0)
+            ready = next((i for i, (when, _) in enumerate(queue) if when <= time.monotonic()), None)
+            if ready is not None and lane:
+                job = queue.pop(ready)[1]
                 attempts[name_of(job)] = attempts.get(name_of(job), 0) + 1
                 pending[submit(job, lane.options)] = (job, lane)
                 lane.running += 1
+                continue
+            if not pending:  # only retries waiting out their backoff
+                time.sleep(max(0.0, min(0.5, min(when for when, _ in queue) - time.monotonic())))
                 continue
             done = executor.wait(list(pending), 0.5)
             if progress:
@@ -78,10 +98,11 @@ def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane
                 name = name_of(job)
                 if not _is_transient(exc, executor.transient) or attempts[name] >= MAX_ATTEMPTS:
                     raise
-                outcome.retries[name] = outcome.retries.get(name, 0) + 1
+                wait = backoff(attempts[name], SHARD_BACKOFF_SECONDS)
+                outcome.retried(name, _one_line(exc))
                 if progress:
-                    progress.retry(name, _one_line(exc), attempts[name] + 1)
-                queue.insert(0, job)
+                    progress.retry(name, f"{_one_line(exc)}; again in {wait:.1f} s", attempts[name] + 1)
+                queue.insert(0, (time.monotonic() + wait, job))
                 continue
             outcome.results.append(result)
             on_result(job, result)
@@ -91,12 +112,14 @@ def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane
     return outcome
 
 
-def get_with_retries(executor: Executor, submit: Callable[[], object], name: str,
-                     waits: Sequence[float] = FINAL_RETRY_WAITS):
-    """Run one task to its result, retrying transient failures after a pause; stopped (Ctrl-C,
-    SIGTERM), the task is cancelled before the interruption goes on."""
+def get_with_retries(executor: Executor, submit: Callable[[list[str]], object], name: str,
+                     base: float = FINAL_BACKOFF_SECONDS):
+    """Run one task to its result, retrying transient failures after a backoff; `submit` gets the
+    reasons of the attempts before (for the record the task writes). Stopped (Ctrl-C, SIGTERM),
+    the task is cancelled before the interruption goes on."""
+    reasons: list[str] = []
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        ref = submit()
+        ref = submit(list(reasons))
         try:
             return executor.get(ref)
         except KeyboardInterrupt:
@@ -105,8 +128,10 @@ def get_with_retries(executor: Executor, submit: Callable[[], object], name: str
         except Exception as exc:
             if not _is_transient(exc, executor.transient) or attempt == MAX_ATTEMPTS:
                 raise
-            log.warning("retrying %s (attempt %d): %s", name, attempt + 1, _one_line(exc))
-            time.sleep(waits[min(attempt, len(waits)) - 1] if waits else 0)
+            wait = backoff(attempt, base)
+            reasons.append(_one_line(exc))
+            log.warning("retrying %s (attempt %d) in %.1f s: %s", name, attempt + 1, wait, _one_line(exc))
+            time.sleep(wait)
 
 
 def _one_line(exc: BaseException) -> str:
