@@ -4,16 +4,18 @@ stops), what an interrupted run left to resume, and the tidying after a failure 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 
 from jobs.options import MergeOptions
+from jobs.progress import plural
 from jobs.runner import Interrupted, stopped_by
 from merge_core.errors import InputError
 from merge_core.io.registry import open_storage, scheme_of
 from merge_core.io.storage import Storage
-from merge_core.names import INDEX_NAME, JOURNAL_NAME
+from merge_core.names import CLAIM_NAME, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.planning.plan import MergePlan
 from merge_core.publish.journal import pause_point, proven, read_journal, write_journal
 from merge_core.worker.shard_result import ShardResult
@@ -33,7 +35,9 @@ def _inside_ray_working_dir(output: Storage) -> bool:
     return os.path.realpath(output.uri).startswith(root)
 
 
-def check_output(output: Storage, options: MergeOptions) -> None:
+def check_output(output: Storage, options: MergeOptions) -> bool:
+    """Refuse an output that is not this run's to write; True when it holds a finished model
+    (without --overwrite), which only the same merge may find there (see already_complete)."""
     inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.base, *options.adapters)]
     if output.uri.rstrip("/") in inputs:
         raise InputError(output.uri, "the output is one of the inputs", "choose another --output")
@@ -42,19 +46,41 @@ def check_output(output: Storage, options: MergeOptions) -> None:
                          "give --output as an absolute path outside it (on storage every node sees) or an s3:// URI")
     if options.overwrite and options.resume:
         raise InputError("--resume", "cannot be combined with --overwrite", "pass one of them")
-    names = output.list_names()
+    names = [n for n in output.list_names() if n != CLAIM_NAME]  # the claim is checked apart (jobs.lease)
     if INDEX_NAME in names and not options.overwrite:
-        what = "the output already holds a finished model: nothing to resume" if options.resume else \
-            "the output already holds a model"
-        raise InputError(output.describe(INDEX_NAME), what,
-                         "pass --overwrite to replace it, or choose another --output")
+        return True
     if names and not (options.overwrite or options.resume):
-        raise InputError(output.uri, f"the output holds an unfinished merge ({len(names)} files)",
+        raise InputError(output.uri, f"the output holds an unfinished merge ({plural(len(names), 'file')})",
                          "pass --resume to finish it, --overwrite to start over, or choose an empty --output")
     if names and options.resume and JOURNAL_NAME not in names:
         # Every run records itself before it writes anything: these files are not a lora-merge run's.
-        raise InputError(output.uri, f"nothing to resume: the output holds {len(names)} files but no journal of a "
+        raise InputError(output.uri, f"nothing to resume: the output holds {plural(len(names), 'file')} but no journal of a "
                          "lora-merge run", "pass --overwrite to replace them, or choose an empty --output")
+    return False
+
+
+def already_complete(output: Storage, options: MergeOptions, key: str) -> bool:
+    """Whether the finished model in `output` is this very merge (its manifest records the same
+    fingerprint: inputs, what is fused with which scale, settings); refuses it otherwise. A journal
+    and a claim left beside it (its driver died between the index and their removal) are removed."""
+    manifest = read_manifest(output)
+    if manifest is None or manifest.get("fingerprint") != key:
+        what = ("the output already holds a finished model of other inputs or settings" if manifest and
+                manifest.get("fingerprint") else "the output already holds a model")
+        raise InputError(output.describe(INDEX_NAME), what, "pass --overwrite to replace it, or choose another "
+                         "--output")
+    for stale in (JOURNAL_NAME, CLAIM_NAME):  # no live job holds it (jobs.lease.Lease.refuse_live)
+        if output.exists(stale):
+            log.info("removing %s: the run it belonged to is over and its model complete", output.describe(stale))
+            output.delete(stale)
+    return True
+
+
+def read_manifest(output: Storage) -> dict | None:
+    try:
+        return json.loads(output.read_bytes(MANIFEST_NAME)) if output.exists(MANIFEST_NAME) else None
+    except ValueError:
+        return None
 
 
 def clear_output(output: Storage, journal_key: str) -> None:
@@ -66,7 +92,7 @@ def clear_output(output: Storage, journal_key: str) -> None:
     write_journal(output, journal_key, [], clearing=True)
     pause_point("clearing")
     for name in output.list_names():
-        if name != JOURNAL_NAME:
+        if name not in (JOURNAL_NAME, CLAIM_NAME):
             output.delete(name)
     output.discard_incomplete()
 

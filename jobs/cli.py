@@ -92,8 +92,13 @@ def _merge(options: MergeOptions) -> tuple[str, dict]:
     from jobs.progress import merge_rows, summary_table
 
     summary = run(options)
-    text = "\n".join([summary_table(merge_rows(summary, options.resume)),
-                      *(f"report picture: {where}" for where in summary.pictures)])
+    if summary.already_complete:
+        what = "unmerge" if options.unmerge else "merge"
+        text = (f"{summary.output}: already complete: its manifest records this very {what} (the same inputs and "
+                "settings); nothing was written")
+    else:
+        text = "\n".join([summary_table(merge_rows(summary, options.resume)),
+                          *(f"report picture: {where}" for where in summary.pictures)])
     return text, {"event": "summary", "command": "unmerge" if options.unmerge else "merge"} | summary.as_dict()
 
 

@@ -3,13 +3,15 @@ the executor), then publish."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from jobs.claim import Run, check_output, claim, interrupted, resumable, tidy
+from jobs.claim import Run, already_complete, check_output, claim, interrupted, read_manifest, resumable, tidy
 from jobs.executor import Executor
+from jobs.lease import Lease
 from jobs.options import MergeInputs, MergeOptions, UnmergeOptions
 from jobs.progress import Progress, ProgressEvent, plural, size_text
 from jobs.runner import get_with_retries, reclaim_signals, run_over_lanes, stop_signals
@@ -73,6 +75,7 @@ class MergeSummary:
     pictures: list[str] = field(default_factory=list)  # where report_png drew the heatmap
 
     adapters: list[dict] = field(default_factory=list)  # each adapter's URI and weight, in order
+    already_complete: bool = False  # the output held this very merge, finished: nothing was done
 
     @property
     def gb_per_second(self) -> float:
@@ -157,6 +160,17 @@ def _weights_sha256(record: dict) -> str:
     return next(f["sha256"] for f in record["files"] if f["name"] == ADAPTER_WEIGHTS_NAME)
 
 
+def _done_before(output: Storage, options: MergeOptions, prepared: Prepared, started: float) -> MergeSummary:
+    """The summary of a merge found complete in its output: nothing was run or written."""
+    manifest = read_manifest(output) or {}
+    shards = manifest.get("output", {}).get("shards", [])
+    return MergeSummary(output=output.uri, shards=len(shards), tensors=sum(s.get("tensors", 0) for s in shards),
+                        fused_tensors=prepared.plan.fused_tensor_count, bytes_read=0, bytes_written=0,
+                        seconds=time.perf_counter() - started, device="-", reused=len(shards),
+                        validated=options.validate, manifest=manifest, already_complete=True,
+                        adapters=[{"uri": u, "weight": w} for u, w in zip(options.adapters, prepared.weights)])
+
+
 def _describe(result: ShardResult) -> str:
     return (f"{plural(result.fused, 'tensor')} fused, {result.seconds:.2f} s on node {result.node[:8]} "
             f"({result.device}), "
@@ -206,8 +220,6 @@ def _original(options: MergeOptions, plan: MergePlan, base: BaseCheckpoint) -> s
 def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, list[dict]]:
     """Every input read and checked, the plan made, the adapters hashed; nothing written but the
     staged copy of a pickle-only adapter (--allow-pickle), removed again on failure."""
-    check_output(output, options)
-    output.check_writable()
     staging = f"{output.uri}/{STAGING_DIR}" if options.allow_pickle else None
     try:
         prepared = prepare(options, staging)
@@ -277,12 +289,30 @@ def run_merge(options: MergeOptions, executor: Executor | None = None,
 
 def _merge(options: MergeOptions, run: Run, executor: Executor | None,
            progress: ProgressCallback | None) -> MergeSummary:
+    """The output held (jobs.lease) from its first write to the end, done or not."""
+    output = run.output
+    lease = Lease(output, options.lease_seconds, "unmerge" if options.unmerge else "merge")
+    lease.refuse_live()  # another job writing here now: refused at once
+    finished = check_output(output, options)
+    if not finished:  # a finished model may be this very merge, whoever wrote it (already_complete)
+        output.check_writable()
+        lease.check(may_take_over=options.resume or options.overwrite)
+    try:
+        return _merge_held(options, run, executor, progress, finished, lease)
+    finally:
+        lease.release()
+
+
+def _merge_held(options: MergeOptions, run: Run, executor: Executor | None, progress: ProgressCallback | None,
+                finished: bool, lease: Lease) -> MergeSummary:
     started = time.perf_counter()
     output = run.output
     prepared, records = _check_and_plan(output, options)
     plan = prepared.plan
     run.key = fingerprint(plan, [_weights_sha256(r) for r in records],
                           {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
+    if finished and already_complete(output, options, run.key):
+        return _done_before(output, options, prepared, started)
     run.total = len(plan.tasks)
     reused, clearing = resumable(output, options, plan, run.key)
     planned = time.perf_counter()
@@ -291,6 +321,7 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
     nodes = executor.nodes()
     lanes = plan_lanes(nodes, options.device, options.task_cpus, len(plan.tasks) - len(reused))
     check_fits(nodes, max(plan.tasks, key=lambda t: t.memory_bytes))
+    lease.take(may_take_over=options.resume or options.overwrite)  # the first write of this run
     claim(run, options, reused, clearing)
     original = _original(options, plan, prepared.base)
     spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
@@ -302,13 +333,17 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
     results = run.done
     cluster = {"resources": executor.resources(), "nodes": len([n for n in executor.nodes() if n.get("Alive")]),
                "lanes": {lane.name: lane.slots for lane in lanes}, "executor": executor.name}
-    publication = Publication(tuple(results), prepared.base.extra_files, prepared.base.index_metadata,
-                              tuple(records), {"plan_seconds": planned - started, "merge_seconds": merged - planned},
-                              cluster, outcome.retries, tuple(r.name for r in reused), prepared.base.manifest,
-                              original)
+    publication = Publication(results=tuple(results), extra_files=prepared.base.extra_files,
+                              index_metadata=prepared.base.index_metadata, adapter_records=tuple(records),
+                              timings={"plan_seconds": planned - started, "merge_seconds": merged - planned},
+                              cluster=cluster, retries=outcome.retries,
+                              retry_reasons={k: tuple(v) for k, v in outcome.reasons.items()},
+                              reused=tuple(r.name for r in reused), lineage=prepared.base.manifest,
+                              original=original, fingerprint=run.key)
     try:
-        manifest = get_with_retries(executor, lambda _: executor.submit(finalize_work, (plan, spec, publication), {}),
-                                    "the final task")
+        manifest = get_with_retries(executor, lambda reasons: executor.submit(
+            finalize_work, (plan, spec, dataclasses.replace(publication, final_retries=tuple(reasons))), {}),
+            "the final task")
     except BaseException:
         tidy(run, record=False)  # the journal is current, and must not come back once the index is there
         raise

@@ -122,6 +122,11 @@ class MergeOptions(RayOptions, MergeInputs):
                             "is written", spec=BOOL, action="store_false")
     allow_remerge: bool = option(False, "--allow-remerge", "merge an adapter that the base (a lora-merge output) "
                                  "already holds, by its manifest, a second time", spec=BOOL, action="store_true")
+    lease_seconds: float = option(60.0, "--lease-seconds", "how long this run's claim on --output lasts without "
+                                  "being renewed (it renews a third of the way): after its driver dies, another "
+                                  "run takes the output over with --resume once this much time has passed (at once "
+                                  "on the same host) (default 60)", spec=((int, float), "a number of seconds"),
+                                  type=float, metavar="S")
     task_cpus: int | None = option(None, "--task-cpus", "CPUs each shard task asks for (default: 1, or an equal "
                                    "share of the cores when the shards are fewer)",
                                    spec=(int, "CPUs each shard task asks Ray for"), type=int, metavar="N")

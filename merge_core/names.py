@@ -21,6 +21,7 @@ ADAPTER_PICKLE_NAME = "adapter_model.bin"
 MANIFEST_NAME = "merge_manifest.json"
 REPORT_NAME = "merge_report.parquet"
 JOURNAL_NAME = ".lora-merge-journal.json"  # an unfinished merge's record, for --resume
+CLAIM_NAME = ".lora-merge-claim.json"  # the one job writing an output now, and until when
 # A single-file model is written under this name and renamed when validated: loaders take a
 # model.safetensors they find even without the index, so it may not appear before it is checked.
 UNVALIDATED_SINGLE_NAME = ".model.safetensors.unvalidated"

@@ -131,6 +131,8 @@ def finalize_merge(plan: MergePlan, spec: MergeSpec, publication: Publication) -
     timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
     manifest = build_manifest(plan, publication.adapter_records, publication.results, copied, total_size, timings,
                               publication.cluster, publication.retries, publication.reused, publication.lineage,
-                              publication.original)
+                              publication.original, publication.fingerprint,
+                              dict(publication.retry_reasons) | ({"final task": publication.final_retries}
+                                                                 if publication.final_retries else {}))
     publish(output, plan, index, manifest, build_report(plan, publication.results))
     return manifest

@@ -61,7 +61,8 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
                    copied_files: Sequence[Mapping[str, object]], total_size: int,
                    timings: Mapping[str, float], cluster: Mapping[str, object],
                    retries: Mapping[str, int] | None = None, reused: Sequence[str] = (),
-                   lineage: Mapping[str, object] | None = None, original: str | None = None) -> dict:
+                   lineage: Mapping[str, object] | None = None, original: str | None = None,
+                   fingerprint: str = "", retry_reasons: Mapping[str, Sequence[str]] | None = None) -> dict:
     by_name = {r.name: r for r in results}
     history = {"lineage": dict(lineage)} if lineage else {}
     recovered = {"recovery": recovery(plan, results, original)} if original else {}
@@ -86,6 +87,9 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
         "model_changes": plan.model_changes,
         "fused_tensor_count": plan.fused_tensor_count,
         "reused_shards": len(reused),
+        "fingerprint": fingerprint,
+        # why each retried task failed before it succeeded: shard name (or "final task") -> reasons
+        "retry_reasons": {k: list(v) for k, v in (retry_reasons or {}).items() if v},
         "timings": dict(timings),
         "cluster": dict(cluster),
     }

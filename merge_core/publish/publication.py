@@ -18,6 +18,9 @@ class Publication:
     timings: Mapping[str, float] = field(default_factory=dict)
     cluster: Mapping[str, object] = field(default_factory=dict)
     retries: Mapping[str, int] = field(default_factory=dict)
+    retry_reasons: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard -> why each retry
     reused: tuple[str, ...] = ()  # shards a --resume took from the interrupted run
     lineage: Mapping[str, object] | None = None  # the input model's own manifest, when it has one
     original: str | None = None  # unmerge: the original base its result was compared with
+    fingerprint: str = ""  # the merge's (inputs, updates, settings): a re-run that finds it done does nothing
+    final_retries: tuple[str, ...] = ()  # why earlier attempts of the final task failed

@@ -55,7 +55,7 @@ def test_leftover_partial_output_is_refused(models, tmp_path):
     out.mkdir()
     (out / "model-00001-of-00005.safetensors").write_bytes(b"partial")
     line = one_error_line(cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out)))
-    assert "holds an unfinished merge (1 files) (pass --resume to finish it, --overwrite to start over" in line
+    assert "holds an unfinished merge (1 file) (pass --resume to finish it, --overwrite to start over" in line
     assert os.listdir(out) == ["model-00001-of-00005.safetensors"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -84,8 +85,11 @@ def test_worker_killed_mid_shard_is_retried_and_the_output_is_identical(many_sha
     killer.result()
     assert run.returncode == 0, run.stderr
     assert "retrying" in run.stderr and "WorkerCrashedError" in run.stderr
+    assert re.search(r"retrying model-\S+ \(attempt 2\): WorkerCrashedError: .*; again in \d\.\d s", run.stderr)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert sum(s["retries"] for s in manifest["output"]["shards"]) >= 1
+    reasons = [r for shard in manifest["retry_reasons"].values() for r in shard]
+    assert reasons and all(r.startswith("WorkerCrashedError") for r in reasons), "why each retry, in the manifest"
     assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
 
 

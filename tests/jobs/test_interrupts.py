@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lora_merge import s3_server
-from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
+from merge_core.names import CLAIM_NAME, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.publish.journal import PAUSE_ENV
 from tests.conftest import BUCKET, download, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import LORA_MERGE, Models, cli, wait_until
@@ -113,7 +113,7 @@ def resume_and_check(args: tuple[str, ...], out: Path, models: Models, report: P
 # Where the driver can die, and what the output holds then.
 WINDOWS = {
     "clearing": "--overwrite has begun removing an old model: the journal says so, stale files remain",
-    "journal-written": "before the first shard: the journal alone, vouching for nothing",
+    "journal-written": "before the first shard: the claim and the journal, vouching for nothing",
     "shard-landed": "a shard published, the driver not yet told: on disk, not in the journal",
     "finalizing": "during the final task: every shard done and vouched for",
     "manifest-written": "between the manifest and the index",
@@ -143,7 +143,7 @@ def test_driver_killed_in_each_window_then_resume_finishes(window, models, ray_s
         assert json.loads((out / JOURNAL_NAME).read_text())["clearing"] and vouched == []
         assert (out / "model.safetensors").exists()
     elif window == "journal-written":
-        assert sorted(os.listdir(out)) == [JOURNAL_NAME] and vouched == []
+        assert sorted(os.listdir(out)) == [CLAIM_NAME, JOURNAL_NAME] and vouched == [], "the claim, the journal"
     elif window == "shard-landed":
         assert vouched == [] and unvouched, "the landed shard is on disk, the journal does not vouch for it"
     else:
@@ -161,7 +161,7 @@ def test_resume_refuses_files_that_no_run_recorded(models, tmp_path):
     (out / "model-00001-of-00005.safetensors").write_bytes(b"someone else's")
     refused = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out), "--resume")
     assert refused.returncode == 2
-    assert error_line(refused.stderr) == (f"error: {out}: nothing to resume: the output holds 1 files but no journal "
+    assert error_line(refused.stderr) == (f"error: {out}: nothing to resume: the output holds 1 file but no journal "
                                           "of a lora-merge run (pass --overwrite to replace them, or choose an empty "
                                           "--output)")
     assert os.listdir(out) == ["model-00001-of-00005.safetensors"]
@@ -169,7 +169,7 @@ def test_resume_refuses_files_that_no_run_recorded(models, tmp_path):
 
 def test_final_task_worker_killed_after_the_index_is_retried_and_succeeds(models, ray_session, tmp_path):
     """The retry finds the index its first attempt wrote, and knows it for this merge's. A --resume
-    then has nothing to finish, and says so."""
+    then has nothing to do, and says so."""
     cluster, _ = ray_session
     out = tmp_path / "out"
     args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--ray-address", cluster.address)
@@ -182,11 +182,8 @@ def test_final_task_worker_killed_after_the_index_is_retried_and_succeeds(models
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
     assert [n for n in os.listdir(out) if n.startswith(".")] == []
 
-    refused = cli("merge", *args, "--resume")
-    assert refused.returncode == 2
-    assert error_line(refused.stderr) == (f"error: {out}/{INDEX_NAME}: the output already holds a finished model: "
-                                          "nothing to resume (pass --overwrite to replace it, or choose another "
-                                          "--output)")
+    again = cli("merge", *args, "--resume")
+    assert again.returncode == 0 and again.stdout.startswith(f"{out}: already complete"), again.stderr
 
 
 def test_ctrl_c_stops_cleanly_a_second_stops_at_once_and_resume_finishes(models, ray_session, tmp_path):
@@ -325,4 +322,7 @@ def test_s3_failing_during_the_final_task_is_ridden_out(s3, models, flaky_store_
     assert code == 0, stderr
     assert "retrying the final task (attempt 2)" in stderr
     assert INDEX_NAME in list_keys(s3, "flaky/out") and open_uploads(s3, "flaky/out") == []
+    manifest = json.loads(s3.client().get_object(Bucket=BUCKET, Key=f"flaky/out/{MANIFEST_NAME}")["Body"].read())
+    (reason,) = manifest["retry_reasons"]["final task"]  # the attempt that met the store down, in one line
+    assert reason.startswith("TransientStorageError: s3://"), reason
     assert_bit_identical(load_checkpoint(download(s3, "flaky/out", tmp_path / "out")), models.reference)
