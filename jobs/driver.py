@@ -38,7 +38,7 @@ from merge_core.publish.lineage import check_not_merged_twice, unrecorded
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
-from merge_core.worker.spec import MergeSpec
+from merge_core.worker.job import MergeJob
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,8 +95,8 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             storage = staged
         adapters.append(load_adapter(storage))
     restorable = bool(getattr(inputs, "original", None))  # unmerge --base: DoRA and copies restored from it
-    plan = plan_merge(base, adapters, weights, inputs.sequential, inputs.combine_spec, inputs.allow_base_mismatch,
-                      inputs.dequantize, inputs.unmerge, restorable)
+    plan = plan_merge(base, adapters, weights, inputs.arithmetic, allow_base_mismatch=inputs.allow_base_mismatch,
+                      dequantize=inputs.dequantize, restorable=restorable)
     return Prepared(base, tuple(adapters), weights, plan)
 
 
@@ -199,7 +199,7 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
     return prepared, records
 
 
-def _run_shards(executor: Executor, plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: Run,
+def _run_shards(executor: Executor, plan: MergePlan, job: MergeJob, options: MergeOptions, lanes, run: Run,
                 callback: ProgressCallback | None):
     """One task per shard not done yet, over the lanes, the journal rewritten after each."""
     log.info("merging %d shards (%d tensors fused, %.2f GB) into %s", len(plan.tasks), plan.fused_tensor_count,
@@ -219,7 +219,7 @@ def _run_shards(executor: Executor, plan: MergePlan, spec: MergeSpec, options: M
             log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
-        return executor.submit(merge_shard_work, (task, spec), dict(lane_options, memory=memory[task.name],
+        return executor.submit(merge_shard_work, (task, job), dict(lane_options, memory=memory[task.name],
                                                                      resources=dict(options.task_resources) or None))
 
     done = {r.name for r in run.done}
@@ -266,9 +266,9 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
     check_fits(nodes, max(plan.tasks, key=lambda t: t.memory_bytes))
     claim(run, options, reused, clearing)
     original = _original(options, plan, prepared.base)
-    spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
-                        allow_nonfinite=options.allow_nonfinite, read_back=options.validate, original_uri=original)
-    outcome = _run_shards(executor, plan, spec, options, lanes, run, progress)
+    job = MergeJob.of(plan, output.uri, storage=options.storage, device=options.device,
+                      allow_nonfinite=options.allow_nonfinite, read_back=options.validate, original_uri=original)
+    outcome = _run_shards(executor, plan, job, options, lanes, run, progress)
     merged = time.perf_counter()
 
     run.record()  # current before the final task, which publishes only what the journal vouches for
@@ -280,7 +280,7 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
                               cluster, outcome.retries, tuple(r.name for r in reused), prepared.base.manifest,
                               original)
     try:
-        manifest = get_with_retries(executor, lambda: executor.submit(finalize_work, (plan, spec, publication), {}),
+        manifest = get_with_retries(executor, lambda: executor.submit(finalize_work, (plan, job, publication), {}),
                                     "the final task")
     except BaseException:
         tidy(run, record=False)  # the journal is current, and must not come back once the index is there

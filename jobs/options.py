@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.io.storage import DEFAULT_PART_BYTES, StorageOptions
-from merge_core.numerics.combine import COMBINE_METHODS, CombineSpec
+from merge_core.numerics.arithmetic import COMBINE_METHODS, Arithmetic, Combination
 
 BOOL = (bool, "true or false")
 
@@ -66,8 +66,10 @@ class MergeInputs:
         return StorageOptions(part_size=self.part_size_mb * 2**20)
 
     @property
-    def combine_spec(self) -> CombineSpec | None:
-        return CombineSpec(self.combine, self.density, self.seed) if self.combine else None
+    def arithmetic(self) -> Arithmetic:
+        """How the adapters are put together, as one value for the plan and every task."""
+        combination = Combination(self.combine, self.density, self.seed) if self.combine else None
+        return Arithmetic(sequential=self.sequential, combine=combination, unmerge=self.unmerge)
 
 
 @dataclass(frozen=True)

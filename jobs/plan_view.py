@@ -20,7 +20,7 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
         "fused_tensors": plan.fused_tensor_count,
         "read_bytes": plan.read_bytes,
         "write_bytes": plan.write_bytes,
-        "operation": "unmerge" if plan.unmerge else "merge",
+        "operation": "unmerge" if plan.arithmetic.unmerge else "merge",
         "model_changes": plan.model_changes,
         "quantization": quantization,
         "shards": [{
@@ -54,7 +54,7 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
             if shard[key]:
                 shown = ", ".join(shard[key][:3]) + (f" and {len(shard[key]) - 3} more" if len(shard[key]) > 3 else "")
                 lines.append(f"{shard['name']}: {verb} {len(shard[key])} quantized weights ({shown})")
-    if plan.unmerge:
+    if plan.arithmetic.unmerge:
         lines.insert(1, "unmerges the adapters from this merged model: each update subtracted as PEFT's "
                      "unmerge_adapter() does, the last adapter first")
     changes = data["model_changes"]

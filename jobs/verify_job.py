@@ -19,7 +19,7 @@ from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from merge_core.publish.validate import check_config, check_headers, check_index
-from merge_core.worker.spec import MergeSpec
+from merge_core.worker.job import MergeJob
 
 if TYPE_CHECKING:
     from merge_core.publish.verify import ShardVerdict
@@ -72,11 +72,11 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
     lanes = plan_lanes(executor.nodes(), options.device if options.device != "cuda" else "auto")
     shown = Progress(len(plan.tasks), plan.write_bytes, callback=progress)
 
-    spec = MergeSpec.of(plan, merged.uri, storage=options.storage)
+    job = MergeJob.of(plan, merged.uri, storage=options.storage)
 
     def submit(task, lane_options):
         size, sha = recorded.get(task.name, (None, None))
-        return executor.submit(verify_shard_work, (task, spec, size, sha, 1 if task.name in on_gpu else 0),
+        return executor.submit(verify_shard_work, (task, job, size, sha, 1 if task.name in on_gpu else 0),
                                lane_options)
 
     def done(task, verdict: ShardVerdict):

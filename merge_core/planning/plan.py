@@ -5,7 +5,6 @@ Plain frozen data, made by merge_core.planning.planner and handed to the workers
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -14,7 +13,7 @@ from merge_core.format.header import DTYPE_BYTES, TensorInfo
 from merge_core.format.quantization import QuantizedWeight
 from merge_core.inputs.checkpoint import Shard
 from merge_core.kinds import ExpertShare, Kind
-from merge_core.numerics.combine import CombineSpec
+from merge_core.numerics.arithmetic import Arithmetic
 
 # A worker's fixed memory: interpreter and torch, the read-ahead window (and the shared adapter
 # factors it keeps), the write-behind window, and the cache-sized blocks of the fuse.
@@ -153,13 +152,12 @@ class ShardTask:
         return FIXED_WORKER_BYTES + largest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergePlan:
     base_uri: str
     adapter_uris: tuple[str, ...]
     tasks: tuple[ShardTask, ...]
-    sequential: bool = False  # round after each adapter, in order (PEFT's merge_and_unload), not once
-    combine: CombineSpec | None = None  # --combine: TIES/DARE/magnitude pruning of the adapters' deltas
+    arithmetic: Arithmetic = Arithmetic()
     # config.json keys the merge changes (vocab_size of a resized vocabulary, tie_word_embeddings)
     config_updates: Mapping[str, object] = field(default_factory=dict)
     # files taken from an adapter rather than the base: the tokenizer saved with the adapter that
@@ -168,7 +166,6 @@ class MergePlan:
     file_sources: Mapping[str, str] = field(default_factory=dict)
     files_left_out: tuple[str, ...] = ()
     config_removed: tuple[str, ...] = ()  # config.json keys the merge drops (--dequantize: quantization_config)
-    unmerge: bool = False  # take the adapters back out of a merged model (PEFT's unmerge_adapter())
 
     @property
     def model_changes(self) -> dict:
@@ -182,14 +179,6 @@ class MergePlan:
                 "files_from_adapters": dict(self.file_sources), "base_files_left_out": list(self.files_left_out),
                 "requantized_tensors": sum(1 for f in quantized if not f.dequantize),
                 "dequantized_tensors": sum(1 for f in quantized if f.dequantize)}
-
-    @property
-    def arithmetic(self) -> dict:
-        """How several adapters' updates are put together, for the manifest and the resume journal."""
-        if self.unmerge:
-            return {"operation": "unmerge", "rounding": "after each adapter, the last one first", "combine": None}
-        return {"rounding": "after each adapter" if self.sequential else "once",
-                "combine": None if self.combine is None else dataclasses.asdict(self.combine)}
 
     @property
     def fused_tensor_count(self) -> int:

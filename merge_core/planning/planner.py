@@ -26,7 +26,7 @@ from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.kinds import Kind
 from merge_core.names import ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES, UNVALIDATED_SINGLE_NAME
-from merge_core.numerics.combine import CombineSpec, check_combine
+from merge_core.numerics.arithmetic import Arithmetic, Combination
 from merge_core.planning.experts import expert_targets
 from merge_core.planning.model_config import config_updates
 from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, StoredPart, Update
@@ -36,14 +36,8 @@ from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, resize
 log = logging.getLogger("lora_merge")
 
 
-def _check_arithmetic(adapters: Sequence[LoraAdapter], weights: Sequence[float], sequential: bool,
-                      combine: CombineSpec | None, allow_base_mismatch: bool) -> None:
-    """The flags that say how the adapters are put together agree with each other and with them."""
-    if combine is not None:
-        check_combine(combine)
-        if sequential:
-            raise InputError("--sequential", "cannot be combined with --combine, which merges the deltas into one",
-                             "pass one of them")
+def _check_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float], allow_base_mismatch: bool) -> None:
+    """The adapters agree with each other, and with their weights."""
     if not allow_base_mismatch:  # by base_model_name_or_path, where both say
         named = [(a.uri, a.config.get("base_model_name_or_path")) for a in adapters]
         named = [(uri, name) for uri, name in named if name]
@@ -95,7 +89,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
 
 def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
     """What PEFT's unmerge_adapter() cannot take back out of a merged weight is refused by name."""
-    if update.kind.facts.unmerge is not None:
+    if update.kind.facts.reversible:
         return
     why = ("DoRA's merge normalised by the norm of the weight before it, which neither the merged model nor "
            "the adapter records" if update.kind is Kind.DORA else
@@ -105,7 +99,7 @@ def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
 
 
 def _check_together(update: ModuleUpdate, subject: str, index: int, weight: float, uri: str,
-                    earlier: Sequence[Update], combine: CombineSpec | None) -> None:
+                    earlier: Sequence[Update], combine: Combination | None) -> None:
     """An update goes with its adapter's --weight, --combine, and the updates of the same tensor
     planned before it."""
     if combine is not None and not update.kind.additive:
@@ -131,8 +125,7 @@ def _check_together(update: ModuleUpdate, subject: str, index: int, weight: floa
 class _Placement:
     """The updates placed so far, by the tensor each lands on, and what they change in the model."""
     base: BaseCheckpoint
-    combine: CombineSpec | None
-    unmerge: bool = False
+    arithmetic: Arithmetic
     restorable: bool = False  # unmerge with the original base given: what cannot be undone is copied back
     restored: set[str] = field(default_factory=set)
     updates: dict[str, list[Update]] = field(default_factory=dict)
@@ -181,18 +174,18 @@ class _Placement:
                     raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
                                      "old size", "give the adapter that resizes the vocabulary first")
                 self.resizer = adapter
-            if self.unmerge and update.kind.facts.unmerge is None and self.restorable:
+            if self.arithmetic.unmerge and not update.kind.facts.reversible and self.restorable:
                 self.restored.add(update.target)
                 continue
-            if self.unmerge:
+            if self.arithmetic.unmerge:
                 _check_unmergeable(update, subject)
-            _check_together(update, subject, index, weight, adapter.uri, earlier, self.combine)
+            _check_together(update, subject, index, weight, adapter.uri, earlier, self.arithmetic.combine)
             earlier.append(Update(index, adapter.header.data_start, update.kind, update.factors, update.roles,
                                   update.scale, weight, update.transpose, update.experts, update.side))
 
     def check_combined(self) -> None:
         for name, tensor_updates in self.updates.items():
-            if self.combine is not None and len({u.kind.rounds_delta for u in tensor_updates}) > 1:
+            if self.arithmetic.combine is not None and len({u.kind.rounds_delta for u in tensor_updates}) > 1:
                 raise InputError(name, "is updated both by LoRA on its layer and by LoRA on it as a parameter, "
                                  "whose deltas PEFT rounds differently: --combine cannot combine them",
                                  "merge these adapters without --combine")
@@ -233,18 +226,15 @@ class _Placement:
 
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
-               sequential: bool = False, combine: CombineSpec | None = None,
-               allow_base_mismatch: bool = False, dequantize: bool = False, unmerge: bool = False,
+               arithmetic: Arithmetic = Arithmetic(), *, allow_base_mismatch: bool = False, dequantize: bool = False,
                restorable: bool = False) -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
-    a quantized base's weights are all written as bf16. With `unmerge`, `base` is a merged model
-    and the adapters' updates are taken back out of it; with `restorable` (the original base is at
-    hand), what cannot be taken out is restored from it whole."""
-    _check_arithmetic(adapters, weights, sequential, combine, allow_base_mismatch)
-    if unmerge and combine is not None:
-        raise InputError("--combine", "cannot be undone: the pruned deltas depend on every adapter merged with them",
-                         "unmerge without --combine")
-    placement = _Placement(base, combine, unmerge, restorable)
+    a quantized base's weights are all written as bf16. With `arithmetic.unmerge`, `base` is a merged
+    model and the adapters' updates are taken back out of it; with `restorable` (the original base is
+    at hand), what cannot be taken out is restored from it whole."""
+    arithmetic.check()
+    _check_adapters(adapters, weights, allow_base_mismatch)
+    placement = _Placement(base, arithmetic, restorable)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         placement.place(adapter, index, weight)
     placement.updates = {name: updates for name, updates in placement.updates.items() if updates}
@@ -256,7 +246,9 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         log.warning("--dequantize: %s is not quantized; its weights are written as they are", base.uri)
     dequantizing = dequantize and base.quantization is not None
     updates, removed = config_updates(base, vocab_size, bool(placement.added), dequantizing)
-    return MergePlan(base.uri, tuple(a.uri for a in adapters), placement.tasks(dequantizing), sequential, combine,
-                     updates, {name: resizer.uri for name in tokenizer},
-                     tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
-                     removed, unmerge)
+    return MergePlan(base_uri=base.uri, adapter_uris=tuple(a.uri for a in adapters),
+                     tasks=placement.tasks(dequantizing), arithmetic=arithmetic, config_updates=updates,
+                     file_sources={name: resizer.uri for name in tokenizer},
+                     files_left_out=tuple(n for n in base.extra_files
+                                          if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
+                     config_removed=removed)

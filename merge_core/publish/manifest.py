@@ -81,7 +81,7 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
                        for t in plan.tasks],
             "files": list(copied_files),
         },
-        "arithmetic": plan.arithmetic,
+        "arithmetic": plan.arithmetic.as_json(),
         # config.json keys rewritten, tensors resized (a new vocabulary) or added (an untied head)
         "model_changes": plan.model_changes,
         "fused_tensor_count": plan.fused_tensor_count,

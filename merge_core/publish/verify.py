@@ -18,7 +18,7 @@ from merge_core.numerics.ulps import describe_difference
 from merge_core.numerics.workspace import workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
 from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
-from merge_core.worker.spec import MergeSpec
+from merge_core.worker.job import MergeJob
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,12 @@ def _owners(task: ShardTask) -> dict[str, FuseTarget]:
     return owners
 
 
-def _items(task: ShardTask, header: ShardHeader, spec: MergeSpec, merged: Storage, problems: list[str]) -> list[Item]:
+def _items(task: ShardTask, header: ShardHeader, job: MergeJob, merged: Storage, problems: list[str]) -> list[Item]:
     """Each tensor of the merged file, in its order (so that its bytes hash in sequence), with what a
     fresh merge of it reads: a fused target's outputs (a quantized weight's parts, together) in one
     item, an untouched tensor with its base bytes."""
-    base = open_storage(spec.base_uri, spec.storage)
-    adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
+    base = open_storage(job.base_uri, job.storage)
+    adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
     base_header = task.shard.header
     owners = _owners(task)
     planned = {name for name, _, _ in task.output_tensors}
@@ -71,7 +71,7 @@ def _items(task: ShardTask, header: ShardHeader, spec: MergeSpec, merged: Storag
     return items
 
 
-def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec: MergeSpec, planned: dict,
+def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, job: MergeJob, planned: dict,
              fused_ulps: int, where: str) -> list[str]:
     """The stored tensors of one item against a fresh merge (or the base bytes) of them."""
     problems = []
@@ -79,7 +79,7 @@ def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec:
     if isinstance(source, str):
         expected = {source: data[1]}
     else:
-        outputs, _ = merged_tensor(task, source, data[len(infos):], spec, workspace_for("cpu"))
+        outputs, _ = merged_tensor(task, source, data[len(infos):], job, workspace_for("cpu"))
         expected = dict(outputs)
     for info, raw in zip(infos, stored):
         dtype, shape = planned[info.name]
@@ -95,12 +95,12 @@ def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec:
     return problems
 
 
-def verify_shard(task: ShardTask, spec: MergeSpec, expected_size: int | None, expected_sha256: str | None,
+def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,
                  fused_ulps: int = 0) -> ShardVerdict:
-    """Re-read every byte of one merged shard (at spec.output_uri) and compare it with a fresh merge
+    """Re-read every byte of one merged shard (at job.output_uri) and compare it with a fresh merge
     of the base shard. Fused tensors may differ by `fused_ulps` (1 for shards fused on a GPU, whose
     products sum in another order); untouched tensors and the sha256 must match exactly."""
-    merged = open_storage(spec.output_uri, spec.storage)
+    merged = open_storage(job.output_uri, job.storage)
     where = merged.describe(task.name)
     try:
         header = read_shard_header(merged, task.name)
@@ -110,11 +110,11 @@ def verify_shard(task: ShardTask, spec: MergeSpec, expected_size: int | None, ex
     digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
     planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
     checked = 0
-    for (infos, source), data in read_ahead(_items(task, header, spec, merged, problems)):
+    for (infos, source), data in read_ahead(_items(task, header, job, merged, problems)):
         for raw in data[:len(infos)]:
             digest.update(raw)
         if source is not None:
-            problems += _compare(infos, data, source, task, spec, planned, fused_ulps, where)
+            problems += _compare(infos, data, source, task, job, planned, fused_ulps, where)
             checked += len(infos)
     missing = sorted(set(planned) - set(header.names))
     if missing:
