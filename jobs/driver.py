@@ -37,8 +37,8 @@ from merge_core.publish.journal import fingerprint, pause_point
 from merge_core.publish.lineage import check_not_merged_twice, unrecorded
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
-from merge_core.worker.shard_result import ShardResult
 from merge_core.worker.job import MergeJob
+from merge_core.worker.shard_result import ShardResult
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")

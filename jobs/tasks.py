@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from merge_core.planning.plan import MergePlan, ShardTask
 from merge_core.publish.publication import Publication
-from merge_core.worker.shard_result import ShardResult
 from merge_core.worker.job import MergeJob
+from merge_core.worker.shard_result import ShardResult
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from merge_core.publish.publication import Publication
 from merge_core.publish.report import build_report
 from merge_core.publish.spot_check import spot_check
 from merge_core.publish.validate import check_headers, check_index
-from merge_core.worker.shard_result import ShardResult
 from merge_core.worker.job import MergeJob
+from merge_core.worker.shard_result import ShardResult
 
 
 def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[dict, int]:

@@ -17,8 +17,8 @@ from merge_core.io.storage import Storage
 from merge_core.numerics.ulps import describe_difference
 from merge_core.numerics.workspace import workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
-from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
 from merge_core.worker.job import MergeJob
+from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from merge_core.numerics.ops import Term
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import Workspace
 from merge_core.planning.plan import FuseTarget, ShardTask
-from merge_core.worker.original import OriginalShard
 from merge_core.worker.job import MergeJob
+from merge_core.worker.original import OriginalShard
 
 
 def shared_factors(task: ShardTask) -> Counter:

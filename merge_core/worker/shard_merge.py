@@ -24,10 +24,10 @@ from merge_core.io.storage import Storage
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import Workspace, workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.job import MergeJob
 from merge_core.worker.merged_tensor import merged_tensor, shared_factors, tensor_reads
 from merge_core.worker.original import OriginalShard
 from merge_core.worker.shard_result import ShardResult, check_stored
-from merge_core.worker.job import MergeJob
 
 _HEADER, _COPY, _MOVED = "header", "copy", "moved"
 

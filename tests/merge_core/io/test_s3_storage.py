@@ -13,8 +13,8 @@ from merge_core.io.registry import open_storage
 from merge_core.io.s3 import MIN_PART_BYTES
 from merge_core.io.storage import StorageOptions
 from merge_core.planning.planner import plan_merge
-from merge_core.worker.shard_merge import merge_shard
 from merge_core.worker.job import MergeJob
+from merge_core.worker.shard_merge import merge_shard
 from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
 from tests.reference import MEDIUM, make_adapter, make_base
 

@@ -27,8 +27,8 @@ from merge_core.publish.journal import (
     vouches_for,
     write_journal,
 )
-from merge_core.worker.shard_merge import merge_shard
 from merge_core.worker.job import MergeJob
+from merge_core.worker.shard_merge import merge_shard
 from tests.reference import make_adapter, make_base
 
 

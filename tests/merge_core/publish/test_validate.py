@@ -19,9 +19,9 @@ from merge_core.publish.finalize import build_index, validate_merge
 from merge_core.publish.spot_check import spot_check
 from merge_core.publish.validate import check_headers, check_index
 from merge_core.publish.verify import verify_shard
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_merge import merge_shard
 from merge_core.worker.shard_result import check_stored
-from merge_core.worker.job import MergeJob
 from tests.reference import make_adapter, make_base
 
 

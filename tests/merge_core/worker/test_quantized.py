@@ -168,8 +168,8 @@ def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, t
     from merge_core.io.registry import open_storage
     from merge_core.planning.planner import plan_merge
     from merge_core.publish.spot_check import _Sources, _spot_quantized
-    from merge_core.worker.shard_merge import merge_shard
     from merge_core.worker.job import MergeJob
+    from merge_core.worker.shard_merge import merge_shard
 
     name, checkpoint, adapter, reference, root = case
     plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
@@ -184,7 +184,8 @@ def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, t
     task, target = two_d[0]
     rows = [0, target.quantized.shape[0] - 1]
     storages = (open_storage(checkpoint.path), [open_storage(adapter)], open_storage(out))
-    assert _spot_quantized(task, target, rows, _Sources(*storages, read_shard_header(open_storage(out), task.name))) == []
+    sources = _Sources(*storages, read_shard_header(open_storage(out), task.name))
+    assert _spot_quantized(task, target, rows, sources) == []
     codes = target.parts[0].info.name
     stored = load_file(f"{out}/{task.name}")
     stored[codes] = load_file(f"{checkpoint.path}/{target.parts[0].shard}")[codes]
