@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from jobs.driver import prepare
 from jobs.options import MergeInputs
 from jobs.scheduling import TASKS_PER_GPU
+from merge_core.format.codecs import describe
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.planning.plan import MergePlan
 
@@ -81,13 +82,9 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
 
 def describe_quantization(base: BaseCheckpoint) -> str | None:
     """The base's format as a user names it, e.g. 'fp8 e4m3, 128×128 blocks: 14 weights'."""
-    scheme = base.quantization
-    if scheme is None:
+    if base.quantization is None:
         return None
-    detail = (f"fp8 e4m3, {scheme.block[0]}×{scheme.block[1]} blocks" + (", ue8m0 scales" if scheme.scale_fmt == "ue8m0"
-              else "") if scheme.method == "fp8" else "mxfp4" if scheme.method == "mxfp4"
-              else f"int4 pack-quantized, groups of {scheme.group_size}")
-    return f"{detail}: {len(base.quantized)} quantized weights"
+    return f"{describe(base.quantization)}: {len(base.quantized)} quantized weights"
 
 
 @dataclass(frozen=True, kw_only=True)

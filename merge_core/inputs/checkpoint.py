@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.errors import InputError
+from merge_core.format.codecs import group_weights, read_scheme
 from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, TensorInfo, header_length, parse_header
-from merge_core.format.quantization import QuantizedWeight, QuantScheme, group_weights, read_scheme
+from merge_core.format.quantization import QuantizedWeight, QuantScheme
 from merge_core.io.storage import Storage, check_plain_name
 from merge_core.names import (
     CONFIG_JSON,

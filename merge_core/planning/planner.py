@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from merge_core.errors import InputError
+from merge_core.format.codecs import QUANT_METHODS, codec_of
 from merge_core.format.header import FLOAT_DTYPES
-from merge_core.format.quantization import QUANT_METHODS
 from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.kinds import Kind
@@ -65,8 +65,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     quantized = base.quantized.get(name)
     owner = base.part_of(name)
     if owner is not None and quantized is None:
-        raise InputError(subject, f"targets {name}, a stored part of the quantized weight {owner.name}",
-                         f"train the adapter on the model's own module ({owner.name})")
+        codec_of(owner).meet(owner, name, resizes=False, subject=subject)
     info = base.info(name)
     if quantized is None and info.dtype not in FLOAT_DTYPES:
         raise InputError(f"{base.uri}/{base.shard_of(name)}: tensor {name}", f"is {info.dtype}; an adapter can only "
@@ -75,8 +74,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     shape = shapes.get(update.target, tuple(info.shape))
     if resizes(update, shape):
         if quantized is not None:
-            raise InputError(subject, f"resizes {name}, which the base stores quantized ({quantized.codec})",
-                             "merge into an unquantized base checkpoint")
+            codec_of(quantized).meet(quantized, name, resizes=True, subject=subject)
         shapes[update.target] = tuple(update.factors[0].shape)
     elif not fits(update, shape):
         expected = expected_shape(update)

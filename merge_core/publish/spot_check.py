@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 import torch
 
 from merge_core.format import codecs
-from merge_core.format.codecs.steps import step as steps_of
 from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import TORCH_DTYPES, tensor_from_bytes
 from merge_core.io.storage import Storage
@@ -132,7 +131,7 @@ def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], so
         return [p for row in rows if (p := _spot_row(task, target, row, sources, once, weight=weight[row]))]
     stored_parts = _parts(output, task.output_name, header.data_start,
                           [(p.role, header.tensor(p.info.name)) for p in target.parts])
-    stored, steps = codecs.decode(target.quantized, stored_parts), steps_of(target.quantized, stored_parts)
+    stored, steps = codecs.decode(target.quantized, stored_parts), codecs.step(target.quantized, stored_parts)
     problems = []
     for row in rows:
         exact, bound, _ = _expected(target, row, weight[row].double(), sources.adapters, arithmetic.unmerge)

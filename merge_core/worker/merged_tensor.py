@@ -20,7 +20,6 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from merge_core.format import codecs
-from merge_core.format.quantization import check_packed_shape
 from merge_core.format.tensors import TORCH_DTYPES, resized, tensor_from_bytes
 from merge_core.io.pipeline import Read
 from merge_core.io.storage import Storage
@@ -100,9 +99,8 @@ def _merged_quantized(target: FuseTarget, data: Sequence, job: MergeJob, workspa
     count = len(target.parts)
     stored = {p.role: tensor_from_bytes(d, p.info.dtype, p.info.shape).to(workspace.device)
               for p, d in zip(target.parts, data[:count])}
-    if "shape" in stored:  # int4's weight_shape holds values the headers do not show
-        check_packed_shape(target.quantized, stored["shape"].tolist(), f"{job.base_uri.rstrip('/')}/"
-                           f"{next(p.shard for p in target.parts if p.role == 'shape')}")
+    codecs.check_stored(target.quantized, stored, {p.role: f"{job.base_uri.rstrip('/')}/{p.shard}"
+                                                   for p in target.parts})
     weight = codecs.decode(target.quantized, stored)
     original = weight.clone() if target.updates else None
     stats = _fuse(weight, target, data[count:], job, workspace, before_writing)

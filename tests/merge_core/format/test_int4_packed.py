@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from merge_core.format.codecs import decode, encode, int4_packed
+from merge_core.format.codecs.int4_packed import check_packed_shape
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import QuantizedWeight, check_packed_shape
+from merge_core.format.quantization import QuantizedWeight
 from tests.quantized_models import (
     decode_checkpoint,
     fuse_experts,
