@@ -275,10 +275,11 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
     results = run.done
     cluster = {"resources": executor.resources(), "nodes": len([n for n in executor.nodes() if n.get("Alive")]),
                "lanes": {lane.name: lane.slots for lane in lanes}, "executor": executor.name}
-    publication = Publication(tuple(results), prepared.base.extra_files, prepared.base.index_metadata,
-                              tuple(records), {"plan_seconds": planned - started, "merge_seconds": merged - planned},
-                              cluster, outcome.retries, tuple(r.name for r in reused), prepared.base.manifest,
-                              original)
+    publication = Publication(results=tuple(results), extra_files=prepared.base.extra_files,
+                              index_metadata=prepared.base.index_metadata, adapter_records=tuple(records),
+                              timings={"plan_seconds": planned - started, "merge_seconds": merged - planned},
+                              cluster=cluster, retries=outcome.retries, reused=tuple(r.name for r in reused),
+                              lineage=prepared.base.manifest, original_uri=original)
     try:
         manifest = get_with_retries(executor, lambda: executor.submit(finalize_work, (plan, job, publication), {}),
                                     "the final task")

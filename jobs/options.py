@@ -26,7 +26,7 @@ def option(default, flag: str | None = None, help: str = "", *, spec: tuple | No
     return field(default=default, metadata=metadata)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeInputs:
     """What every command reads: the base, the adapters, and how they are put together."""
     base: str = option("", "--base", "base checkpoint: a directory or s3://bucket/prefix holding model.safetensors "
@@ -72,7 +72,7 @@ class MergeInputs:
         return Arithmetic(sequential=self.sequential, combine=combination, unmerge=self.unmerge)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RayOptions:
     ray_address: str | None = option(None, "--ray-address", "join this Ray cluster (default: start a local one)",
                                      spec=(str, "a Ray address"), metavar="ADDR")
@@ -80,7 +80,7 @@ class RayOptions:
                                 spec=(str, "a file path"), metavar="FILE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeOptions(RayOptions, MergeInputs):
     output: str = option("", "--output", "where to write the merged checkpoint", spec=(str, "a URI"),
                          required=True, metavar="URI")
@@ -106,7 +106,7 @@ class MergeOptions(RayOptions, MergeInputs):
                                                                    "name: amount"), factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UnmergeOptions(MergeOptions):
     """Take adapters back out of a merged model: merge's options, the merged model in --base's place."""
     base: str = option("", "--merged", "the merged model (a directory or s3://bucket/prefix) to take the adapters "
@@ -125,14 +125,14 @@ class UnmergeOptions(MergeOptions):
     allow_remerge: bool = option(False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerifyOptions(RayOptions, MergeInputs):
     merged: str = option("", "--merged", "the merged model to check", required=True, metavar="URI")
     unmerge: bool = option(False, "--unmerge", "check an unmerge: --base is the merged model, --merged the result",
                            action="store_true")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReportOptions:
     merged_uri: str = option("", "MERGED_URI", "the merged model (a directory or s3:// prefix) whose "
                              "merge_report.parquet and merge_manifest.json to show", required=True)
@@ -142,7 +142,7 @@ class ReportOptions:
                               "file (a path or an s3:// URI)", metavar="FILE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlanOptions(MergeInputs):
     json: bool = option(False, "--json", "print the plan as JSON", action="store_true")
     unmerge: bool = option(False, "--unmerge", "plan taking the adapters out of --base, a merged model",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lora_merge")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VerifySummary:
     merged: str
     shards: int
@@ -92,5 +92,6 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
     if recorded and set(recorded) != {t.name for t in plan.tasks}:
         problems.append(f"{merged.describe(MANIFEST_NAME)}: records shards {sorted(recorded)} but the base has "
                         f"{sorted(t.name for t in plan.tasks)}")
-    return VerifySummary(merged.uri, len(plan.tasks), sum(v.tensors_checked for v in verdicts),
-                         sum(v.size for v in verdicts), problems)
+    return VerifySummary(merged=merged.uri, shards=len(plan.tasks),
+                         tensors_checked=sum(v.tensors_checked for v in verdicts),
+                         bytes_checked=sum(v.size for v in verdicts), problems=problems)

@@ -31,6 +31,7 @@ class QuantScheme:
     """config.json's quantization_config, checked. Fields of the other methods keep their defaults."""
 
     method: str  # its quant_method
+    _: KW_ONLY
     block: tuple[int, int] | None = None  # fp8 weight_block_size (rows, columns)
     scale_fmt: str = "float"  # fp8: "float", or "ue8m0" (every scale a power of two)
     group_size: int | None = None  # values per scale: int4's group_size, mxfp4's 32

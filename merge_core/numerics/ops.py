@@ -59,6 +59,7 @@ class Stage:
     each in-place update of the weight."""
     op: Op
     terms: list[Term]
+    _: KW_ONLY
     undo: bool = False  # take the terms back out (unmerge)
     # Set by the fuse before the first block: the terms with their tensors on its device, what the
     # op applies (ΔW summed over the terms) as rows × rest, and W as stored (its dtype and shape)

@@ -49,4 +49,5 @@ class Tally:
             self.introduced += int((~stored.isfinite()).sum()) - already
 
     def stats(self) -> FuseStats:
-        return FuseStats(self.delta_sq ** 0.5, self.delta_max, self.weight_sq ** 0.5, max(self.introduced, 0))
+        return FuseStats(delta_norm=self.delta_sq ** 0.5, delta_max=self.delta_max, weight_norm=self.weight_sq ** 0.5,
+                         nonfinite_introduced=max(self.introduced, 0))

@@ -20,7 +20,7 @@ from merge_core.numerics.arithmetic import Arithmetic
 FIXED_WORKER_BYTES = 768 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Update:
     """One adapter's update of one base tensor (see merge_core.kinds)."""
     adapter: int  # index into the plan's adapter URIs
@@ -44,7 +44,7 @@ class StoredPart:
     info: TensorInfo
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FuseTarget:
     tensor: str  # the tensor as the model holds it (a quantized weight's logical name)
     updates: tuple[Update, ...]

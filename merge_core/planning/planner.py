@@ -119,7 +119,7 @@ def _check_together(update: ModuleUpdate, subject: str, index: int, weight: floa
                          "merge adapters that save whole copies of a module one at a time")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Placement:
     """The updates placed so far, by the tensor each lands on, and what they change in the model."""
     base: BaseCheckpoint
@@ -178,8 +178,9 @@ class _Placement:
             if self.arithmetic.unmerge:
                 _check_unmergeable(update, subject)
             _check_together(update, subject, index, weight, adapter.uri, earlier, self.arithmetic.combine)
-            earlier.append(Update(index, adapter.header.data_start, update.kind, update.factors, update.roles,
-                                  update.scale, weight, update.transpose, update.experts, update.side))
+            earlier.append(Update(adapter=index, data_start=adapter.header.data_start, kind=update.kind,
+                                  factors=update.factors, roles=update.roles, scale=update.scale, weight=weight,
+                                  transpose=update.transpose, experts=update.experts, side=update.side))
 
     def check_combined(self) -> None:
         for name, tensor_updates in self.updates.items():
@@ -198,9 +199,15 @@ class _Placement:
             parts = tuple(StoredPart(role, base.weight_map[info.name],
                                      base.shard(base.weight_map[info.name]).header.data_start, info)
                           for role, info in sorted(weight.parts, key=lambda p: p[1].name != weight.primary.name))
-            targets[name] = FuseTarget(name, tuple(self.updates.get(name, ())), quantized=weight, parts=parts,
-                                       dequantize=dequantize)
+            targets[name] = FuseTarget(tensor=name, updates=tuple(self.updates.get(name, ())), quantized=weight,
+                                       parts=parts, dequantize=dequantize)
         return targets
+
+    def target(self, name: str) -> FuseTarget:
+        """A tensor stored plainly, with its updates; an unmerge that cannot compute it restores it."""
+        restore = name in self.restored
+        return FuseTarget(tensor=name, updates=() if restore else tuple(self.updates.get(name, ())),
+                          source=self.added.get(name), shape=self.shapes.get(name), restore=restore)
 
     def tasks(self, dequantize: bool) -> tuple[ShardTask, ...]:
         """One task per base shard, its targets in the shard's file order (a quantized weight where its
@@ -212,9 +219,7 @@ class _Placement:
             names = [t.name for t in shard.header.tensors if t.name in self.updates and t.name not in quantized]
             names += [name for name, source in self.added.items() if source in shard.header.names]
             names += [t.name for t in shard.header.tensors if t.name in self.restored and t.name not in names]
-            targets = [FuseTarget(name, () if name in self.restored else tuple(self.updates.get(name, ())),
-                                  self.added.get(name), self.shapes.get(name), restore=name in self.restored)
-                       for name in names]
+            targets = [self.target(name) for name in names]
             targets += [t for t in quantized.values() if t.parts[0].shard == shard.name]
             order = {name: i for i, name in enumerate(shard.header.names)}
             targets.sort(key=lambda t: (t.source is not None, order.get(t.parts[0].info.name if t.parts else t.tensor, 0)))
@@ -232,7 +237,7 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     at hand), what cannot be taken out is restored from it whole."""
     arithmetic.check()
     _check_adapters(adapters, weights, allow_base_mismatch)
-    placement = _Placement(base, arithmetic, restorable)
+    placement = _Placement(base=base, arithmetic=arithmetic, restorable=restorable)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         placement.place(adapter, index, weight)
     placement.updates = {name: updates for name, updates in placement.updates.items() if updates}

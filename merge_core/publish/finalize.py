@@ -129,8 +129,6 @@ def finalize_merge(plan: MergePlan, job: MergeJob, publication: Publication) -> 
         validate_merge(plan, publication.results, index, base, adapters, output)
     copied = copy_extra_files(plan, base, output, publication.extra_files, job.storage)
     timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
-    manifest = build_manifest(plan, publication.adapter_records, publication.results, copied, total_size, timings,
-                              publication.cluster, publication.retries, publication.reused, publication.lineage,
-                              publication.original)
+    manifest = build_manifest(plan, publication, copied_files=copied, total_size=total_size, timings=timings)
     publish(output, plan, index, manifest, build_report(plan, publication.results))
     return manifest

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 from merge_core.inputs.adapter import LoraAdapter
 from merge_core.kinds import Kind
 from merge_core.planning.plan import MergePlan
+from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
 
 MANIFEST_VERSION = 1
@@ -57,13 +58,12 @@ def recovery(plan: MergePlan, results: Sequence[ShardResult], original: str) -> 
             "max_ulps": max((s.recovered_max_ulps or 0 for s in compared.values()), default=0)}
 
 
-def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], results: Sequence[ShardResult],
-                   copied_files: Sequence[Mapping[str, object]], total_size: int,
-                   timings: Mapping[str, float], cluster: Mapping[str, object],
-                   retries: Mapping[str, int] | None = None, reused: Sequence[str] = (),
-                   lineage: Mapping[str, object] | None = None, original: str | None = None) -> dict:
+def build_manifest(plan: MergePlan, publication: Publication, *, copied_files: Sequence[Mapping[str, object]],
+                   total_size: int, timings: Mapping[str, float]) -> dict:
+    results, reused = publication.results, publication.reused
     by_name = {r.name: r for r in results}
-    history = {"lineage": dict(lineage)} if lineage else {}
+    history = {"lineage": dict(publication.lineage)} if publication.lineage else {}
+    original = publication.original_uri
     recovered = {"recovery": recovery(plan, results, original)} if original else {}
     return history | recovered | {
         "manifest_version": MANIFEST_VERSION,
@@ -74,10 +74,10 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
             "shards": [{"name": t.name, "size": t.shard.size, "sha256": by_name[t.name].base_sha256}
                        for t in plan.tasks],
         },
-        "adapters": list(adapters),
+        "adapters": list(publication.adapter_records),
         "output": {
             "total_size": total_size,
-            "shards": [shard_record(by_name[t.name], plan, (retries or {}).get(t.name, 0), t.name in reused)
+            "shards": [shard_record(by_name[t.name], plan, publication.retries.get(t.name, 0), t.name in reused)
                        for t in plan.tasks],
             "files": list(copied_files),
         },
@@ -87,5 +87,5 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
         "fused_tensor_count": plan.fused_tensor_count,
         "reused_shards": len(reused),
         "timings": dict(timings),
-        "cluster": dict(cluster),
+        "cluster": dict(publication.cluster),
     }

@@ -8,7 +8,7 @@ from typing import Mapping
 from merge_core.worker.shard_result import ShardResult
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Publication:
     """What the final task publishes besides the plan: the shards' results and the run's record."""
     results: tuple[ShardResult, ...]
@@ -20,4 +20,4 @@ class Publication:
     retries: Mapping[str, int] = field(default_factory=dict)
     reused: tuple[str, ...] = ()  # shards a --resume took from the interrupted run
     lineage: Mapping[str, object] | None = None  # the input model's own manifest, when it has one
-    original: str | None = None  # unmerge: the original base its result was compared with
+    original_uri: str | None = None  # unmerge: the original base its result was compared with

@@ -21,7 +21,7 @@ from merge_core.worker.job import MergeJob
 from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardVerdict:
     name: str
     problems: tuple[str, ...]
@@ -105,7 +105,7 @@ def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expe
     try:
         header = read_shard_header(merged, task.name)
     except (InputError, FileNotFoundError) as exc:
-        return ShardVerdict(task.name, (str(exc),), "", 0, 0)
+        return ShardVerdict(name=task.name, problems=(str(exc),), sha256="", size=0, tensors_checked=0)
     problems: list[str] = []
     digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
     planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
@@ -123,4 +123,4 @@ def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expe
     if expected_sha256 is not None and (sha != expected_sha256 or size != expected_size):
         problems.append(f"{where}: sha256 {sha} ({size} bytes) differs from the manifest's {expected_sha256} "
                         f"({expected_size} bytes)")
-    return ShardVerdict(task.name, tuple(problems), sha, size, checked)
+    return ShardVerdict(name=task.name, problems=tuple(problems), sha256=sha, size=size, tensors_checked=checked)

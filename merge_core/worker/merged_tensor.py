@@ -84,7 +84,8 @@ def merged_tensor(task: ShardTask, target: FuseTarget, data: Sequence, job: Merg
     info = task.shard.header.tensor(target.base_tensor)
     if target.restore:  # an unmerge PEFT cannot compute: the original base's own tensor
         original = OriginalShard(job, task.name).restore(target.tensor, info.dtype, info.shape)
-        return [(target.tensor, memoryview(original))], FuseStats(0.0, 0.0, 0.0, 0)
+        untouched = FuseStats(delta_norm=0.0, delta_max=0.0, weight_norm=0.0, nonfinite_introduced=0)
+        return [(target.tensor, memoryview(original))], untouched
     buffer = data[0]
     weight = tensor_from_bytes(buffer, info.dtype, info.shape)
     if target.shape is not None:

@@ -152,7 +152,8 @@ def merge_shard(task: ShardTask, job: MergeJob, device: str = "cpu", threads: in
     finally:
         shard.hasher.close()
     laps = shard.laps.seconds
-    return ShardResult(task.name, size, sha, shard.base_sha.hexdigest(), len(stream.layout), len(task.targets),
-                       laps["wait"], laps["fuse"], laps["write"], time.perf_counter() - started,
-                       str(torch.device(device)), socket.gethostname(), tuple(shard.fused),
-                       shard.base_sha.seconds + stream.hash_seconds)
+    return ShardResult(name=task.name, size=size, sha256=sha, base_sha256=shard.base_sha.hexdigest(),
+                       tensors=len(stream.layout), fused=len(task.targets), read_wait_seconds=laps["wait"],
+                       fuse_seconds=laps["fuse"], write_seconds=laps["write"], seconds=time.perf_counter() - started,
+                       device=str(torch.device(device)), node=socket.gethostname(), fused_stats=tuple(shard.fused),
+                       hash_seconds=shard.base_sha.seconds + stream.hash_seconds)

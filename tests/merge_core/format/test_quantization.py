@@ -50,7 +50,7 @@ def infos(*entries: tuple[str, str, tuple[int, ...]]) -> dict[str, TensorInfo]:
         size = DTYPE_BYTES[dtype]
         for d in shape:
             size *= d
-        out[name] = TensorInfo(name, dtype, tuple(shape), position, position + size)
+        out[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=position, end=position + size)
         position += size
     return out
 
