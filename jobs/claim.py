@@ -21,7 +21,7 @@ log = logging.getLogger("lora_merge")
 
 
 def check_output(output: Storage, options: MergeOptions) -> None:
-    inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.base, *options.adapters)]
+    inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.checkpoint, *options.adapters)]
     if output.uri.rstrip("/") in inputs:
         raise InputError(output.uri, "the output is one of the inputs", "choose another --output")
     if options.overwrite and options.resume:
@@ -79,7 +79,7 @@ def resumable(output: Storage, options: MergeOptions, plan: MergePlan,
     journal = read_journal(output, journal_key)
     if journal.clearing:
         return [], True
-    return proven(output, open_storage(options.base, options.storage), journal.shards, plan), False
+    return proven(output, open_storage(options.checkpoint, options.storage), journal.shards, plan), False
 
 
 def claim(run: Run, options: MergeOptions, reused: list[ShardResult], clearing: bool) -> None:

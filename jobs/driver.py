@@ -85,7 +85,7 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
     if not inputs.adapters:
         raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
     weights = tuple(inputs.weights) or (1.0,) * len(inputs.adapters)
-    base = load_base(open_storage(inputs.base, inputs.storage))
+    base = load_base(open_storage(inputs.checkpoint, inputs.storage))
     adapters = []
     for number, uri in enumerate(inputs.adapters):
         storage = open_storage(uri, inputs.storage)
@@ -94,7 +94,7 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             stage_pickled_adapter(storage, staged)
             storage = staged
         adapters.append(load_adapter(storage))
-    restorable = bool(getattr(inputs, "original", None))  # unmerge --base: DoRA and copies restored from it
+    restorable = bool(getattr(inputs, "original_base", None))  # unmerge --base: DoRA and copies restored from it
     plan = plan_merge(base, adapters, weights, inputs.arithmetic, allow_base_mismatch=inputs.allow_base_mismatch,
                       dequantize=inputs.dequantize, restorable=restorable)
     return Prepared(base, tuple(adapters), weights, plan)
@@ -159,7 +159,7 @@ def _original(options: MergeOptions, plan: MergePlan, base: BaseCheckpoint) -> s
     from): --base, else the one the merged model's manifest records, when it is still there."""
     if not options.unmerge:
         return None
-    given = options.original if isinstance(options, UnmergeOptions) else None
+    given = options.original_base if isinstance(options, UnmergeOptions) else None
     recorded = (base.manifest or {}).get("base", {}) if base.manifest else {}
     candidate = given or recorded.get("uri")
     if not candidate:

@@ -1,6 +1,7 @@
 """Every option of every command, declared once: its default, its flag, its help, and what a job
 spec (--config) may set it to. The CLI's flags, the job-spec keys and the defaults are all made
-from these dataclasses' fields; the driver takes the dataclass itself.
+from these dataclasses' fields; the driver takes the dataclass itself. An option's key (its name in
+a job spec and as a keyword of the Python API) is its field's name unless the field says otherwise.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ BOOL = (bool, "true or false")
 
 
 def option(default, flag: str | None = None, help: str = "", *, spec: tuple | None = None, required: bool = False,
-           factory=None, **argparse_kwargs):
+           factory=None, key: str | None = None, **argparse_kwargs):
     """A field with its command-line flag (None: job spec only) and its job-spec type and wording
-    (None: command line only). argparse_kwargs: action, type, choices, metavar."""
-    metadata = {"flag": flag, "help": help, "spec": spec, "required": required, "argparse": argparse_kwargs}
+    (None: command line only); `key` where its job-spec key is not the field's name. argparse_kwargs:
+    action, type, choices, metavar."""
+    metadata = {"flag": flag, "help": help, "spec": spec, "required": required, "key": key,
+                "argparse": argparse_kwargs}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -29,9 +32,10 @@ def option(default, flag: str | None = None, help: str = "", *, spec: tuple | No
 @dataclass(frozen=True, kw_only=True)
 class MergeInputs:
     """What every command reads: the base, the adapters, and how they are put together."""
-    base: str = option("", "--base", "base checkpoint: a directory or s3://bucket/prefix holding model.safetensors "
-                       "or model.safetensors.index.json with its shards", spec=(str, "a URI"), required=True,
-                       metavar="URI")
+    # the model the adapters are merged into (or, unmerging, taken out of)
+    checkpoint: str = option("", "--base", "base checkpoint: a directory or s3://bucket/prefix holding "
+                             "model.safetensors or model.safetensors.index.json with its shards",
+                             spec=(str, "a URI"), required=True, metavar="URI", key="base")
     adapters: tuple[str, ...] = option((), "--adapter", "PEFT adapter directory or prefix; repeat to merge several",
                                        spec=(list, "a list of URIs or of {uri, weight}"), required=True,
                                        action="append", metavar="URI")
@@ -109,11 +113,12 @@ class MergeOptions(RayOptions, MergeInputs):
 @dataclass(frozen=True, kw_only=True)
 class UnmergeOptions(MergeOptions):
     """Take adapters back out of a merged model: merge's options, the merged model in --base's place."""
-    base: str = option("", "--merged", "the merged model (a directory or s3://bucket/prefix) to take the adapters "
-                       "out of", spec=(str, "the merged model's URI"), required=True, metavar="URI")
-    original: str | None = option(None, "--base", "the original base, to report how much of it came back bit for "
-                                  "bit (default: the base the merged model's manifest records, if it is still "
-                                  "there)", spec=(str, "a URI"), metavar="URI")
+    checkpoint: str = option("", "--merged", "the merged model (a directory or s3://bucket/prefix) to take the "
+                             "adapters out of", spec=(str, "the merged model's URI"), required=True, metavar="URI",
+                             key="base")
+    original_base: str | None = option(None, "--base", "the original base, to report how much of it came back bit "
+                                       "for bit (default: the base the merged model's manifest records, if it is "
+                                       "still there)", spec=(str, "a URI"), metavar="URI", key="original")
     strict: bool = option(False, "--strict", "refuse an adapter the merged model's manifest does not record "
                           "(default: warn)", spec=BOOL, action="store_true")
     unmerge: bool = option(True)
@@ -161,35 +166,40 @@ def add_flags(parser: argparse.ArgumentParser, options: type, from_config: bool 
         if kwargs.get("action") in ("store_true", "store_false"):
             kwargs["default"] = None
         if not meta["flag"].startswith("-"):  # a positional argument, named by its metavar
-            parser.add_argument(f.name, metavar=meta["flag"], help=meta["help"], **kwargs)
+            parser.add_argument(key_of(f), metavar=meta["flag"], help=meta["help"], **kwargs)
             continue
-        parser.add_argument(meta["flag"], dest=f.name, help=meta["help"],
+        parser.add_argument(meta["flag"], dest=key_of(f), help=meta["help"],
                             required=meta["required"] and not from_config, **kwargs)
 
 
+def key_of(f: dataclasses.Field) -> str:
+    """An option's key: its name in a job spec, on the command line's namespace and in the Python API."""
+    return f.metadata.get("key") or f.name
+
+
 def spec_keys(options: type) -> dict[str, tuple]:
-    """The job-spec keys of an options dataclass: name → (type, what the value must be)."""
-    return {f.name: f.metadata["spec"] for f in dataclasses.fields(options) if f.metadata.get("spec")}
+    """The job-spec keys of an options dataclass: key → (type, what the value must be)."""
+    return {key_of(f): f.metadata["spec"] for f in dataclasses.fields(options) if f.metadata.get("spec")}
 
 
 def defaults(options: type) -> dict[str, object]:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return {key_of(f): f.default if f.default is not dataclasses.MISSING else f.default_factory()
             for f in dataclasses.fields(options)}
 
 
 def required(options: type) -> dict[str, str]:
-    """name → flag of the options that must be given, on the command line or in a job spec."""
-    return {f.name: f.metadata["flag"] for f in dataclasses.fields(options) if f.metadata.get("required")}
+    """key → flag of the options that must be given, on the command line or in a job spec."""
+    return {key_of(f): f.metadata["flag"] for f in dataclasses.fields(options) if f.metadata.get("required")}
 
 
 def build(options: type, values: Mapping[str, object]):
-    """The options dataclass from resolved values (lists become tuples: the dataclass is frozen)."""
-    names = {f.name for f in dataclasses.fields(options)}
-    return options(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+    """The options dataclass from resolved values by key (lists become tuples: the dataclass is frozen)."""
+    fields = {key_of(f): f.name for f in dataclasses.fields(options)}
+    return options(**{fields[k]: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
 
 
 def given(args: argparse.Namespace, options: type) -> dict[str, object]:
-    """The values the command line gave (flags left out are None)."""
-    names = {f.name for f in dataclasses.fields(options)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    """The values the command line gave, by key (flags left out are None)."""
+    keys = {key_of(f) for f in dataclasses.fields(options)}
+    return {k: v for k, v in vars(args).items() if k in keys and v is not None}
 
