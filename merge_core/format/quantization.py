@@ -14,17 +14,13 @@ Torch-free, as are the formats' layouts: the driver plans from headers alone.
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from merge_core.errors import InputError
 from merge_core.format.header import TensorInfo
 
 if TYPE_CHECKING:
     import torch
-
-UNQUANTIZED_FIX = "merge with an unquantized (bf16) base"
-CORRUPT_FIX = "the checkpoint is corrupt or was not written by a supported quantizer; re-download it"
-
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -117,23 +113,3 @@ class Codec:
         """float32, the weight's shape: how far apart each stored value and the next one the format can
         store are (a correct requantization rounds within half of it)."""
         raise NotImplementedError
-
-
-def refusal(where: str, name: str, what: str, fix: str = CORRUPT_FIX) -> InputError:
-    return InputError(f"{where}: tensor {name}", what, fix)
-
-
-def module_names(qc: Mapping, keys: Sequence[str], subject: str) -> tuple[str, ...]:
-    """The first of `keys` quantization_config has, as a list of module names."""
-    for key in keys:
-        value = qc.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{subject}.{key}", f"{value!r} is not a list of module names", "fix config.json")
-        return tuple(value)
-    return ()
-
-
-def positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

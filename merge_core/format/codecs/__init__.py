@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Mapping
 
 from merge_core.errors import InputError
 from merge_core.format.codecs import fp8_block, int4_packed, mxfp4
+from merge_core.format.codecs.checks import UNQUANTIZED_FIX
 from merge_core.format.codecs.deferred import tensors
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import UNQUANTIZED_FIX, Codec, QuantizedWeight, QuantScheme
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
 
 if TYPE_CHECKING:
     import torch

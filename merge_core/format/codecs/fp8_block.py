@@ -25,19 +25,11 @@ from __future__ import annotations
 from typing import Iterator, Mapping, Sequence
 
 from merge_core.errors import InputError
+from merge_core.format.codecs.checks import CORRUPT_FIX, UNQUANTIZED_FIX, module_names, positive_int, refusal
 from merge_core.format.codecs.deferred import tensors, torch
 from merge_core.format.codecs.floats import round_up_to_power_of_two
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import (
-    CORRUPT_FIX,
-    UNQUANTIZED_FIX,
-    Codec,
-    QuantizedWeight,
-    QuantScheme,
-    module_names,
-    positive_int,
-    refusal,
-)
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
 
 E4M3_MAX = 448.0
 E4M3_MIN_EXPONENT = -6  # below 2^-6 e4m3 is subnormal, with the spacing of 2^-6's binade

@@ -24,18 +24,10 @@ from __future__ import annotations
 from typing import Iterator, Mapping, Sequence
 
 from merge_core.errors import InputError
+from merge_core.format.codecs.checks import CORRUPT_FIX, UNQUANTIZED_FIX, module_names, positive_int, refusal
 from merge_core.format.codecs.deferred import tensors, torch
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import (
-    CORRUPT_FIX,
-    UNQUANTIZED_FIX,
-    Codec,
-    QuantizedWeight,
-    QuantScheme,
-    module_names,
-    positive_int,
-    refusal,
-)
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
 
 BITS = 4
 OFFSET = 8

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import Iterator, Mapping
 
+from merge_core.format.codecs.checks import module_names, refusal
 from merge_core.format.codecs.deferred import torch
 from merge_core.format.codecs.floats import round_up_to_power_of_two
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme, module_names, refusal
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
 
 GROUP = 32  # e2m1 values per E8M0 scale, fixed by the OCP MX format
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
