@@ -27,18 +27,28 @@ class KindFacts:
     # A sum term, W + ΔW: may be weighted (--weight) and combined (--combine), and sums PEFT rounds
     # alike share one rounding. DoRA is not one: its magnitude vector was trained for the whole ΔW
     # it normalises.
-    additive: bool
+    additive: bool = False
     # Carries an adapter scale (alpha/r, recorded in the manifest).
-    scaled: bool
+    scaled: bool = False
     # ΔW = B·A over a rank r: the float64 spot check can recompute a row of it.
-    low_rank: bool
+    low_rank: bool = False
     # PEFT's merge adds ΔW rounded to W's dtype (W + round(ΔW)), not ΔW itself.
-    rounds_delta: bool
-    # PEFT's unmerge_adapter() can take it back out (DoRA cannot: it normalised by the norm of the
-    # weight before the merge; nor can a copy, which replaced the tensor whole) ...
-    reversible: bool
-    # ... subtracting ΔW rounded to W's dtype first (LoRA, unlike its merge), or ΔW itself (LyCORIS, biases).
-    rounds_delta_out: bool
+    rounds_delta: bool = False
+    # PEFT's unmerge subtracts ΔW rounded to W's dtype first (LoRA, unlike its merge), not ΔW itself.
+    rounds_delta_out: bool = False
+    # Why PEFT's unmerge_adapter() cannot take it back out; "" where it can.
+    irreversible: str = ""
+    # The adapter's own copy of the tensor, which replaces it whole (modules_to_save).
+    whole: bool = False
+    # LoRA on a parameter (target_parameters): it may land on one tensor per expert, and its scale is
+    # recorded by parameter, several of which one module may hold.
+    per_parameter: bool = False
+    # Normalises W + ΔW as a whole: it cannot follow another adapter's update of W.
+    normalises: bool = False
+
+    @property
+    def reversible(self) -> bool:
+        return not self.irreversible
 
 
 class Kind(str, Enum):
@@ -69,24 +79,20 @@ class Kind(str, Enum):
         return FACTS[self].rounds_delta
 
 
-def _facts(additive: bool, scaled: bool, low_rank: bool, rounds_delta: bool, reversible: bool,
-           rounds_delta_out: bool) -> KindFacts:
-    return KindFacts(additive=additive, scaled=scaled, low_rank=low_rank, rounds_delta=rounds_delta,
-                     reversible=reversible, rounds_delta_out=rounds_delta_out)
-
-
-#                     additive scaled low_rank rounds_delta reversible rounds_delta_out
 FACTS = {
-    Kind.LORA: _facts(True, True, True, False, True, True),
-    Kind.CONV: _facts(True, True, False, False, True, True),
-    Kind.EMBEDDING: _facts(True, True, False, True, True, True),
-    Kind.DORA: _facts(False, True, False, False, False, False),
-    Kind.BIAS: _facts(True, True, False, False, True, False),
-    Kind.LOHA: _facts(True, True, False, False, True, False),
-    Kind.LOKR: _facts(True, True, False, False, True, False),
-    Kind.IA3: _facts(False, False, False, False, True, False),
-    Kind.PARAM: _facts(True, True, True, True, True, True),
-    Kind.REPLACE: _facts(False, False, False, False, False, False),
+    Kind.LORA: KindFacts(additive=True, scaled=True, low_rank=True, rounds_delta_out=True),
+    Kind.CONV: KindFacts(additive=True, scaled=True, rounds_delta_out=True),
+    Kind.EMBEDDING: KindFacts(additive=True, scaled=True, rounds_delta=True, rounds_delta_out=True),
+    Kind.DORA: KindFacts(scaled=True, normalises=True, irreversible="DoRA's merge normalised by the norm of the "
+                         "weight before it, which neither the merged model nor the adapter records"),
+    Kind.BIAS: KindFacts(additive=True, scaled=True),
+    Kind.LOHA: KindFacts(additive=True, scaled=True),
+    Kind.LOKR: KindFacts(additive=True, scaled=True),
+    Kind.IA3: KindFacts(),
+    Kind.PARAM: KindFacts(additive=True, scaled=True, low_rank=True, rounds_delta=True, rounds_delta_out=True,
+                          per_parameter=True),
+    Kind.REPLACE: KindFacts(whole=True, irreversible="the adapter's copy replaced the tensor whole "
+                            "(modules_to_save, or an embedding saved with the adapter)"),
 }
 
 

@@ -24,7 +24,6 @@ from merge_core.format.codecs import QUANT_METHODS, codec_of
 from merge_core.format.header import FLOAT_DTYPES
 from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
-from merge_core.kinds import Kind
 from merge_core.names import ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES, UNVALIDATED_SINGLE_NAME
 from merge_core.numerics.arithmetic import Arithmetic, Combination
 from merge_core.planning.experts import expert_targets
@@ -59,7 +58,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     vocabulary's); records the new shape when it resizes it."""
     name = source or update.target
     if not base.has(name):
-        stored = " (neither whole nor one tensor per expert)" if update.kind is Kind.PARAM else ""
+        stored = " (neither whole nor one tensor per expert)" if update.kind.facts.per_parameter else ""
         raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have{stored}",
                          "check that the adapter was trained on this base model")
     quantized = base.quantized.get(name)
@@ -79,7 +78,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     elif not fits(update, shape):
         expected = expected_shape(update)
         what = (f"is {list(shape)} in the base, the adapter's copy is {list(expected)}"
-                if update.kind is Kind.REPLACE else
+                if update.kind.facts.whole else
                 f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
                 f"{update.target} of shape {list(shape)}")
         raise InputError(subject, what, "check that the adapter was trained on this base model")
@@ -89,10 +88,7 @@ def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
     """What PEFT's unmerge_adapter() cannot take back out of a merged weight is refused by name."""
     if update.kind.facts.reversible:
         return
-    why = ("DoRA's merge normalised by the norm of the weight before it, which neither the merged model nor "
-           "the adapter records" if update.kind is Kind.DORA else
-           "the adapter's copy replaced the tensor whole (modules_to_save, or an embedding saved with the adapter)")
-    raise InputError(subject, f"cannot be unmerged from {update.target}: {why}",
+    raise InputError(subject, f"cannot be unmerged from {update.target}: {update.kind.facts.irreversible}",
                      "give the original base with --base to restore it from there")
 
 
@@ -106,15 +102,15 @@ def _check_together(update: ModuleUpdate, subject: str, index: int, weight: floa
     if weight != 1 and not update.kind.additive:
         raise InputError(f"--weight {weight:g}", f"{uri} updates {update.target} by {update.kind}, "
                          "which is not a sum: it cannot be weighted", "give this adapter weight 1")
-    if update.kind is Kind.DORA and any(u.kind is not Kind.REPLACE for u in earlier):
+    if update.kind.facts.normalises and any(not u.kind.facts.whole for u in earlier):
         raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
                          "then normalises by a weight it recovers by unmerging the others, which neither "
                          "its forward pass nor lora-merge does", "give the DoRA adapter first")
-    copies = [u.adapter for u in earlier if u.kind is Kind.REPLACE]
-    if update.kind is Kind.REPLACE and index in copies:
+    copies = [u.adapter for u in earlier if u.kind.facts.whole]
+    if update.kind.facts.whole and index in copies:
         raise InputError(subject, f"is a second whole copy of {update.target} in this adapter",
                          "re-save the adapter with PEFT")
-    if update.kind is Kind.REPLACE and copies:
+    if update.kind.facts.whole and copies:
         raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
                          "merge adapters that save whole copies of a module one at a time")
 
@@ -136,17 +132,17 @@ class _Placement:
         """(as saved, where it lands, the base tensor a new tensor starts from) for each update that
         is merged, in the order PEFT merges them."""
         placed = [(u, *tied_target(self.base, u)) for saved in adapter.updates
-                  for u in (expert_targets(self.base, saved, where) if saved.kind is Kind.PARAM else [saved])]
+                  for u in (expert_targets(self.base, saved, where) if saved.kind.facts.per_parameter else [saved])]
         # One tensor saved twice by one adapter (a modules_to_save module's original beside its
         # trained copy; a tied head's copy beside the embedding's, the same shared tensor when
         # trained): the copy saved under the tensor's own name is the one merged.
-        own_copies = {u.target for u, landed, _ in placed if u.kind is Kind.REPLACE
+        own_copies = {u.target for u, landed, _ in placed if u.kind.facts.whole
                       and u.saved_as != "original_module" and landed.target == u.target}
         # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
         placed.sort(key=lambda p: p[1].target != p[0].target)
         return [(head, update, source) for head, update, source in placed
-                if not (update.kind is Kind.IA3 and update.side == "bias" and not self.base.has(head.target))
-                and not (update.kind is Kind.REPLACE and update.target in own_copies
+                if not (update.side == "bias" and not self.base.has(head.target))
+                and not (update.kind.facts.whole and update.target in own_copies
                          and (update.saved_as == "original_module" or update.target != head.target))]
 
     def place(self, adapter: LoraAdapter, index: int, weight: float) -> None:
@@ -156,7 +152,7 @@ class _Placement:
             subject = f"{where}: tensor {update.factors[0].name}"
             if update.target != head.target and update.saved_as != "original_module":
                 self.head_updates.append(subject)
-            if update.kind is Kind.REPLACE and update.trained_copy and update.target == tied:
+            if update.kind.facts.whole and update.trained_copy and update.target == tied:
                 self.added[UNTIED_HEAD] = tied  # a trained copy of the tied embedding: the head keeps the original
             if source is not None:
                 self.added[update.target] = source

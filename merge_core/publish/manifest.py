@@ -9,7 +9,6 @@ from importlib import metadata
 from typing import Mapping, Sequence
 
 from merge_core.inputs.adapter import LoraAdapter
-from merge_core.kinds import Kind
 from merge_core.planning.plan import MergePlan
 from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
@@ -32,7 +31,7 @@ def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[
         "files": list(files),
         "peft_type": adapter.peft_type,
         # by module; by parameter for LoRA on parameters, several of which one module may hold
-        "scales": {u.target if u.kind is Kind.PARAM else u.module: u.scale for u in adapter.updates
+        "scales": {u.target if u.kind.facts.per_parameter else u.module: u.scale for u in adapter.updates
                    if u.kind.facts.scaled},
     }
 
