@@ -44,7 +44,7 @@ def _sums_with(stage: Stage, term: Term, arithmetic: Arithmetic) -> bool:
     """Whether `term` adds to `stage` before one rounding: both sums PEFT rounds alike."""
     ours, theirs = stage.terms[0].kind.facts, term.kind.facts
     return (ours.additive and theirs.additive and ours.rounds_delta == theirs.rounds_delta
-            and not (arithmetic.sequential and arithmetic.combine is None))
+            and not arithmetic.rounds_each)
 
 
 def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -56,24 +56,26 @@ def _slot(workspace: Workspace, slot: str, dtype: torch.dtype, numel: int, shape
     return workspace.buffer(slot, dtype, numel).view(shape)
 
 
+def _operand(term: Term, slot: str, weight: torch.Tensor, workspace: Workspace, compute: torch.dtype) -> torch.Tensor:
+    """A term's operand; an op that computes into a buffer takes the workspace's `slot`, reused between
+    tensors."""
+    return term.op.operand(term, weight.shape, partial(_slot, workspace, slot, compute, weight.numel()))
+
+
 def _prepare(stage: Stage, index: int, weight: torch.Tensor, workspace: Workspace, compute: torch.dtype,
              arithmetic: Arithmetic, name: str, measure: bool) -> None:
     """The stage's operand on the device: ΔW summed over its terms (or combined, --combine), IA3's
     multiplier, or the copy. With `measure`, each term's ‖ΔW‖ too."""
     terms = [t.op.on_device(t, workspace.device, compute) for t in stage.terms]
-
-    def operand(term: Term, slot: str) -> torch.Tensor:
-        return term.op.operand(term, weight.shape, partial(_slot, workspace, slot, compute, weight.numel()))
-
     if arithmetic.combine is not None:  # even one adapter's ΔW is pruned, and weighted, by the combination
-        deltas = [operand(t, f"term{i}").contiguous() for i, t in enumerate(terms)]
+        deltas = [_operand(t, f"term{i}", weight, workspace, compute).contiguous() for i, t in enumerate(terms)]
         result = combine_deltas(deltas, [t.weight for t in terms], arithmetic.combine, name)
     else:
-        result = operand(terms[0], f"delta{index}")
+        result = _operand(terms[0], f"delta{index}", weight, workspace, compute)
         measured = measure and stage.op.is_delta
         stage.norms = [float(torch.linalg.vector_norm(result))] if measured else []
         for term in terms[1:]:
-            delta = operand(term, "term")
+            delta = _operand(term, "term", weight, workspace, compute)
             if measured:
                 stage.norms.append(float(torch.linalg.vector_norm(delta)))
             result.add_(delta)
