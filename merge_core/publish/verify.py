@@ -23,8 +23,9 @@ from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
 
 @dataclass(frozen=True, kw_only=True)
 class ShardVerdict:
+    """What one merged shard's check found: its problems, and the size and sha256 of the bytes read."""
     name: str
-    problems: tuple[str, ...]
+    problems: tuple[str, ...]  # none: the shard is what its inputs make
     sha256: str
     size: int
     tensors_checked: int
