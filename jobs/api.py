@@ -18,7 +18,16 @@ from typing import Sequence
 
 from jobs.driver import MergeSummary, ProgressCallback, run_merge
 from jobs.executor import Executor
-from jobs.options import MergeOptions, PlanOptions, ReportOptions, UnmergeOptions, VerifyOptions, build, defaults
+from jobs.options import (
+    MergeOptions,
+    PlanOptions,
+    ReportOptions,
+    UnmergeOptions,
+    VerifyOptions,
+    build,
+    defaults,
+    key_of,
+)
 from jobs.plan_view import PlanSummary, run_plan
 from jobs.recorded import with_recorded
 from jobs.verify_job import VerifySummary, run_verify
@@ -30,7 +39,7 @@ log = logging.getLogger("lora_merge")
 def options_for(kind: type, **values):
     """The options dataclass `kind` from keyword values over its defaults; an option the command
     does not take is a TypeError naming the ones it does."""
-    known = {f.name for f in dataclasses.fields(kind) if f.metadata.get("flag") or f.metadata.get("spec")}
+    known = {key_of(f) for f in dataclasses.fields(kind) if f.metadata.get("flag") or f.metadata.get("spec")}
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -38,7 +38,7 @@ def _inside_ray_working_dir(output: Storage) -> bool:
 def check_output(output: Storage, options: MergeOptions) -> bool:
     """Refuse an output that is not this run's to write; True when it holds a finished model
     (without --overwrite), which only the same merge may find there (see already_complete)."""
-    inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.base, *options.adapters)]
+    inputs = [open_storage(uri, options.storage).uri.rstrip("/") for uri in (options.checkpoint, *options.adapters)]
     if output.uri.rstrip("/") in inputs:
         raise InputError(output.uri, "the output is one of the inputs", "choose another --output")
     if _inside_ray_working_dir(output):
@@ -121,7 +121,7 @@ def resumable(output: Storage, options: MergeOptions, plan: MergePlan,
     journal = read_journal(output, journal_key)
     if journal.clearing:
         return [], True
-    return proven(output, open_storage(options.base, options.storage), journal.shards, plan), False
+    return proven(output, open_storage(options.checkpoint, options.storage), journal.shards, plan), False
 
 
 def claim(run: Run, options: MergeOptions, reused: list[ShardResult], clearing: bool) -> None:

@@ -83,7 +83,7 @@ def resolve_options(args: argparse.Namespace):
     if args.command in ("verify", "unmerge"):  # how the merged model was made, unless told otherwise
         from jobs.recorded import with_recorded
 
-        options = with_recorded(options, chosen, options.merged if args.command == "verify" else options.base)
+        options = with_recorded(options, chosen, options.merged if args.command == "verify" else options.checkpoint)
     return options
 
 

@@ -39,8 +39,8 @@ from merge_core.publish.journal import fingerprint, pause_point
 from merge_core.publish.lineage import check_not_merged_twice, unrecorded
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_result import ShardResult
-from merge_core.worker.spec import MergeSpec
 
 log = logging.getLogger("lora_merge")
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,7 +95,7 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
     if not inputs.adapters:
         raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
     weights = tuple(inputs.weights) or (1.0,) * len(inputs.adapters)
-    base = load_base(open_storage(inputs.base, inputs.storage))
+    base = load_base(open_storage(inputs.checkpoint, inputs.storage))
     adapters = []
     for number, uri in enumerate(inputs.adapters):
         storage = open_storage(uri, inputs.storage)
@@ -104,9 +104,9 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None) -> Prepared:
             stage_pickled_adapter(storage, staged)
             storage = staged
         adapters.append(load_adapter(storage))
-    restorable = bool(getattr(inputs, "original", None))  # unmerge --base: DoRA and copies restored from it
-    plan = plan_merge(base, adapters, weights, inputs.sequential, inputs.combine_spec, inputs.allow_base_mismatch,
-                      inputs.dequantize, inputs.unmerge, restorable)
+    restorable = bool(getattr(inputs, "original_base", None))  # unmerge --base: DoRA and copies restored from it
+    plan = plan_merge(base, adapters, weights, inputs.arithmetic, allow_base_mismatch=inputs.allow_base_mismatch,
+                      dequantize=inputs.dequantize, restorable=restorable)
     _warn_surprises(base, adapters, weights)
     return Prepared(base, tuple(adapters), weights, plan)
 
@@ -199,7 +199,7 @@ def _original(options: MergeOptions, plan: MergePlan, base: BaseCheckpoint) -> s
     from): --base, else the one the merged model's manifest records, when it is still there."""
     if not options.unmerge:
         return None
-    given = options.original if isinstance(options, UnmergeOptions) else None
+    given = options.original_base if isinstance(options, UnmergeOptions) else None
     recorded = (base.manifest or {}).get("base", {}) if base.manifest else {}
     candidate = given or recorded.get("uri")
     if not candidate:
@@ -238,7 +238,7 @@ def _check_and_plan(output: Storage, options: MergeOptions) -> tuple[Prepared, l
     return prepared, records
 
 
-def _run_shards(executor: Executor, plan: MergePlan, spec: MergeSpec, options: MergeOptions, lanes, run: Run,
+def _run_shards(executor: Executor, plan: MergePlan, job: MergeJob, options: MergeOptions, lanes, run: Run,
                 callback: ProgressCallback | None):
     """One task per shard not done yet, over the lanes, the journal rewritten after each."""
     log.info("merging %s (%s to fuse, %s) into %s", plural(len(plan.tasks), "shard"),
@@ -258,7 +258,7 @@ def _run_shards(executor: Executor, plan: MergePlan, spec: MergeSpec, options: M
             log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
-        return executor.submit(merge_shard_work, (task, spec), dict(lane_options, memory=memory[task.name],
+        return executor.submit(merge_shard_work, (task, job), dict(lane_options, memory=memory[task.name],
                                                                      resources=dict(options.task_resources) or None))
 
     done = {r.name for r in run.done}
@@ -324,9 +324,9 @@ def _merge_held(options: MergeOptions, run: Run, executor: Executor | None, prog
     lease.take(may_take_over=options.resume or options.overwrite)  # the first write of this run
     claim(run, options, reused, clearing)
     original = _original(options, plan, prepared.base)
-    spec = MergeSpec.of(plan, output.uri, storage=options.storage, device=options.device,
-                        allow_nonfinite=options.allow_nonfinite, read_back=options.validate, original_uri=original)
-    outcome = _run_shards(executor, plan, spec, options, lanes, run, progress)
+    job = MergeJob.of(plan, output.uri, storage=options.storage, device=options.device,
+                      allow_nonfinite=options.allow_nonfinite, read_back=options.validate, original_uri=original)
+    outcome = _run_shards(executor, plan, job, options, lanes, run, progress)
     merged = time.perf_counter()
 
     run.record()  # current before the final task, which publishes only what the journal vouches for
@@ -339,10 +339,10 @@ def _merge_held(options: MergeOptions, run: Run, executor: Executor | None, prog
                               cluster=cluster, retries=outcome.retries,
                               retry_reasons={k: tuple(v) for k, v in outcome.reasons.items()},
                               reused=tuple(r.name for r in reused), lineage=prepared.base.manifest,
-                              original=original, fingerprint=run.key)
+                              original_uri=original, fingerprint=run.key)
     try:
         manifest = get_with_retries(executor, lambda reasons: executor.submit(
-            finalize_work, (plan, spec, dataclasses.replace(publication, final_retries=tuple(reasons))), {}),
+            finalize_work, (plan, job, dataclasses.replace(publication, final_retries=tuple(reasons))), {}),
             "the final task")
     except BaseException:
         tidy(run, record=False)  # the journal is current, and must not come back once the index is there

@@ -1,6 +1,7 @@
 """Every option of every command, declared once: its default, its flag, its help, and what a job
 spec (--config) may set it to. The CLI's flags, the job-spec keys and the defaults are all made
-from these dataclasses' fields; the driver takes the dataclass itself.
+from these dataclasses' fields; the driver takes the dataclass itself. An option's key (its name in
+a job spec and as a keyword of the Python API) is its field's name unless the field says otherwise.
 """
 
 from __future__ import annotations
@@ -11,34 +12,37 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.io.storage import DEFAULT_PART_BYTES, StorageOptions
-from merge_core.numerics.combine import COMBINE_METHODS, CombineSpec
+from merge_core.numerics.arithmetic import COMBINE_METHODS, Arithmetic, Combination
 
 BOOL = (bool, "true or false")
 
 
 def option(default, flag: str | None = None, help: str | Mapping[str, str] = "", *, spec: tuple | None = None,
-           required: bool = False, factory=None, commands: tuple[str, ...] | None = None, **argparse_kwargs):
+           required: bool = False, factory=None, commands: tuple[str, ...] | None = None, key: str | None = None,
+           **argparse_kwargs):
     """A field with its command-line flag (None: job spec only) and its job-spec type and wording
     (None: command line only). `help` may differ by command: {command: text, "": for the others}.
-    `commands`: the only commands that show the flag (None: every command with the field).
-    argparse_kwargs: action, type, choices, metavar."""
+    `commands`: the only commands that show the flag (None: every command with the field). `key`
+    where its job-spec key (and the Python API's keyword) is not the field's name. argparse_kwargs:
+    action, type, choices, metavar."""
     metadata = {"flag": flag, "help": help, "spec": spec, "required": required, "argparse": argparse_kwargs,
-                "commands": commands}
+                "commands": commands, "key": key}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeInputs:
     """What every command reads: the base, the adapters, and how they are put together."""
-    base: str = option("", "--base", {
+    # the model the adapters are merged into (or, unmerging, taken out of)
+    checkpoint: str = option("", "--base", {
         "": "the base checkpoint: a directory or s3://bucket/prefix holding model.safetensors or "
             "model.safetensors.index.json with its shards",
         "verify": "the base the model was merged from (with --unmerge: the merged model the adapters were taken "
                   "out of)",
         "plan": "the base checkpoint to plan a merge into (with --unmerge: the merged model to take them out of)"},
-        spec=(str, "a URI"), required=True, metavar="URI")
+        spec=(str, "a URI"), required=True, metavar="URI", key="base")
     adapters: tuple[str, ...] = option((), "--adapter", {
         "": "a PEFT adapter directory or prefix; repeat to merge several",
         "verify": "an adapter of the merge; repeat for several, in the merge's order",
@@ -88,11 +92,13 @@ class MergeInputs:
         return StorageOptions(part_size=self.part_size_mb * 2**20)
 
     @property
-    def combine_spec(self) -> CombineSpec | None:
-        return CombineSpec(self.combine, self.density, self.seed) if self.combine else None
+    def arithmetic(self) -> Arithmetic:
+        """How the adapters are put together, as one value for the plan and every task."""
+        combination = Combination(self.combine, self.density, self.seed) if self.combine else None
+        return Arithmetic(sequential=self.sequential, combine=combination, unmerge=self.unmerge)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RayOptions:
     ray_address: str | None = option(None, "--ray-address", "join this Ray cluster (default: start a local one)",
                                      spec=(str, "a Ray address"), metavar="ADDR")
@@ -101,7 +107,7 @@ class RayOptions:
                                 spec=(str, "a file path"), metavar="FILE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeOptions(RayOptions, MergeInputs):
     output: str = option("", "--output", {"": "where to write the merged checkpoint (a directory or "
                                               "s3://bucket/prefix)",
@@ -137,14 +143,15 @@ class MergeOptions(RayOptions, MergeInputs):
                                                                    "name: amount"), factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UnmergeOptions(MergeOptions):
     """Take adapters back out of a merged model: merge's options, the merged model in --base's place."""
-    base: str = option("", "--merged", "the merged model (a directory or s3://bucket/prefix) to take the adapters "
-                       "out of", spec=(str, "the merged model's URI"), required=True, metavar="URI")
-    original: str | None = option(None, "--base", "the original base, to report how much of it came back bit for "
-                                  "bit (default: the base the merged model's manifest records, if it is still "
-                                  "there)", spec=(str, "a URI"), metavar="URI")
+    checkpoint: str = option("", "--merged", "the merged model (a directory or s3://bucket/prefix) to take the "
+                             "adapters out of", spec=(str, "the merged model's URI"), required=True, metavar="URI",
+                             key="base")
+    original_base: str | None = option(None, "--base", "the original base, to report how much of it came back bit "
+                                       "for bit (default: the base the merged model's manifest records, if it is "
+                                       "still there)", spec=(str, "a URI"), metavar="URI", key="original")
     strict: bool = option(False, "--strict", "refuse an adapter the merged model's manifest does not record "
                           "(default: warn)", spec=BOOL, action="store_true")
     adapters: tuple[str, ...] = option((), "--adapter", "a PEFT adapter merged into --merged; repeat to take out "
@@ -163,14 +170,14 @@ class UnmergeOptions(MergeOptions):
     allow_remerge: bool = option(False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerifyOptions(RayOptions, MergeInputs):
     merged: str = option("", "--merged", "the merged model to check", required=True, metavar="URI")
     unmerge: bool = option(False, "--unmerge", "check an unmerge: --base is the merged model, --merged the result",
                            action="store_true")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReportOptions:
     merged_uri: str = option("", "MERGED_URI", "the merged model (a directory or s3:// prefix) whose "
                              "merge_report.parquet and merge_manifest.json to show", required=True)
@@ -180,7 +187,7 @@ class ReportOptions:
                               "file (a path or an s3:// URI)", metavar="FILE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlanOptions(MergeInputs):
     json: bool = option(False, "--json", "print the plan as JSON", action="store_true")
     unmerge: bool = option(False, "--unmerge", "plan taking the adapters out of --base, a merged model",
@@ -206,36 +213,41 @@ def add_flags(parser: argparse.ArgumentParser, options: type, command: str, from
         if kwargs.get("action") in ("store_true", "store_false"):
             kwargs["default"] = None
         if not meta["flag"].startswith("-"):  # a positional argument, named by its metavar
-            parser.add_argument(f.name, metavar=meta["flag"], help=help_for(meta, command), **kwargs)
+            parser.add_argument(key_of(f), metavar=meta["flag"], help=help_for(meta, command), **kwargs)
             continue
         (needed if meta["required"] else parser).add_argument(
-            meta["flag"], dest=f.name, help=help_for(meta, command), required=meta["required"] and not from_config,
+            meta["flag"], dest=key_of(f), help=help_for(meta, command), required=meta["required"] and not from_config,
             **kwargs)
 
 
+def key_of(f: dataclasses.Field) -> str:
+    """An option's key: its name in a job spec, on the command line's namespace and in the Python API."""
+    return f.metadata.get("key") or f.name
+
+
 def spec_keys(options: type) -> dict[str, tuple]:
-    """The job-spec keys of an options dataclass: name → (type, what the value must be)."""
-    return {f.name: f.metadata["spec"] for f in dataclasses.fields(options) if f.metadata.get("spec")}
+    """The job-spec keys of an options dataclass: key → (type, what the value must be)."""
+    return {key_of(f): f.metadata["spec"] for f in dataclasses.fields(options) if f.metadata.get("spec")}
 
 
 def defaults(options: type) -> dict[str, object]:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return {key_of(f): f.default if f.default is not dataclasses.MISSING else f.default_factory()
             for f in dataclasses.fields(options)}
 
 
 def required(options: type) -> dict[str, str]:
-    """name → flag of the options that must be given, on the command line or in a job spec."""
-    return {f.name: f.metadata["flag"] for f in dataclasses.fields(options) if f.metadata.get("required")}
+    """key → flag of the options that must be given, on the command line or in a job spec."""
+    return {key_of(f): f.metadata["flag"] for f in dataclasses.fields(options) if f.metadata.get("required")}
 
 
 def build(options: type, values: Mapping[str, object]):
-    """The options dataclass from resolved values (lists become tuples: the dataclass is frozen)."""
-    names = {f.name for f in dataclasses.fields(options)}
-    return options(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+    """The options dataclass from resolved values by key (lists become tuples: the dataclass is frozen)."""
+    fields = {key_of(f): f.name for f in dataclasses.fields(options)}
+    return options(**{fields[k]: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
 
 
 def given(args: argparse.Namespace, options: type) -> dict[str, object]:
-    """The values the command line gave (flags left out are None)."""
-    names = {f.name for f in dataclasses.fields(options)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    """The values the command line gave, by key (flags left out are None)."""
+    keys = {key_of(f) for f in dataclasses.fields(options)}
+    return {k: v for k, v in vars(args).items() if k in keys and v is not None}
 

@@ -8,6 +8,7 @@ from jobs.driver import prepare
 from jobs.options import MergeInputs
 from jobs.progress import plural, size_text
 from jobs.scheduling import TASKS_PER_GPU
+from merge_core.format.codecs import describe
 from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.planning.plan import MergePlan
 
@@ -21,7 +22,7 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
         "fused_tensors": plan.fused_tensor_count,
         "read_bytes": plan.read_bytes,
         "write_bytes": plan.write_bytes,
-        "operation": "unmerge" if plan.unmerge else "merge",
+        "operation": "unmerge" if plan.arithmetic.unmerge else "merge",
         "model_changes": plan.model_changes,
         "quantization": quantization,
         "shards": [{
@@ -56,7 +57,7 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
             if shard[key]:
                 shown = ", ".join(shard[key][:3]) + (f" and {len(shard[key]) - 3} more" if len(shard[key]) > 3 else "")
                 lines.append(f"{shard['name']}: {verb} {len(shard[key])} quantized weights ({shown})")
-    if plan.unmerge:
+    if plan.arithmetic.unmerge:
         lines.insert(1, "unmerges the adapters from this merged model: each update subtracted as PEFT's "
                      "unmerge_adapter() does, the last adapter first")
     changes = data["model_changes"]
@@ -83,13 +84,9 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
 
 def describe_quantization(base: BaseCheckpoint) -> str | None:
     """The base's format as a user names it, e.g. 'fp8 e4m3, 128×128 blocks: 14 weights'."""
-    scheme = base.quantization
-    if scheme is None:
+    if base.quantization is None:
         return None
-    detail = (f"fp8 e4m3, {scheme.block[0]}×{scheme.block[1]} blocks" + (", ue8m0 scales" if scheme.scale_fmt == "ue8m0"
-              else "") if scheme.method == "fp8" else "mxfp4" if scheme.method == "mxfp4"
-              else f"int4 pack-quantized, groups of {scheme.group_size}")
-    return f"{detail}: {len(base.quantized)} quantized weights"
+    return f"{describe(base.quantization)}: {len(base.quantized)} quantized weights"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ BAR_WIDTH = 28
 REDRAW_SECONDS = 0.5
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProgressEvent:
     """One step of a running job, as a progress callback receives it."""
     kind: str  # "shard_done" (merged, verified or reused) or "retry"
@@ -69,8 +69,9 @@ class Progress:
 
     def _tell(self, kind: str, name: str, detail: str, reused: bool = False) -> None:
         if self.callback:
-            self.callback(ProgressEvent(kind, name, self.done, self.shards, self.done_bytes, self.total_bytes,
-                                        self.retries, detail, reused))
+            self.callback(ProgressEvent(kind=kind, shard=name, shards_done=self.done, shards_total=self.shards,
+                                        bytes_done=self.done_bytes, bytes_total=self.total_bytes, retries=self.retries,
+                                        detail=detail, reused=reused))
 
     def draw(self, force: bool = False) -> None:
         now = time.perf_counter()

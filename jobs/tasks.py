@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from merge_core.planning.plan import MergePlan, ShardTask
 from merge_core.publish.publication import Publication
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_result import ShardResult
-from merge_core.worker.spec import MergeSpec
 
 
 @dataclass(frozen=True)
@@ -26,22 +26,22 @@ class Placement:
     gpu: bool = False
 
 
-def merge_shard_work(task: ShardTask, spec: MergeSpec, where: Placement) -> ShardResult:
+def merge_shard_work(task: ShardTask, job: MergeJob, where: Placement) -> ShardResult:
     from merge_core.numerics.workspace import resolve_device
     from merge_core.worker.shard_merge import merge_shard
 
-    result = merge_shard(task, spec, resolve_device(spec.device, where.gpu), threads=max(1, where.cpus))
+    result = merge_shard(task, job, resolve_device(job.device, where.gpu), threads=max(1, where.cpus))
     return dataclasses.replace(result, node=where.node)
 
 
-def verify_shard_work(task: ShardTask, spec: MergeSpec, expected_size: int | None, expected_sha256: str | None,
+def verify_shard_work(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,
                       fused_ulps: int, where: Placement):
     from merge_core.publish.verify import verify_shard
 
-    return verify_shard(task, spec, expected_size, expected_sha256, fused_ulps)
+    return verify_shard(task, job, expected_size, expected_sha256, fused_ulps)
 
 
-def finalize_work(plan: MergePlan, spec: MergeSpec, publication: Publication, where: Placement) -> dict:
+def finalize_work(plan: MergePlan, job: MergeJob, publication: Publication, where: Placement) -> dict:
     from merge_core.publish.finalize import finalize_merge
 
-    return finalize_merge(plan, spec, publication)
+    return finalize_merge(plan, job, publication)

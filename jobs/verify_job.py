@@ -19,7 +19,7 @@ from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from merge_core.publish.validate import check_config, check_headers, check_index
-from merge_core.worker.spec import MergeSpec
+from merge_core.worker.job import MergeJob
 
 if TYPE_CHECKING:
     from merge_core.publish.verify import ShardVerdict
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lora_merge")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VerifySummary:
     merged: str
     shards: int
@@ -72,11 +72,11 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
     lanes = plan_lanes(executor.nodes(), options.device if options.device != "cuda" else "auto")
     shown = Progress(len(plan.tasks), plan.write_bytes, callback=progress)
 
-    spec = MergeSpec.of(plan, merged.uri, storage=options.storage)
+    job = MergeJob.of(plan, merged.uri, storage=options.storage)
 
     def submit(task, lane_options):
         size, sha = recorded.get(task.name, (None, None))
-        return executor.submit(verify_shard_work, (task, spec, size, sha, 1 if task.name in on_gpu else 0),
+        return executor.submit(verify_shard_work, (task, job, size, sha, 1 if task.name in on_gpu else 0),
                                lane_options)
 
     def done(task, verdict: ShardVerdict):
@@ -92,5 +92,6 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
     if recorded and set(recorded) != {t.name for t in plan.tasks}:
         problems.append(f"{merged.describe(MANIFEST_NAME)}: records shards {sorted(recorded)} but the base has "
                         f"{sorted(t.name for t in plan.tasks)}")
-    return VerifySummary(merged.uri, len(plan.tasks), sum(v.tensors_checked for v in verdicts),
-                         sum(v.size for v in verdicts), problems)
+    return VerifySummary(merged=merged.uri, shards=len(plan.tasks),
+                         tensors_checked=sum(v.tensors_checked for v in verdicts),
+                         bytes_checked=sum(v.size for v in verdicts), problems=problems)

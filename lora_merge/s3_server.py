@@ -33,7 +33,7 @@ SERVICES = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volum
             "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class S3Server:
     endpoint: str
     access_key: str
@@ -158,8 +158,8 @@ def _launch(data_dir: str, access_key: str, secret_key: str, ports: Mapping[str,
              "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
              *(f"-{flag}={number}" for flag, number in ports.items())],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, process.pid, data_dir,
-                      ports=dict(ports))
+    server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3.port']}", access_key=access_key, secret_key=secret_key,
+                      pid=process.pid, data_dir=data_dir, ports=dict(ports))
     deadline = time.monotonic() + timeout
     while not _answers(server):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -1,12 +1,12 @@
-"""What an update does to its base tensor: one row of facts per kind (a leaf: imports nothing).
+"""The kinds of update an adapter makes to its base tensor, with one row of facts each (a leaf:
+imports nothing). What each kind computes (its ΔW, how it is applied to W and taken back out) is
+its op in merge_core.numerics.ops; these facts are what planning, the spot check and the manifest
+need to know of it without torch.
 
-A new kind is a new row here and a ΔW formula in merge_core.numerics.deltas; every other
-module asks these facts instead of comparing names.
-
-    kind       what it does to W (ΔW in float32; dt is W's dtype)
+    kind       what it does to W (ΔW in float32; round() to W's dtype)
     lora       W ← round(W + (B@A)[ᵀ]·s)           Linear, GPT-2 Conv1D (transposed), 1×1 conv
     conv       W ← round(W + conv(Aᵀ, B)ᵀ·s)        k×k convolutions
-    embedding  W ← round(W + round(ΔW))             nn.Embedding: PEFT adds ΔW rounded to dt
+    embedding  W ← round(W + round(ΔW))             nn.Embedding: PEFT adds ΔW rounded to W's dtype
     dora       W ← round(m/‖W+ΔW‖ · (W+ΔW))         DoRA on Linear/Conv1D/Embedding/conv
     bias       b ← round(b + s·lora_B.bias)          lora_bias
     loha/lokr  W ← round(W + ΔW)                    LyCORIS formulas
@@ -22,23 +22,33 @@ from enum import Enum
 from typing import Sequence
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KindFacts:
-    # How the fuse applies it: "add" (W + ΣΔW), "add_rounded" (W + round(ΔW), PEFT rounds ΔW to
-    # W's dtype first), "dora", "ia3" (a product) or "replace".
-    stage: str
-    # A sum term: may be weighted (--weight) and combined (--combine). DoRA is not one: its
-    # magnitude vector was trained for the whole ΔW it normalises.
-    additive: bool
+    # A sum term, W + ΔW: may be weighted (--weight) and combined (--combine), and sums PEFT rounds
+    # alike share one rounding. DoRA is not one: its magnitude vector was trained for the whole ΔW
+    # it normalises.
+    additive: bool = False
     # Carries an adapter scale (alpha/r, recorded in the manifest).
-    scaled: bool
+    scaled: bool = False
     # ΔW = B·A over a rank r: the float64 spot check can recompute a row of it.
-    low_rank: bool
-    # How PEFT's unmerge_adapter() takes it back out: "sub_rounded" (W − round(ΔW): LoRA rounds ΔW
-    # to W's dtype before subtracting, unlike its merge), "sub" (W − ΔW), "ia3_div" (W ÷ (l + 1e-8)),
-    # or None where it cannot (DoRA needs the norm of the weight before the merge; a copy replaced
-    # the tensor whole).
-    unmerge: str | None = None
+    low_rank: bool = False
+    # PEFT's merge adds ΔW rounded to W's dtype (W + round(ΔW)), not ΔW itself.
+    rounds_delta: bool = False
+    # PEFT's unmerge subtracts ΔW rounded to W's dtype first (LoRA, unlike its merge), not ΔW itself.
+    rounds_delta_out: bool = False
+    # Why PEFT's unmerge_adapter() cannot take it back out; "" where it can.
+    irreversible: str = ""
+    # The adapter's own copy of the tensor, which replaces it whole (modules_to_save).
+    whole: bool = False
+    # LoRA on a parameter (target_parameters): it may land on one tensor per expert, and its scale is
+    # recorded by parameter, several of which one module may hold.
+    per_parameter: bool = False
+    # Normalises W + ΔW as a whole: it cannot follow another adapter's update of W.
+    normalises: bool = False
+
+    @property
+    def reversible(self) -> bool:
+        return not self.irreversible
 
 
 class Kind(str, Enum):
@@ -66,20 +76,23 @@ class Kind(str, Enum):
 
     @property
     def rounds_delta(self) -> bool:
-        return FACTS[self].stage == "add_rounded"
+        return FACTS[self].rounds_delta
 
 
 FACTS = {
-    Kind.LORA: KindFacts("add", additive=True, scaled=True, low_rank=True, unmerge="sub_rounded"),
-    Kind.CONV: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub_rounded"),
-    Kind.EMBEDDING: KindFacts("add_rounded", additive=True, scaled=True, low_rank=False, unmerge="sub_rounded"),
-    Kind.DORA: KindFacts("dora", additive=False, scaled=True, low_rank=False),
-    Kind.BIAS: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub"),
-    Kind.LOHA: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub"),
-    Kind.LOKR: KindFacts("add", additive=True, scaled=True, low_rank=False, unmerge="sub"),
-    Kind.IA3: KindFacts("ia3", additive=False, scaled=False, low_rank=False, unmerge="ia3_div"),
-    Kind.PARAM: KindFacts("add_rounded", additive=True, scaled=True, low_rank=True, unmerge="sub_rounded"),
-    Kind.REPLACE: KindFacts("replace", additive=False, scaled=False, low_rank=False),
+    Kind.LORA: KindFacts(additive=True, scaled=True, low_rank=True, rounds_delta_out=True),
+    Kind.CONV: KindFacts(additive=True, scaled=True, rounds_delta_out=True),
+    Kind.EMBEDDING: KindFacts(additive=True, scaled=True, rounds_delta=True, rounds_delta_out=True),
+    Kind.DORA: KindFacts(scaled=True, normalises=True, irreversible="DoRA's merge normalised by the norm of the "
+                         "weight before it, which neither the merged model nor the adapter records"),
+    Kind.BIAS: KindFacts(additive=True, scaled=True),
+    Kind.LOHA: KindFacts(additive=True, scaled=True),
+    Kind.LOKR: KindFacts(additive=True, scaled=True),
+    Kind.IA3: KindFacts(),
+    Kind.PARAM: KindFacts(additive=True, scaled=True, low_rank=True, rounds_delta=True, rounds_delta_out=True,
+                          per_parameter=True),
+    Kind.REPLACE: KindFacts(whole=True, irreversible="the adapter's copy replaced the tensor whole "
+                            "(modules_to_save, or an embedding saved with the adapter)"),
 }
 
 

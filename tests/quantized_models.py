@@ -352,7 +352,7 @@ def tensor_infos(path: str) -> dict:
 
 def quantized_weights(path: str) -> dict:
     """The checkpoint's QuantizedWeights, from its config.json and headers, as the driver will find them."""
-    from merge_core.format.quantization import group_weights, read_scheme
+    from merge_core.format.codecs import group_weights, read_scheme
     return group_weights(read_scheme(read_config(path), "config.json"), tensor_infos(path), path)
 
 

@@ -8,6 +8,7 @@ file is refused from its header, before any memory is allocated for its tensors.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -44,7 +45,7 @@ def count_nonfinite(data: bytes | bytearray | memoryview, dtype: str) -> int:
     return int(numpy.count_nonzero((bits & numpy.array(mask, dtype=layout)) == mask))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorInfo:
     name: str
     dtype: str
@@ -69,10 +70,11 @@ class ShardHeader:
     file_size: int
 
     def tensor(self, name: str) -> TensorInfo:
-        for info in self.tensors:
-            if info.name == name:
-                return info
-        raise KeyError(name)
+        return self._tensors[name]
+
+    @functools.cached_property
+    def _tensors(self) -> dict[str, TensorInfo]:
+        return {info.name: info for info in self.tensors}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -119,7 +121,7 @@ def _tensor_info(name: str, entry: object, where: str) -> TensorInfo:
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
         raise InputError(subject, f"data_offsets {offsets!r} are not [begin, end] with begin <= end", fix)
-    info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    info = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
     expected = info.numel * DTYPE_BYTES[dtype]
     if expected != info.nbytes:
         raise InputError(subject, f"{dtype}{list(shape)} needs {expected} bytes but data_offsets span {info.nbytes}",
@@ -175,7 +177,7 @@ def encode_header(tensors: Sequence[tuple[str, str, Sequence[int]]],
     position = 0
     for name, dtype, shape in tensors:
         size = math.prod(shape) * DTYPE_BYTES[dtype]
-        infos.append(TensorInfo(name, dtype, tuple(shape), position, position + size))
+        infos.append(TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=position, end=position + size))
         body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
         position += size
     raw = json.dumps(body, separators=(",", ":")).encode("utf-8")

@@ -44,7 +44,7 @@ _SUFFIX_RE = {kind: re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.esc
 PARAMETER_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModuleUpdate:
     """One adapter's update of one base tensor."""
     module: str
@@ -72,7 +72,7 @@ class ModuleUpdate:
         return self.factors[self.roles.index(role)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraAdapter:
     uri: str
     config: Mapping[str, object]
@@ -128,7 +128,8 @@ def _whole_tensor(info: TensorInfo, config: Mapping[str, object], lora_modules: 
     elif module.rpartition(".")[2] not in VOCABULARY_MODULES:
         raise InputError(f"{where}: tensor {info.name}", "is neither an adapter weight nor a module PEFT saves whole",
                          "remove it from the adapter or re-save the adapter with PEFT")
-    return ModuleUpdate(module, f"{module}.{param}", Kind.REPLACE, (info,), ("tensor",), saved_as=saved_as)
+    return ModuleUpdate(module=module, target=f"{module}.{param}", kind=Kind.REPLACE, factors=(info,),
+                        roles=("tensor",), saved_as=saved_as)
 
 
 # Roles by the names of the saved tensors, for messages.
@@ -170,12 +171,14 @@ def _lora_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[str
     if magnitude is not None:
         factors, roles = (a, b, magnitude), ("A", "B", "magnitude")
         kind = Kind.DORA
-    updates = [ModuleUpdate(module, f"{module}.weight", kind, factors, roles, scale, transpose, rank)]
+    updates = [ModuleUpdate(module=module, target=f"{module}.weight", kind=kind, factors=factors, roles=roles,
+                            scale=scale, transpose=transpose, rank=rank)]
     if bias is not None:
         if bias.shape != (b.shape[0],):
             raise InputError(f"{where}: tensor {bias.name}", f"shape {list(bias.shape)} does not match lora_B's "
                              f"{b.shape[0]} outputs", "re-save the adapter with PEFT")
-        updates.append(ModuleUpdate(module, f"{module}.bias", Kind.BIAS, (bias,), ("bias",), scale, rank=rank))
+        updates.append(ModuleUpdate(module=module, target=f"{module}.bias", kind=Kind.BIAS, factors=(bias,),
+                                    roles=("bias",), scale=scale, rank=rank))
     if sides.keys() - {"A", "B", "emb_A", "emb_B"}:
         raise _shape_error(module, f"has unexpected tensors {sorted(sides)}", where)
     return updates
@@ -191,10 +194,11 @@ def _ia3_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[str,
         is_ff = any(module.endswith(entry) for entry in feedforward or ())
     # The vector scales W's inputs (columns) on feedforward layers, else its outputs (rows) and bias.
     side = "in" if is_ff else "out"
-    updates = [ModuleUpdate(module, f"{module}.weight", Kind.IA3, (vector,), ("l",),
+    updates = [ModuleUpdate(module=module, target=f"{module}.weight", kind=Kind.IA3, factors=(vector,), roles=("l",),
                             transpose=bool(config.get("fan_in_fan_out")), side=side)]
     if not is_ff:
-        updates.append(ModuleUpdate(module, f"{module}.bias", Kind.IA3, (vector,), ("l",), side="bias"))
+        updates.append(ModuleUpdate(module=module, target=f"{module}.bias", kind=Kind.IA3, factors=(vector,),
+                                    roles=("l",), side="bias"))
     return updates
 
 
@@ -210,7 +214,8 @@ def _lycoris_updates(module: str, sides: dict[str, TensorInfo], config: Mapping[
     factors = _require(sides, needed, module, where)
     if set(sides) - set(needed):
         raise _shape_error(module, f"has unexpected tensors {sorted(set(sides) - set(needed))}", where)
-    return [ModuleUpdate(module, f"{module}.weight", kind, factors, needed, scale, rank=rank)]
+    return [ModuleUpdate(module=module, target=f"{module}.weight", kind=kind, factors=factors, roles=needed,
+                         scale=scale, rank=rank)]
 
 
 
@@ -249,7 +254,8 @@ def _parameter_updates(modules: dict[str, dict[str, TensorInfo]], config: Mappin
             if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or a.shape[0] % rank:
                 raise _shape_error(module, f"lora_A {list(a.shape)} and lora_B {list(b.shape)} of {param} do not "
                                    f"pair as rank {rank} × experts", where)
-            updates.append(ModuleUpdate(module, f"{module}.{param}", Kind.PARAM, (a, b), ("A", "B"), scale, rank=rank,
+            updates.append(ModuleUpdate(module=module, target=f"{module}.{param}", kind=Kind.PARAM, factors=(a, b),
+                                        roles=("A", "B"), scale=scale, rank=rank,
                                         experts=ExpertShare(a.shape[0] // rank)))
     return updates
 
@@ -283,4 +289,4 @@ def load_adapter(storage: Storage) -> LoraAdapter:
     for module, sides in sorted(modules.items()):
         updates += UPDATE_BUILDERS[peft_type](module, dict(sides), config, where)
     tokenizer = tuple(n for n in storage.list_names() if n in TOKENIZER_FILES)
-    return LoraAdapter(storage.uri, config, header, tuple(updates), tokenizer)
+    return LoraAdapter(uri=storage.uri, config=config, header=header, updates=tuple(updates), tokenizer_files=tokenizer)

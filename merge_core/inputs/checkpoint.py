@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.errors import InputError
+from merge_core.format.codecs import group_weights, read_scheme
 from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, TensorInfo, header_length, parse_header
-from merge_core.format.quantization import QuantizedWeight, QuantScheme, group_weights, read_scheme
+from merge_core.format.quantization import QuantizedWeight, QuantScheme
 from merge_core.inputs.location import not_a_model
 from merge_core.io.storage import Storage, check_plain_name
 from merge_core.names import (
@@ -44,7 +45,7 @@ class Shard:
 TIED_INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BaseCheckpoint:
     uri: str
     shards: tuple[Shard, ...]
@@ -81,7 +82,7 @@ class BaseCheckpoint:
         """A tensor as the model holds it: a quantized weight's logical dtype and shape (no offsets)."""
         weight = self.quantized.get(name)
         if weight is not None:
-            return TensorInfo(name, weight.dtype, weight.shape, 0, 0)
+            return TensorInfo(name=name, dtype=weight.dtype, shape=weight.shape, start=0, end=0)
         return self.shard(self.weight_map[name]).header.tensor(name)
 
     def part_of(self, stored: str) -> QuantizedWeight | None:
@@ -93,10 +94,11 @@ class BaseCheckpoint:
         return {name: w for w in self.quantized.values() for name in w.stored_names}
 
     def shard(self, name: str) -> Shard:
-        for shard in self.shards:
-            if shard.name == name:
-                return shard
-        raise KeyError(name)
+        return self._shards[name]
+
+    @functools.cached_property
+    def _shards(self) -> dict[str, Shard]:
+        return {shard.name: shard for shard in self.shards}
 
     @property
     def total_tensor_bytes(self) -> int:
@@ -196,5 +198,6 @@ def load_base(storage: Storage) -> BaseCheckpoint:
         infos = {info.name: info for shard in shards for info in shard.header.tensors}
         quantized = group_weights(scheme, infos, storage.uri)
     manifest = _read_manifest(storage) if MANIFEST_NAME in names else None
-    return BaseCheckpoint(storage.uri, shards, metadata, INDEX_NAME in names, extra, weight_map, config, scheme,
-                          quantized, manifest if isinstance(manifest, dict) else None)
+    return BaseCheckpoint(uri=storage.uri, shards=shards, index_metadata=metadata, indexed=INDEX_NAME in names,
+                          extra_files=extra, weight_map=weight_map, config=config, quantization=scheme,
+                          quantized=quantized, manifest=manifest if isinstance(manifest, dict) else None)

@@ -14,7 +14,7 @@ import hashlib
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy
@@ -34,6 +34,7 @@ class Read:
     name: str
     offset: int
     length: int
+    _: KW_ONLY
     # Read-only bytes that later items read again (the same adapter factor for many experts):
     # fetched once while recent, and the one buffer handed to each.
     shared: bool = False

@@ -45,45 +45,15 @@ Pure torch, no I/O, no Ray. Inputs are never modified.
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
+
+import torch
 
 from merge_core.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
-
-COMBINE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-MAJORITY_SIGN_METHODS = ("total", "frequency")
+from merge_core.numerics.arithmetic import Combination, check_combine
 
 _MAGNITUDE = ("ties", "magnitude_prune")
 _ELECTING = ("ties", "dare_ties")
-
-
-@dataclass(frozen=True)
-class CombineSpec:
-    method: str
-    density: float
-    seed: int = 0
-    majority_sign_method: str = "total"  # "total" or "frequency", as in PEFT's ties
-
-
-def check_combine(spec: CombineSpec) -> None:
-    """Raise InputError for a method, density, seed or sign method the combination cannot use."""
-    if spec.method not in COMBINE_METHODS:
-        raise InputError("--combine", f"unknown method {spec.method!r}",
-                         f"use one of {', '.join(COMBINE_METHODS)}")
-    density = spec.density
-    if isinstance(density, bool) or not isinstance(density, (int, float)) \
-            or not math.isfinite(density) or not 0.0 < density <= 1.0:
-        raise InputError("--density", f"{density!r} is not in (0, 1]",
-                         "pass the fraction of each delta to keep, e.g. --density 0.5")
-    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
-        raise InputError("--seed", f"{spec.seed!r} is not an integer", "pass an integer seed, e.g. --seed 0")
-    if spec.majority_sign_method not in MAJORITY_SIGN_METHODS:
-        raise InputError("majority sign method", f"unknown method {spec.majority_sign_method!r}",
-                         f"use one of {', '.join(MAJORITY_SIGN_METHODS)}")
 
 
 def mask_seed(seed: int, tensor_name: str, index: int) -> int:
@@ -98,8 +68,6 @@ def dare_keep_mask(shape: Sequence[int] | torch.Size, density: float, seed: int,
 
     Always drawn on the CPU (CUDA generators give other streams), then moved to `device`.
     """
-    import torch  # here, not at import: the driver plans with this module and never loads torch
-
     generator = torch.Generator(device="cpu")
     generator.manual_seed(mask_seed(seed, tensor_name, index))
     draws = torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
@@ -110,8 +78,6 @@ def dare_keep_mask(shape: Sequence[int] | torch.Size, density: float, seed: int,
 
 def magnitude_keep_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """The bool mask of delta's k = int(density * numel) largest-magnitude entries (PEFT's set)."""
-    import torch  # here, not at import: the driver plans with this module and never loads torch
-
     numel = delta.numel()
     k = int(density * numel)
     if k >= numel:
@@ -134,36 +100,32 @@ class _Pruner:
     """Each adapter's pruned delta p_i and its keep mask, recomputed on demand (not stored: n of
     them would not fit beside the tensor)."""
 
-    def __init__(self, deltas: list, spec: CombineSpec, tensor_name: str):
-        import torch  # here, not at import: the driver plans with this module and never loads torch
-
+    def __init__(self, deltas: list, combination: Combination, tensor_name: str):
         self.device = deltas[0].device
         self.deltas = [d.to(device=self.device, dtype=torch.float32) for d in deltas]  # no copy when already so
         self.shape = deltas[0].shape
-        self.spec, self.tensor_name = spec, tensor_name
-        self.density = float(spec.density)
+        self.combination, self.tensor_name = combination, tensor_name
+        self.density = float(combination.density)
 
     def keep_mask(self, i: int) -> torch.Tensor | None:
         if self.density >= 1.0:
             return None
-        if self.spec.method in _MAGNITUDE:
+        if self.combination.method in _MAGNITUDE:
             return magnitude_keep_mask(self.deltas[i], self.density)
-        return dare_keep_mask(self.shape, self.density, self.spec.seed, self.tensor_name, i, self.device)
+        return dare_keep_mask(self.shape, self.density, self.combination.seed, self.tensor_name, i, self.device)
 
     def pruned(self, i: int, mask: torch.Tensor | None) -> torch.Tensor:
         """p_i as a fresh tensor the caller may modify in place."""
         if mask is None:
             return self.deltas[i].clone()
         p = self.deltas[i] * mask  # PEFT: tensor * mask
-        if self.spec.method not in _MAGNITUDE:
+        if self.combination.method not in _MAGNITUDE:
             p.div_(self.density)  # PEFT: pruned_tensor / density
         return p
 
 
 def _weighted_sum(pruner: _Pruner, weights: list[float]) -> torch.Tensor:
     """magnitude_prune, dare_linear: Σ w_i · p_i."""
-    import torch
-
     out = torch.zeros(pruner.shape, dtype=torch.float32, device=pruner.device)
     for i, weight in enumerate(weights):
         p = pruner.pruned(i, pruner.keep_mask(i))
@@ -176,14 +138,12 @@ def _weighted_sum(pruner: _Pruner, weights: list[float]) -> torch.Tensor:
 def _elected_mean(pruner: _Pruner, weights: list[float]) -> torch.Tensor:
     """ties, dare_ties: the majority sign elected on the unweighted p_i, then the mean of the
     weighted p_i over the adapters that agree with it."""
-    import torch
-
     masks: list[torch.Tensor | None] = []
     elect = torch.zeros(pruner.shape, dtype=torch.float32, device=pruner.device)
     for i in range(len(weights)):
         masks.append(pruner.keep_mask(i))
         p = pruner.pruned(i, masks[i])
-        elect.add_(p if pruner.spec.majority_sign_method == "total" else p.sign_())
+        elect.add_(p if pruner.combination.majority_sign_method == "total" else p.sign_())
         del p
     positive = elect >= 0  # majority sign: +1 where the sum is >= 0, else -1
     del elect
@@ -203,10 +163,10 @@ def _elected_mean(pruner: _Pruner, weights: list[float]) -> torch.Tensor:
     return out.div_(count.clamp_(min=1.0))
 
 
-def combine_deltas(deltas: list[torch.Tensor], weights: list[float], spec: CombineSpec,
+def combine_deltas(deltas: list[torch.Tensor], weights: list[float], combination: Combination,
                    tensor_name: str) -> torch.Tensor:
     """The combined float32 ΔW of `deltas` (adapter order) with `weights`; see the module docstring."""
-    check_combine(spec)
+    check_combine(combination)
     if not deltas:
         raise ValueError(f"{tensor_name}: no deltas to combine")
     if len(deltas) != len(weights):
@@ -217,5 +177,5 @@ def combine_deltas(deltas: list[torch.Tensor], weights: list[float], spec: Combi
             raise InputError(tensor_name, f"adapter {i}'s delta has shape {tuple(delta.shape)}, "
                              f"adapter 0's has {tuple(shape)}",
                              "combine only adapters trained on the same base model")
-    pruner = _Pruner(deltas, spec, tensor_name)
-    return _elected_mean(pruner, weights) if spec.method in _ELECTING else _weighted_sum(pruner, weights)
+    pruner = _Pruner(deltas, combination, tensor_name)
+    return _elected_mean(pruner, weights) if combination.method in _ELECTING else _weighted_sum(pruner, weights)

@@ -44,6 +44,22 @@ class Workspace:
             self._slots[(slot, dtype)] = current
         return current[:numel]
 
+    @contextmanager
+    def holding(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`rows` where this workspace computes: themselves on the CPU (or already on its GPU), else a
+        copy on the GPU, staged through a pinned host buffer and copied back when the block ends."""
+        if self.device.type != "cuda" or rows.device == self.device:
+            yield rows
+            return
+        staged = self.buffer("host", rows.dtype, rows.numel(), pinned=True).view(rows.shape)
+        staged.copy_(rows)
+        target = self.buffer("weight", rows.dtype, rows.numel()).view(rows.shape)
+        target.copy_(staged, non_blocking=True)
+        yield target
+        staged.copy_(target, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        rows.copy_(staged)
+
 
 _WORKSPACES: dict[str, Workspace] = {}
 

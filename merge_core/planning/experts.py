@@ -31,8 +31,8 @@ TRANSPOSED_EXPERT_MODELS = ("gpt_oss", "aria", "aria_text", "openai_privacy_filt
 def row_slice(info: TensorInfo, first: int, end: int) -> TensorInfo:
     """Rows [first, end) of an adapter tensor, as a tensor of their own."""
     row_bytes = info.nbytes // info.shape[0]
-    return TensorInfo(info.name, info.dtype, (end - first, *info.shape[1:]), info.start + first * row_bytes,
-                      info.start + end * row_bytes)
+    return TensorInfo(name=info.name, dtype=info.dtype, shape=(end - first, *info.shape[1:]),
+                      start=info.start + first * row_bytes, end=info.start + end * row_bytes)
 
 
 def expert_targets(base: BaseCheckpoint, update: ModuleUpdate, where: str) -> list[ModuleUpdate]:

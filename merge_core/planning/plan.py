@@ -5,7 +5,6 @@ Plain frozen data, made by merge_core.planning.planner and handed to the workers
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -15,14 +14,14 @@ from merge_core.format.quantization import QuantizedWeight
 from merge_core.inputs.checkpoint import Shard
 from merge_core.io.pipeline import DEFAULT_AHEAD_BYTES
 from merge_core.kinds import ExpertShare, Kind
-from merge_core.numerics.combine import CombineSpec
+from merge_core.numerics.arithmetic import Arithmetic
 
 # A worker's own memory whatever it merges: the interpreter, torch, Ray's core worker and the
 # cache-sized blocks of the fuse (measured: about 220 MB for the first three on a CPU).
 WORKER_BASE_BYTES = 384 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Update:
     """One adapter's update of one base tensor (see merge_core.kinds)."""
     adapter: int  # index into the plan's adapter URIs
@@ -46,7 +45,7 @@ class StoredPart:
     info: TensorInfo
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FuseTarget:
     tensor: str  # the tensor as the model holds it (a quantized weight's logical name)
     updates: tuple[Update, ...]
@@ -155,13 +154,12 @@ class ShardTask:
         return WORKER_BASE_BYTES + 2 * min(DEFAULT_AHEAD_BYTES, self.shard.size) + largest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergePlan:
     base_uri: str
     adapter_uris: tuple[str, ...]
     tasks: tuple[ShardTask, ...]
-    sequential: bool = False  # round after each adapter, in order (PEFT's merge_and_unload), not once
-    combine: CombineSpec | None = None  # --combine: TIES/DARE/magnitude pruning of the adapters' deltas
+    arithmetic: Arithmetic = Arithmetic()
     # config.json keys the merge changes (vocab_size of a resized vocabulary, tie_word_embeddings)
     config_updates: Mapping[str, object] = field(default_factory=dict)
     # files taken from an adapter rather than the base: the tokenizer saved with the adapter that
@@ -170,7 +168,6 @@ class MergePlan:
     file_sources: Mapping[str, str] = field(default_factory=dict)
     files_left_out: tuple[str, ...] = ()
     config_removed: tuple[str, ...] = ()  # config.json keys the merge drops (--dequantize: quantization_config)
-    unmerge: bool = False  # take the adapters back out of a merged model (PEFT's unmerge_adapter())
 
     @property
     def model_changes(self) -> dict:
@@ -184,14 +181,6 @@ class MergePlan:
                 "files_from_adapters": dict(self.file_sources), "base_files_left_out": list(self.files_left_out),
                 "requantized_tensors": sum(1 for f in quantized if not f.dequantize),
                 "dequantized_tensors": sum(1 for f in quantized if f.dequantize)}
-
-    @property
-    def arithmetic(self) -> dict:
-        """How several adapters' updates are put together, for the manifest and the resume journal."""
-        if self.unmerge:
-            return {"operation": "unmerge", "rounding": "after each adapter, the last one first", "combine": None}
-        return {"rounding": "after each adapter" if self.sequential else "once",
-                "combine": None if self.combine is None else dataclasses.asdict(self.combine)}
 
     @property
     def fused_tensor_count(self) -> int:

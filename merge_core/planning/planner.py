@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from merge_core.errors import InputError
+from merge_core.format.codecs import QUANT_METHODS, codec_of
 from merge_core.format.header import FLOAT_DTYPES
-from merge_core.format.quantization import QUANT_METHODS
 from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
-from merge_core.kinds import Kind
 from merge_core.names import ADAPTER_WEIGHTS_NAME, TOKENIZER_FILES, UNVALIDATED_SINGLE_NAME
-from merge_core.numerics.combine import CombineSpec, check_combine
+from merge_core.numerics.arithmetic import Arithmetic, Combination
 from merge_core.planning.experts import expert_targets
 from merge_core.planning.model_config import config_updates
 from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, StoredPart, Update
@@ -36,14 +35,8 @@ from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, resize
 log = logging.getLogger("lora_merge")
 
 
-def _check_arithmetic(adapters: Sequence[LoraAdapter], weights: Sequence[float], sequential: bool,
-                      combine: CombineSpec | None, allow_base_mismatch: bool) -> None:
-    """The flags that say how the adapters are put together agree with each other and with them."""
-    if combine is not None:
-        check_combine(combine)
-        if sequential:
-            raise InputError("--sequential", "cannot be combined with --combine, which merges the deltas into one",
-                             "pass one of them")
+def _check_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float], allow_base_mismatch: bool) -> None:
+    """The adapters agree with each other, and with their weights."""
     if not allow_base_mismatch:  # by base_model_name_or_path, where both say
         named = [(a.uri, a.config.get("base_model_name_or_path")) for a in adapters]
         named = [(uri, name) for uri, name in named if name]
@@ -65,14 +58,13 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     vocabulary's); records the new shape when it resizes it."""
     name = source or update.target
     if not base.has(name):
-        stored = " (neither whole nor one tensor per expert)" if update.kind is Kind.PARAM else ""
+        stored = " (neither whole nor one tensor per expert)" if update.kind.facts.per_parameter else ""
         raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have{stored}",
                          "check that the adapter was trained on this base model")
     quantized = base.quantized.get(name)
     owner = base.part_of(name)
     if owner is not None and quantized is None:
-        raise InputError(subject, f"targets {name}, a stored part of the quantized weight {owner.name}",
-                         f"train the adapter on the model's own module ({owner.name})")
+        codec_of(owner).meet(owner, name, resizes=False, subject=subject)
     info = base.info(name)
     if quantized is None and info.dtype not in FLOAT_DTYPES:
         raise InputError(f"{base.uri}/{base.shard_of(name)}: tensor {name}", f"is {info.dtype}; an adapter can only "
@@ -81,13 +73,12 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     shape = shapes.get(update.target, tuple(info.shape))
     if resizes(update, shape):
         if quantized is not None:
-            raise InputError(subject, f"resizes {name}, which the base stores quantized ({quantized.codec})",
-                             "merge into an unquantized base checkpoint")
+            codec_of(quantized).meet(quantized, name, resizes=True, subject=subject)
         shapes[update.target] = tuple(update.factors[0].shape)
     elif not fits(update, shape):
         expected = expected_shape(update)
         what = (f"is {list(shape)} in the base, the adapter's copy is {list(expected)}"
-                if update.kind is Kind.REPLACE else
+                if update.kind.facts.whole else
                 f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
                 f"{update.target} of shape {list(shape)}")
         raise InputError(subject, what, "check that the adapter was trained on this base model")
@@ -95,17 +86,14 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
 
 def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
     """What PEFT's unmerge_adapter() cannot take back out of a merged weight is refused by name."""
-    if update.kind.facts.unmerge is not None:
+    if update.kind.facts.reversible:
         return
-    why = ("DoRA's merge normalised by the norm of the weight before it, which neither the merged model nor "
-           "the adapter records" if update.kind is Kind.DORA else
-           "the adapter's copy replaced the tensor whole (modules_to_save, or an embedding saved with the adapter)")
-    raise InputError(subject, f"cannot be unmerged from {update.target}: {why}",
+    raise InputError(subject, f"cannot be unmerged from {update.target}: {update.kind.facts.irreversible}",
                      "give the original base with --base to restore it from there")
 
 
 def _check_together(update: ModuleUpdate, subject: str, index: int, weight: float, uri: str,
-                    earlier: Sequence[Update], combine: CombineSpec | None) -> None:
+                    earlier: Sequence[Update], combine: Combination | None) -> None:
     """An update goes with its adapter's --weight, --combine, and the updates of the same tensor
     planned before it."""
     if combine is not None and not update.kind.additive:
@@ -114,25 +102,24 @@ def _check_together(update: ModuleUpdate, subject: str, index: int, weight: floa
     if weight != 1 and not update.kind.additive:
         raise InputError(f"--weight {weight:g}", f"{uri} updates {update.target} by {update.kind}, "
                          "which is not a sum: it cannot be weighted", "give this adapter weight 1")
-    if update.kind is Kind.DORA and any(u.kind is not Kind.REPLACE for u in earlier):
+    if update.kind.facts.normalises and any(not u.kind.facts.whole for u in earlier):
         raise InputError(subject, f"applies DoRA to {update.target} after another adapter updated it: PEFT "
                          "then normalises by a weight it recovers by unmerging the others, which neither "
                          "its forward pass nor lora-merge does", "give the DoRA adapter first")
-    copies = [u.adapter for u in earlier if u.kind is Kind.REPLACE]
-    if update.kind is Kind.REPLACE and index in copies:
+    copies = [u.adapter for u in earlier if u.kind.facts.whole]
+    if update.kind.facts.whole and index in copies:
         raise InputError(subject, f"is a second whole copy of {update.target} in this adapter",
                          "re-save the adapter with PEFT")
-    if update.kind is Kind.REPLACE and copies:
+    if update.kind.facts.whole and copies:
         raise InputError(subject, f"a second adapter also replaces {update.target} with its own copy",
                          "merge adapters that save whole copies of a module one at a time")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Placement:
     """The updates placed so far, by the tensor each lands on, and what they change in the model."""
     base: BaseCheckpoint
-    combine: CombineSpec | None
-    unmerge: bool = False
+    arithmetic: Arithmetic
     restorable: bool = False  # unmerge with the original base given: what cannot be undone is copied back
     restored: set[str] = field(default_factory=set)
     updates: dict[str, list[Update]] = field(default_factory=dict)
@@ -145,17 +132,17 @@ class _Placement:
         """(as saved, where it lands, the base tensor a new tensor starts from) for each update that
         is merged, in the order PEFT merges them."""
         placed = [(u, *tied_target(self.base, u)) for saved in adapter.updates
-                  for u in (expert_targets(self.base, saved, where) if saved.kind is Kind.PARAM else [saved])]
+                  for u in (expert_targets(self.base, saved, where) if saved.kind.facts.per_parameter else [saved])]
         # One tensor saved twice by one adapter (a modules_to_save module's original beside its
         # trained copy; a tied head's copy beside the embedding's, the same shared tensor when
         # trained): the copy saved under the tensor's own name is the one merged.
-        own_copies = {u.target for u, landed, _ in placed if u.kind is Kind.REPLACE
+        own_copies = {u.target for u, landed, _ in placed if u.kind.facts.whole
                       and u.saved_as != "original_module" and landed.target == u.target}
         # PEFT merges modules in the model's order: a tied head's update lands after the embedding's.
         placed.sort(key=lambda p: p[1].target != p[0].target)
         return [(head, update, source) for head, update, source in placed
-                if not (update.kind is Kind.IA3 and update.side == "bias" and not self.base.has(head.target))
-                and not (update.kind is Kind.REPLACE and update.target in own_copies
+                if not (update.side == "bias" and not self.base.has(head.target))
+                and not (update.kind.facts.whole and update.target in own_copies
                          and (update.saved_as == "original_module" or update.target != head.target))]
 
     def place(self, adapter: LoraAdapter, index: int, weight: float) -> None:
@@ -165,7 +152,7 @@ class _Placement:
             subject = f"{where}: tensor {update.factors[0].name}"
             if update.target != head.target and update.saved_as != "original_module":
                 self.head_updates.append(subject)
-            if update.kind is Kind.REPLACE and update.trained_copy and update.target == tied:
+            if update.kind.facts.whole and update.trained_copy and update.target == tied:
                 self.added[UNTIED_HEAD] = tied  # a trained copy of the tied embedding: the head keeps the original
             if source is not None:
                 self.added[update.target] = source
@@ -181,18 +168,19 @@ class _Placement:
                     raise InputError(subject, f"resizes {update.target}, which an adapter before it updates at its "
                                      "old size", "give the adapter that resizes the vocabulary first")
                 self.resizer = adapter
-            if self.unmerge and update.kind.facts.unmerge is None and self.restorable:
+            if self.arithmetic.unmerge and not update.kind.facts.reversible and self.restorable:
                 self.restored.add(update.target)
                 continue
-            if self.unmerge:
+            if self.arithmetic.unmerge:
                 _check_unmergeable(update, subject)
-            _check_together(update, subject, index, weight, adapter.uri, earlier, self.combine)
-            earlier.append(Update(index, adapter.header.data_start, update.kind, update.factors, update.roles,
-                                  update.scale, weight, update.transpose, update.experts, update.side))
+            _check_together(update, subject, index, weight, adapter.uri, earlier, self.arithmetic.combine)
+            earlier.append(Update(adapter=index, data_start=adapter.header.data_start, kind=update.kind,
+                                  factors=update.factors, roles=update.roles, scale=update.scale, weight=weight,
+                                  transpose=update.transpose, experts=update.experts, side=update.side))
 
     def check_combined(self) -> None:
         for name, tensor_updates in self.updates.items():
-            if self.combine is not None and len({u.kind.rounds_delta for u in tensor_updates}) > 1:
+            if self.arithmetic.combine is not None and len({u.kind.rounds_delta for u in tensor_updates}) > 1:
                 raise InputError(name, "is updated both by LoRA on its layer and by LoRA on it as a parameter, "
                                  "whose deltas PEFT rounds differently: --combine cannot combine them",
                                  "merge these adapters without --combine")
@@ -207,9 +195,15 @@ class _Placement:
             parts = tuple(StoredPart(role, base.weight_map[info.name],
                                      base.shard(base.weight_map[info.name]).header.data_start, info)
                           for role, info in sorted(weight.parts, key=lambda p: p[1].name != weight.primary.name))
-            targets[name] = FuseTarget(name, tuple(self.updates.get(name, ())), quantized=weight, parts=parts,
-                                       dequantize=dequantize)
+            targets[name] = FuseTarget(tensor=name, updates=tuple(self.updates.get(name, ())), quantized=weight,
+                                       parts=parts, dequantize=dequantize)
         return targets
+
+    def target(self, name: str) -> FuseTarget:
+        """A tensor stored plainly, with its updates; an unmerge that cannot compute it restores it."""
+        restore = name in self.restored
+        return FuseTarget(tensor=name, updates=() if restore else tuple(self.updates.get(name, ())),
+                          source=self.added.get(name), shape=self.shapes.get(name), restore=restore)
 
     def tasks(self, dequantize: bool) -> tuple[ShardTask, ...]:
         """One task per base shard, its targets in the shard's file order (a quantized weight where its
@@ -221,9 +215,7 @@ class _Placement:
             names = [t.name for t in shard.header.tensors if t.name in self.updates and t.name not in quantized]
             names += [name for name, source in self.added.items() if source in shard.header.names]
             names += [t.name for t in shard.header.tensors if t.name in self.restored and t.name not in names]
-            targets = [FuseTarget(name, () if name in self.restored else tuple(self.updates.get(name, ())),
-                                  self.added.get(name), self.shapes.get(name), restore=name in self.restored)
-                       for name in names]
+            targets = [self.target(name) for name in names]
             targets += [t for t in quantized.values() if t.parts[0].shard == shard.name]
             order = {name: i for i, name in enumerate(shard.header.names)}
             targets.sort(key=lambda t: (t.source is not None, order.get(t.parts[0].info.name if t.parts else t.tensor, 0)))
@@ -233,18 +225,15 @@ class _Placement:
 
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
-               sequential: bool = False, combine: CombineSpec | None = None,
-               allow_base_mismatch: bool = False, dequantize: bool = False, unmerge: bool = False,
+               arithmetic: Arithmetic = Arithmetic(), *, allow_base_mismatch: bool = False, dequantize: bool = False,
                restorable: bool = False) -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
-    a quantized base's weights are all written as bf16. With `unmerge`, `base` is a merged model
-    and the adapters' updates are taken back out of it; with `restorable` (the original base is at
-    hand), what cannot be taken out is restored from it whole."""
-    _check_arithmetic(adapters, weights, sequential, combine, allow_base_mismatch)
-    if unmerge and combine is not None:
-        raise InputError("--combine", "cannot be undone: the pruned deltas depend on every adapter merged with them",
-                         "unmerge without --combine")
-    placement = _Placement(base, combine, unmerge, restorable)
+    a quantized base's weights are all written as bf16. With `arithmetic.unmerge`, `base` is a merged
+    model and the adapters' updates are taken back out of it; with `restorable` (the original base is
+    at hand), what cannot be taken out is restored from it whole."""
+    arithmetic.check()
+    _check_adapters(adapters, weights, allow_base_mismatch)
+    placement = _Placement(base=base, arithmetic=arithmetic, restorable=restorable)
     for index, (adapter, weight) in enumerate(zip(adapters, weights)):
         placement.place(adapter, index, weight)
     placement.updates = {name: updates for name, updates in placement.updates.items() if updates}
@@ -256,7 +245,9 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
         log.warning("--dequantize: %s is not quantized; its weights are written as they are", base.uri)
     dequantizing = dequantize and base.quantization is not None
     updates, removed = config_updates(base, vocab_size, bool(placement.added), dequantizing)
-    return MergePlan(base.uri, tuple(a.uri for a in adapters), placement.tasks(dequantizing), sequential, combine,
-                     updates, {name: resizer.uri for name in tokenizer},
-                     tuple(n for n in base.extra_files if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
-                     removed, unmerge)
+    return MergePlan(base_uri=base.uri, adapter_uris=tuple(a.uri for a in adapters),
+                     tasks=placement.tasks(dequantizing), arithmetic=arithmetic, config_updates=updates,
+                     file_sources={name: resizer.uri for name in tokenizer},
+                     files_left_out=tuple(n for n in base.extra_files
+                                          if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
+                     config_removed=removed)

@@ -31,11 +31,22 @@ def _whole(update: ModuleUpdate) -> tuple[int, ...]:
     return tuple(update.factors[0].shape)
 
 
-# kind → the one shape it fits; kinds not here are checked by fits() alone
+def _vector(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
+    """IA3's vector: as long as the rows or the columns it scales, or the whole bias."""
+    vector = update.factors[0].numel
+    if update.side == "bias":
+        return math.prod(shape) == vector
+    dims = (shape[1], shape[0]) if update.transpose else tuple(shape[:2])
+    return len(shape) >= 2 and vector == (dims[1] if update.side == "in" else dims[0])
+
+
+# kind → the one shape it fits, or else the rule it fits by; loha/lokr are checked by neither: ΔW is
+# reshaped to W's shape, which fails on another size
 EXPECTED: dict[Kind, Callable[[ModuleUpdate], tuple[int, ...]]] = {
     Kind.LORA: _low_rank, Kind.EMBEDDING: _low_rank, Kind.DORA: _low_rank, Kind.CONV: _low_rank,
     Kind.PARAM: _parameter, Kind.BIAS: _whole, Kind.REPLACE: _whole,
 }
+RULES: dict[Kind, Callable[[ModuleUpdate, tuple[int, ...]], bool]] = {Kind.IA3: _vector}
 
 
 def expected_shape(update: ModuleUpdate) -> tuple[int, ...] | None:
@@ -48,10 +59,5 @@ def fits(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
     expected = expected_shape(update)
     if expected is not None:
         return tuple(shape) == expected
-    if update.kind is Kind.IA3:
-        vector = update.factors[0].numel
-        if update.side == "bias":
-            return math.prod(shape) == vector
-        dims = (shape[1], shape[0]) if update.transpose else tuple(shape[:2])
-        return len(shape) >= 2 and vector == (dims[1] if update.side == "in" else dims[0])
-    return True  # loha/lokr: ΔW is reshaped to W's shape, which fails on another size
+    rule = RULES.get(update.kind)
+    return rule(update, shape) if rule else True

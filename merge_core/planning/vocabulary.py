@@ -10,7 +10,6 @@ from typing import Mapping
 from merge_core.errors import InputError
 from merge_core.inputs.adapter import VOCABULARY_MODULES, ModuleUpdate
 from merge_core.inputs.checkpoint import TIED_INPUT_EMBEDDINGS, BaseCheckpoint
-from merge_core.kinds import Kind
 
 # The output head a merge writes when it unties it from the input embedding.
 UNTIED_HEAD = "lm_head.weight"
@@ -27,7 +26,7 @@ def tied_target(base: BaseCheckpoint, update: ModuleUpdate) -> tuple[ModuleUpdat
     tied = base.tied_embedding
     if base.has(update.target) or tied is None or update.module.rpartition(".")[2] != "lm_head":
         return update, None
-    if update.kind is Kind.REPLACE and update.trained_copy:
+    if update.kind.facts.whole and update.trained_copy:
         return update, tied
     return dataclasses.replace(update, target=tied), None
 
@@ -37,7 +36,7 @@ def resizes(update: ModuleUpdate, shape: tuple[int, ...]) -> bool:
     vocabulary: PEFT saves the whole (n, H) tensor after resize_token_embeddings(n), and its copy
     replaces the base's."""
     copy = tuple(update.factors[0].shape)
-    return (update.kind is Kind.REPLACE and update.module.rpartition(".")[2] in VOCABULARY_MODULES
+    return (update.kind.facts.whole and update.module.rpartition(".")[2] in VOCABULARY_MODULES
             and len(copy) == len(shape) >= 1 and copy[1:] == tuple(shape[1:]) and copy[0] != shape[0])
 
 

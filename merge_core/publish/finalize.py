@@ -22,8 +22,8 @@ from merge_core.publish.publication import Publication
 from merge_core.publish.report import build_report
 from merge_core.publish.spot_check import spot_check
 from merge_core.publish.validate import check_headers, check_index
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_result import ShardResult
-from merge_core.worker.spec import MergeSpec
 
 
 def build_index(plan: MergePlan, base_metadata: Mapping[str, object]) -> tuple[dict, int]:
@@ -117,22 +117,18 @@ def _check_published(output: Storage, index_bytes: bytes, shards: Sequence[Mappi
                            "ran; this run's output was not published")
 
 
-def finalize_merge(plan: MergePlan, spec: MergeSpec, publication: Publication) -> dict:
-    """Validate (with spec.read_back), copy the other files, write the manifest, the report and,
+def finalize_merge(plan: MergePlan, job: MergeJob, publication: Publication) -> dict:
+    """Validate (with job.read_back), copy the other files, write the manifest, the report and,
     last, the index. Returns the manifest."""
     pause_point("finalizing")
     started = time.perf_counter()
-    output, base = open_storage(spec.output_uri, spec.storage), open_storage(spec.base_uri, spec.storage)
+    output, base = open_storage(job.output_uri, job.storage), open_storage(job.base_uri, job.storage)
     index, total_size = build_index(plan, publication.index_metadata)
-    if spec.read_back:
-        adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
+    if job.read_back:
+        adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
         validate_merge(plan, publication.results, index, base, adapters, output)
-    copied = copy_extra_files(plan, base, output, publication.extra_files, spec.storage)
+    copied = copy_extra_files(plan, base, output, publication.extra_files, job.storage)
     timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
-    manifest = build_manifest(plan, publication.adapter_records, publication.results, copied, total_size, timings,
-                              publication.cluster, publication.retries, publication.reused, publication.lineage,
-                              publication.original, publication.fingerprint,
-                              dict(publication.retry_reasons) | ({"final task": publication.final_retries}
-                                                                 if publication.final_retries else {}))
+    manifest = build_manifest(plan, publication, copied_files=copied, total_size=total_size, timings=timings)
     publish(output, plan, index, manifest, build_report(plan, publication.results))
     return manifest

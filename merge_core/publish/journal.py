@@ -54,7 +54,7 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
                                           for u in f.updates]) for t in plan.tasks for f in t.targets],
         "output": [t.output_tensors for t in plan.tasks],
         "settings": dict(settings),
-        "arithmetic": plan.arithmetic,
+        "arithmetic": plan.arithmetic.as_json(),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=list).encode()).hexdigest()
 

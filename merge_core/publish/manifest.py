@@ -9,8 +9,8 @@ from importlib import metadata
 from typing import Mapping, Sequence
 
 from merge_core.inputs.adapter import LoraAdapter
-from merge_core.kinds import Kind
 from merge_core.planning.plan import MergePlan
+from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
 
 MANIFEST_VERSION = 1
@@ -31,7 +31,7 @@ def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[
         "files": list(files),
         "peft_type": adapter.peft_type,
         # by module; by parameter for LoRA on parameters, several of which one module may hold
-        "scales": {u.target if u.kind is Kind.PARAM else u.module: u.scale for u in adapter.updates
+        "scales": {u.target if u.kind.facts.per_parameter else u.module: u.scale for u in adapter.updates
                    if u.kind.facts.scaled},
     }
 
@@ -57,14 +57,14 @@ def recovery(plan: MergePlan, results: Sequence[ShardResult], original: str) -> 
             "max_ulps": max((s.recovered_max_ulps or 0 for s in compared.values()), default=0)}
 
 
-def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], results: Sequence[ShardResult],
-                   copied_files: Sequence[Mapping[str, object]], total_size: int,
-                   timings: Mapping[str, float], cluster: Mapping[str, object],
-                   retries: Mapping[str, int] | None = None, reused: Sequence[str] = (),
-                   lineage: Mapping[str, object] | None = None, original: str | None = None,
-                   fingerprint: str = "", retry_reasons: Mapping[str, Sequence[str]] | None = None) -> dict:
+def build_manifest(plan: MergePlan, publication: Publication, *, copied_files: Sequence[Mapping[str, object]],
+                   total_size: int, timings: Mapping[str, float]) -> dict:
+    results, reused = publication.results, publication.reused
+    retry_reasons = dict(publication.retry_reasons) | (
+        {"final task": publication.final_retries} if publication.final_retries else {})
     by_name = {r.name: r for r in results}
-    history = {"lineage": dict(lineage)} if lineage else {}
+    history = {"lineage": dict(publication.lineage)} if publication.lineage else {}
+    original = publication.original_uri
     recovered = {"recovery": recovery(plan, results, original)} if original else {}
     return history | recovered | {
         "manifest_version": MANIFEST_VERSION,
@@ -75,21 +75,21 @@ def build_manifest(plan: MergePlan, adapters: Sequence[Mapping[str, object]], re
             "shards": [{"name": t.name, "size": t.shard.size, "sha256": by_name[t.name].base_sha256}
                        for t in plan.tasks],
         },
-        "adapters": list(adapters),
+        "adapters": list(publication.adapter_records),
         "output": {
             "total_size": total_size,
-            "shards": [shard_record(by_name[t.name], plan, (retries or {}).get(t.name, 0), t.name in reused)
+            "shards": [shard_record(by_name[t.name], plan, publication.retries.get(t.name, 0), t.name in reused)
                        for t in plan.tasks],
             "files": list(copied_files),
         },
-        "arithmetic": plan.arithmetic,
+        "arithmetic": plan.arithmetic.as_json(),
         # config.json keys rewritten, tensors resized (a new vocabulary) or added (an untied head)
         "model_changes": plan.model_changes,
         "fused_tensor_count": plan.fused_tensor_count,
         "reused_shards": len(reused),
-        "fingerprint": fingerprint,
+        "fingerprint": publication.fingerprint,
         # why each retried task failed before it succeeded: shard name (or "final task") -> reasons
-        "retry_reasons": {k: list(v) for k, v in (retry_reasons or {}).items() if v},
+        "retry_reasons": {k: list(v) for k, v in retry_reasons.items() if v},
         "timings": dict(timings),
-        "cluster": dict(cluster),
+        "cluster": dict(publication.cluster),
     }

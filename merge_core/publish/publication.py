@@ -8,7 +8,7 @@ from typing import Mapping
 from merge_core.worker.shard_result import ShardResult
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Publication:
     """What the final task publishes besides the plan: the shards' results and the run's record."""
     results: tuple[ShardResult, ...]
@@ -21,6 +21,6 @@ class Publication:
     retry_reasons: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard -> why each retry
     reused: tuple[str, ...] = ()  # shards a --resume took from the interrupted run
     lineage: Mapping[str, object] | None = None  # the input model's own manifest, when it has one
-    original: str | None = None  # unmerge: the original base its result was compared with
+    original_uri: str | None = None  # unmerge: the original base its result was compared with
     fingerprint: str = ""  # the merge's (inputs, updates, settings): a re-run that finds it done does nothing
     final_retries: tuple[str, ...] = ()  # why earlier attempts of the final task failed

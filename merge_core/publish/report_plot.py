@@ -107,8 +107,8 @@ def _title(view: ReportView, most: int = 3) -> str:
 
 
 def png_bytes(view: ReportView, flag: str = "--png") -> bytes:
+    fig = figure(view, flag)  # first: without matplotlib, the InputError that says how to install it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    fig = figure(view, flag)
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)

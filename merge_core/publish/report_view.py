@@ -80,7 +80,7 @@ def _outside_module(parts: Sequence[str]) -> str:
     return "other"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tensor:
     """One row of the report, with its place. The last three are None where the report lacks them."""
     name: str
@@ -116,7 +116,7 @@ class Tensor:
         return self.delta_of(None) if len(self.adapters) == 1 else math.nan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Grid:
     title: str
     kind: str  # "relative_change" (‖ΔW‖/‖W‖) or "adapter_kept" (0..1)
@@ -138,7 +138,7 @@ class Adapter:
     weight: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReportView:
     model: str
     created: str  # the merge's date, YYYY-MM-DD
@@ -161,8 +161,9 @@ def load_view(report: bytes, manifest: Mapping, config: Mapping | None = None) -
     grids = tuple(_relative_grid(tensors, a.uri, f"‖ΔW‖/‖W‖ of {_short(a.uri)}") for a in adapters) if split \
         else (_relative_grid(tensors, None, "‖ΔW‖/‖W‖"),)
     kept = _kept_grid(tensors) if any(t.adapter_kept is not None for t in tensors) else None
-    return ReportView(_model_name(manifest, config or {}), str(manifest.get("created", ""))[:10], adapters,
-                      dict(manifest.get("arithmetic") or {}), tensors, grids, kept)
+    return ReportView(model=_model_name(manifest, config or {}), created=str(manifest.get("created", ""))[:10],
+                      adapters=adapters, arithmetic=dict(manifest.get("arithmetic") or {}), tensors=tensors,
+                      grids=grids, kept=kept)
 
 
 def _read_rows(report: bytes) -> list[dict]:
@@ -183,10 +184,11 @@ def _tensor(row: Mapping, stack_labels: Mapping[str, str]) -> Tensor:
     else:
         label = f"{stack_labels[where.stack]}{where.layer}"
     norms = row.get("adapter_delta_norms")
-    return Tensor(row["name"], tuple(row.get("shape") or ()), label, where,
-                  bool(row["fused"]), tuple(row["adapters"] or ()), row["delta_norm"], row.get("delta_max_abs"),
-                  row["relative_change"], tuple(norms) if norms else None, row.get("adapter_kept"),
-                  row.get("requant_error"))
+    return Tensor(name=row["name"], shape=tuple(row.get("shape") or ()), row=label, place=where,
+                  fused=bool(row["fused"]), adapters=tuple(row["adapters"] or ()), delta_norm=row["delta_norm"],
+                  delta_max_abs=row.get("delta_max_abs"), relative_change=row["relative_change"],
+                  adapter_delta_norms=tuple(norms) if norms else None, adapter_kept=row.get("adapter_kept"),
+                  requant_error=row.get("requant_error"))
 
 
 def _stack_labels(stacks: Sequence[str]) -> dict[str, str]:
@@ -242,7 +244,8 @@ def _grid(tensors: Sequence[Tensor], title: str, kind: str,
         values.append(tuple(c[0] for c in cells))
         extreme.append(tuple(c[1] for c in cells))
         states.append(tuple(c[2] for c in cells))
-    return Grid(title, kind, layers, modules, tuple(values), tuple(extreme), tuple(states))
+    return Grid(title=title, kind=kind, layers=layers, modules=modules, values=tuple(values), extreme=tuple(extreme),
+                states=tuple(states))
 
 
 def _cell(units: Mapping[str, list[Tensor]] | None, unit_value, kind: str) -> tuple[float, float, str]:

@@ -7,18 +7,20 @@ W + Σ s·(B·A) in float64, with a bound on how far a correct float32 evaluatio
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 from merge_core.format import codecs
-from merge_core.format.codecs.steps import step as steps_of
 from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import TORCH_DTYPES, tensor_from_bytes
 from merge_core.io.storage import Storage
 from merge_core.kinds import Kind
 from merge_core.names import ADAPTER_WEIGHTS_NAME
+from merge_core.numerics.arithmetic import Arithmetic
 from merge_core.numerics.ulps import ulp_distance
 from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, Update
 
@@ -29,6 +31,15 @@ SPOT_ROWS = 4
 SPOT_QUANTIZED = 2
 
 
+@dataclass(frozen=True)
+class _Sources:
+    """What the spot check reads: the base, the adapters, and the merged shard with its header."""
+    base: Storage
+    adapters: Sequence[Storage]
+    output: Storage
+    header: ShardHeader
+
+
 def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: int) -> torch.Tensor:
     row_bytes = info.nbytes // info.shape[0]
     raw = storage.read_range(name, data_start + info.start + row * row_bytes, row_bytes)
@@ -36,7 +47,7 @@ def _row(storage: Storage, name: str, data_start: int, info: TensorInfo, row: in
 
 
 def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequence[Storage],
-              unmerge: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              unmerge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row `row` of the merge (or unmerge) in float64 from W's row: (exact, Σ|terms| bound for the
     float32 evaluation error, |ΔW| of the updates PEFT rounds before adding or subtracting)."""
     sign = -1.0 if unmerge else 1.0
@@ -64,7 +75,7 @@ def _expected(target: FuseTarget, row: int, weight: torch.Tensor, adapters: Sequ
         term = (left @ right) * scale
         exact += sign * term
         bound += (left.abs() @ right.abs()) * abs(scale)
-        if u.kind.rounds_delta or (unmerge and u.kind.facts.unmerge == "sub_rounded"):
+        if u.kind.rounds_delta or (unmerge and u.kind.facts.rounds_delta_out):
             rounded_delta += term.abs()
     return exact, bound, rounded_delta
 
@@ -76,15 +87,15 @@ def _evaluation_error(target: FuseTarget, bound: torch.Tensor) -> torch.Tensor:
     return 4 * (rank + 2) * torch.finfo(torch.float32).eps * bound
 
 
-def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adapters: Sequence[Storage],
-              output: Storage, out_header: ShardHeader, sequential: bool = False,
-              weight: torch.Tensor | None = None, unmerge: bool = False) -> str | None:
+def _spot_row(task: ShardTask, target: FuseTarget, row: int, sources: _Sources, arithmetic: Arithmetic,
+              weight: torch.Tensor | None = None) -> str | None:
     """One row of a tensor stored in a float dtype (`weight`: W's row when the caller decoded it)."""
     if weight is None:
-        weight = _row(base, task.name, task.shard.header.data_start, task.shard.header.tensor(target.tensor), row)
-    exact, bound, rounded_delta = _expected(target, row, weight.double(), adapters, unmerge)
-    stored_info = out_header.tensor(target.tensor)
-    stored = _row(output, task.output_name, out_header.data_start, stored_info, row)
+        weight = _row(sources.base, task.name, task.shard.header.data_start,
+                      task.shard.header.tensor(target.tensor), row)
+    exact, bound, rounded_delta = _expected(target, row, weight.double(), sources.adapters, arithmetic.unmerge)
+    stored_info = sources.header.tensor(target.tensor)
+    stored = _row(sources.output, task.output_name, sources.header.data_start, stored_info, row)
     ulps = ulp_distance(stored, exact.to(TORCH_DTYPES[stored_info.dtype]))
     # Rounding adds up to one unit of the stored value to the float32 evaluation's error; LoRA on
     # parameters rounds ΔW first, which may move it by half a unit of ΔW itself.
@@ -93,12 +104,12 @@ def _spot_row(task: ShardTask, target: FuseTarget, row: int, base: Storage, adap
     unit = torch.where(magnitude > 0, 2.0 ** torch.floor(torch.log2(magnitude.clamp_min(finfo.tiny))) * finfo.eps,
                        torch.full_like(magnitude, finfo.tiny))
     allowed = unit + _evaluation_error(target, bound) + finfo.eps * rounded_delta
-    if sequential or unmerge:  # each adapter's result rounded, by up to half a unit of that value
+    if arithmetic.rounds_each:  # each adapter's result rounded, by up to half a unit of that value
         allowed += (len(target.updates) - 1) * finfo.eps * bound
     bad = (ulps > len(target.updates)) & ~((stored.double() - exact).abs() <= len(target.updates) * allowed)
     if bool(bad.any()):
-        return (f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: {int(bad.sum())} elements differ "
-                f"from the float64 recomputation by up to {int(ulps.max())} ulp")
+        return (f"{sources.output.describe(task.output_name)}: tensor {target.tensor} row {row}: {int(bad.sum())} "
+                f"elements differ from the float64 recomputation by up to {int(ulps.max())} ulp")
     return None
 
 
@@ -107,23 +118,23 @@ def _parts(storage: Storage, name: str, data_start: int, infos: Sequence[tuple[s
             for role, i in infos}
 
 
-def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], base: Storage,
-                    adapters: Sequence[Storage], output: Storage, out_header: ShardHeader,
-                    unmerge: bool = False) -> list[str]:
+def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], sources: _Sources,
+                    arithmetic: Arithmetic = Arithmetic()) -> list[str]:
     """Rows of a quantized weight: the float64 merge of its decoded base rows, against the stored weight
     decoded (within one quantization step of its format), or the stored bf16 (--dequantize)."""
+    base, output, header = sources.base, sources.output, sources.header
     weight = codecs.decode(target.quantized, {p.role: tensor_from_bytes(
         base.read_range(p.shard, p.data_start + p.info.start, p.info.nbytes), p.info.dtype, p.info.shape)
         for p in target.parts})
-    if target.dequantize:
-        return [p for row in rows if (p := _spot_row(task, target, row, base, adapters, output, out_header,
-                                                      weight=weight[row], unmerge=unmerge))]
-    stored_parts = _parts(output, task.output_name, out_header.data_start,
-                          [(p.role, out_header.tensor(p.info.name)) for p in target.parts])
-    stored, steps = codecs.decode(target.quantized, stored_parts), steps_of(target.quantized, stored_parts)
+    if target.dequantize:  # fused as float32 and rounded once: --sequential rounded to float32 in between
+        once = dataclasses.replace(arithmetic, sequential=False)
+        return [p for row in rows if (p := _spot_row(task, target, row, sources, once, weight=weight[row]))]
+    stored_parts = _parts(output, task.output_name, header.data_start,
+                          [(p.role, header.tensor(p.info.name)) for p in target.parts])
+    stored, steps = codecs.decode(target.quantized, stored_parts), codecs.step(target.quantized, stored_parts)
     problems = []
     for row in rows:
-        exact, bound, _ = _expected(target, row, weight[row].double(), adapters, unmerge)
+        exact, bound, _ = _expected(target, row, weight[row].double(), sources.adapters, arithmetic.unmerge)
         off = (stored[row].double() - exact).abs() - steps[row].double() - _evaluation_error(target, bound)
         if bool((off > 0).any()):
             problems.append(f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: "
@@ -133,13 +144,12 @@ def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], ba
 
 
 def _row_recomputable(update: Update) -> bool:
-    """Kinds whose row the spot check recomputes: LoRA on linear layers, lora_bias, and LoRA on
-    2-D parameters or on one expert's tensor."""
+    """Updates whose row the spot check recomputes: lora_bias, and the low-rank products of 2-D
+    factors (LoRA on linear layers, on 2-D parameters or on one expert's tensor)."""
     if update.kind is Kind.BIAS:
         return True
-    if update.kind is Kind.PARAM:
-        return update.experts.two_d
-    return update.kind is Kind.LORA and len(update.factors[0].shape) == 2
+    return (update.kind.facts.low_rank and len(update.factors[0].shape) == 2
+            and (update.experts is None or update.experts.two_d))
 
 
 def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], output: Storage,
@@ -149,7 +159,7 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
     stored one by one are sampled: the other kinds are
     checked against a fresh merge by `lora-merge verify`, and so are merges with --combine, whose
     pruning the float64 row recomputation does not repeat."""
-    if plan.combine is not None:
+    if plan.arithmetic.combine is not None:
         return []
     rng = random.Random(seed)
     fused = [(t, f) for t in plan.tasks for f in t.targets if t.name in headers and f.updates
@@ -157,17 +167,13 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
              and (f.quantized is None or len(f.quantized.shape) == 2)]
     problems, quantized = [], 0
     for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
+        sources = _Sources(base, adapters, output, headers[task.name])
         count = (target.quantized.shape if target.quantized else task.shard.header.tensor(target.tensor).shape)[0]
         rows = rng.sample(range(count), min(SPOT_ROWS, count))
         if target.quantized is not None:
             quantized += 1
             if quantized <= SPOT_QUANTIZED:
-                problems += _spot_quantized(task, target, rows, base, adapters, output, headers[task.name],
-                                            plan.unmerge)
+                problems += _spot_quantized(task, target, rows, sources, plan.arithmetic)
             continue
-        for row in rows:
-            problem = _spot_row(task, target, row, base, adapters, output, headers[task.name], plan.sequential,
-                                unmerge=plan.unmerge)
-            if problem:
-                problems.append(problem)
+        problems += [p for row in rows if (p := _spot_row(task, target, row, sources, plan.arithmetic))]
     return problems

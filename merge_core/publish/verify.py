@@ -17,14 +17,15 @@ from merge_core.io.storage import Storage
 from merge_core.numerics.ulps import describe_difference
 from merge_core.numerics.workspace import workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.job import MergeJob
 from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
-from merge_core.worker.spec import MergeSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardVerdict:
+    """What one merged shard's check found: its problems, and the size and sha256 of the bytes read."""
     name: str
-    problems: tuple[str, ...]
+    problems: tuple[str, ...]  # none: the shard is what its inputs make
     sha256: str
     size: int
     tensors_checked: int
@@ -39,12 +40,12 @@ def _owners(task: ShardTask) -> dict[str, FuseTarget]:
     return owners
 
 
-def _items(task: ShardTask, header: ShardHeader, spec: MergeSpec, merged: Storage, problems: list[str]) -> list[Item]:
+def _items(task: ShardTask, header: ShardHeader, job: MergeJob, merged: Storage, problems: list[str]) -> list[Item]:
     """Each tensor of the merged file, in its order (so that its bytes hash in sequence), with what a
     fresh merge of it reads: a fused target's outputs (a quantized weight's parts, together) in one
     item, an untouched tensor with its base bytes."""
-    base = open_storage(spec.base_uri, spec.storage)
-    adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
+    base = open_storage(job.base_uri, job.storage)
+    adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
     base_header = task.shard.header
     owners = _owners(task)
     planned = {name for name, _, _ in task.output_tensors}
@@ -71,7 +72,7 @@ def _items(task: ShardTask, header: ShardHeader, spec: MergeSpec, merged: Storag
     return items
 
 
-def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec: MergeSpec, planned: dict,
+def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, job: MergeJob, planned: dict,
              fused_ulps: int, where: str) -> list[str]:
     """The stored tensors of one item against a fresh merge (or the base bytes) of them."""
     problems = []
@@ -79,7 +80,7 @@ def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec:
     if isinstance(source, str):
         expected = {source: data[1]}
     else:
-        outputs, _ = merged_tensor(task, source, data[len(infos):], spec, workspace_for("cpu"))
+        outputs, _ = merged_tensor(task, source, data[len(infos):], job, workspace_for("cpu"))
         expected = dict(outputs)
     for info, raw in zip(infos, stored):
         dtype, shape = planned[info.name]
@@ -95,26 +96,26 @@ def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, spec:
     return problems
 
 
-def verify_shard(task: ShardTask, spec: MergeSpec, expected_size: int | None, expected_sha256: str | None,
+def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,
                  fused_ulps: int = 0) -> ShardVerdict:
-    """Re-read every byte of one merged shard (at spec.output_uri) and compare it with a fresh merge
+    """Re-read every byte of one merged shard (at job.output_uri) and compare it with a fresh merge
     of the base shard. Fused tensors may differ by `fused_ulps` (1 for shards fused on a GPU, whose
     products sum in another order); untouched tensors and the sha256 must match exactly."""
-    merged = open_storage(spec.output_uri, spec.storage)
+    merged = open_storage(job.output_uri, job.storage)
     where = merged.describe(task.name)
     try:
         header = read_shard_header(merged, task.name)
     except (InputError, FileNotFoundError) as exc:
-        return ShardVerdict(task.name, (str(exc),), "", 0, 0)
+        return ShardVerdict(name=task.name, problems=(str(exc),), sha256="", size=0, tensors_checked=0)
     problems: list[str] = []
     digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
     planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
     checked = 0
-    for (infos, source), data in read_ahead(_items(task, header, spec, merged, problems)):
+    for (infos, source), data in read_ahead(_items(task, header, job, merged, problems)):
         for raw in data[:len(infos)]:
             digest.update(raw)
         if source is not None:
-            problems += _compare(infos, data, source, task, spec, planned, fused_ulps, where)
+            problems += _compare(infos, data, source, task, job, planned, fused_ulps, where)
             checked += len(infos)
     missing = sorted(set(planned) - set(header.names))
     if missing:
@@ -123,4 +124,4 @@ def verify_shard(task: ShardTask, spec: MergeSpec, expected_size: int | None, ex
     if expected_sha256 is not None and (sha != expected_sha256 or size != expected_size):
         problems.append(f"{where}: sha256 {sha} ({size} bytes) differs from the manifest's {expected_sha256} "
                         f"({expected_size} bytes)")
-    return ShardVerdict(task.name, tuple(problems), sha, size, checked)
+    return ShardVerdict(name=task.name, problems=tuple(problems), sha256=sha, size=size, tensors_checked=checked)

@@ -2,7 +2,7 @@
 `lora-merge verify` turn a base tensor and its updates into W' (and the bytes to store).
 
     reads = tensor_reads(task, target, base, adapters)       # what to read, in this order
-    outputs, stats = merged_tensor(task, target, data, spec, workspace)   # data: the bytes of each read
+    outputs, stats = merged_tensor(task, target, data, job, workspace)   # data: the bytes of each read
     # outputs: [(tensor name, bytes)] in the order the shard stores them: one tensor, or a
     # quantized weight's parts (codes, scales, ...)
 
@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from functools import partial
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from merge_core.format import codecs
-from merge_core.format.quantization import check_packed_shape
 from merge_core.format.tensors import TORCH_DTYPES, resized, tensor_from_bytes
 from merge_core.io.pipeline import Read
 from merge_core.io.storage import Storage
 from merge_core.names import ADAPTER_WEIGHTS_NAME
-from merge_core.numerics.combine import combine_deltas
-from merge_core.numerics.fuse import Term, fuse_into
+from merge_core.numerics.arithmetic import Arithmetic
+from merge_core.numerics.fuse import fuse_into
+from merge_core.numerics.ops import Term
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import Workspace
 from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.job import MergeJob
 from merge_core.worker.original import OriginalShard
-from merge_core.worker.spec import MergeSpec
 
 
 def shared_factors(task: ShardTask) -> Counter:
@@ -54,7 +53,7 @@ def tensor_reads(task: ShardTask, target: FuseTarget, base: Storage, adapters: S
     return (Read(base, task.name, header.data_start + info.start, info.nbytes), *factors)
 
 
-def update_terms(target: FuseTarget, factor_bytes: Sequence, combining: bool = False) -> list[Term]:
+def update_terms(target: FuseTarget, factor_bytes: Sequence, arithmetic: Arithmetic) -> list[Term]:
     """The fuse's terms from the bytes read for a target's updates (each update's factors, in
     turn). Each adapter's --weight is folded into its scale, unless the adapters are combined
     (--combine), which weighs their full deltas itself."""
@@ -62,52 +61,50 @@ def update_terms(target: FuseTarget, factor_bytes: Sequence, combining: bool = F
     terms = []
     for u in target.updates:
         tensors = {role: tensor_from_bytes(next(remaining), f.dtype, f.shape) for role, f in zip(u.roles, u.factors)}
-        terms.append(Term(u.kind, tensors, u.scale if combining else u.scale * u.weight, u.transpose, u.side,
-                          u.experts))
+        scale = u.scale if arithmetic.combine is not None else u.scale * u.weight
+        terms.append(Term(u.kind, tensors, scale, transpose=u.transpose, side=u.side, experts=u.experts,
+                          weight=u.weight))
     return terms
 
 
-def _combiner(target: FuseTarget, spec: MergeSpec):
-    if spec.combine is None:  # the plan allows only additive updates with --combine
-        return None
-    return partial(combine_deltas, weights=[u.weight for u in target.updates], spec=spec.combine,
-                   tensor_name=target.tensor)
+def _fuse(weight: torch.Tensor, target: FuseTarget, factor_bytes: Sequence, job: MergeJob, workspace: Workspace,
+          before_writing: Callable[[], object] | None) -> FuseStats:
+    return fuse_into(weight, update_terms(target, factor_bytes, job.arithmetic), workspace, job.arithmetic,
+                     name=target.tensor, before_writing=before_writing)
 
 
-def merged_tensor(task: ShardTask, target: FuseTarget, data: Sequence, spec: MergeSpec, workspace: Workspace,
+def merged_tensor(task: ShardTask, target: FuseTarget, data: Sequence, job: MergeJob, workspace: Workspace,
                   before_writing: Callable[[], object] | None = None
                   ) -> tuple[list[tuple[str, memoryview]], FuseStats]:
     """Fuse one tensor from the (writable) buffers its bytes were read into, in tensor_reads'
     order. A plain tensor is fused in place in `data[0]` (or, resized by an adapter, in a buffer
     of its own); a quantized weight goes through its codec."""
     if target.quantized is not None:
-        return _merged_quantized(target, data, spec, workspace, before_writing)
+        return _merged_quantized(target, data, job, workspace, before_writing)
     info = task.shard.header.tensor(target.base_tensor)
     if target.restore:  # an unmerge PEFT cannot compute: the original base's own tensor
-        original = OriginalShard(spec, task.name).restore(target.tensor, info.dtype, info.shape)
-        return [(target.tensor, memoryview(original))], FuseStats(0.0, 0.0, 0.0, 0)
+        original = OriginalShard(job, task.name).restore(target.tensor, info.dtype, info.shape)
+        untouched = FuseStats(delta_norm=0.0, delta_max=0.0, weight_norm=0.0, nonfinite_introduced=0)
+        return [(target.tensor, memoryview(original))], untouched
     buffer = data[0]
     weight = tensor_from_bytes(buffer, info.dtype, info.shape)
     if target.shape is not None:
         buffer, weight = resized(weight, target.shape)
-    stats = fuse_into(weight, update_terms(target, data[1:], spec.combine is not None), workspace, before_writing,
-                      spec.sequential, _combiner(target, spec), spec.unmerge)
+    stats = _fuse(weight, target, data[1:], job, workspace, before_writing)
     return [(target.tensor, buffer)], stats
 
 
-def _merged_quantized(target: FuseTarget, data: Sequence, spec: MergeSpec, workspace: Workspace,
+def _merged_quantized(target: FuseTarget, data: Sequence, job: MergeJob, workspace: Workspace,
                       before_writing: Callable[[], object] | None) -> tuple[list[tuple[str, memoryview]], FuseStats]:
     """decode → fuse in float32 → encode (or bf16), with what the stored weight kept of ΔW."""
     count = len(target.parts)
     stored = {p.role: tensor_from_bytes(d, p.info.dtype, p.info.shape).to(workspace.device)
               for p, d in zip(target.parts, data[:count])}
-    if "shape" in stored:  # int4's weight_shape holds values the headers do not show
-        check_packed_shape(target.quantized, stored["shape"].tolist(), f"{spec.base_uri.rstrip('/')}/"
-                           f"{next(p.shard for p in target.parts if p.role == 'shape')}")
+    codecs.check_stored(target.quantized, stored, {p.role: f"{job.base_uri.rstrip('/')}/{p.shard}"
+                                                   for p in target.parts})
     weight = codecs.decode(target.quantized, stored)
     original = weight.clone() if target.updates else None
-    stats = fuse_into(weight, update_terms(target, data[count:], spec.combine is not None), workspace,
-                      before_writing, spec.sequential, _combiner(target, spec), spec.unmerge)
+    stats = _fuse(weight, target, data[count:], job, workspace, before_writing)
     if target.dequantize:
         rounded = weight.to(TORCH_DTYPES[target.quantized.dtype])
         outputs = [(target.tensor, _host_bytes(rounded))]

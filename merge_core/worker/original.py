@@ -13,15 +13,15 @@ from merge_core.io.registry import open_storage
 from merge_core.names import INDEX_NAME, SINGLE_NAME
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.ulps import ulp_distance
-from merge_core.worker.spec import MergeSpec
+from merge_core.worker.job import MergeJob
 
 
 class OriginalShard:
     """The original's tensors that a merged shard holds, wherever the original stores them (its shards
     need not be cut as the merged model's are): found through its index, each shard's header read once."""
 
-    def __init__(self, spec: MergeSpec, name: str):
-        self.storage = open_storage(spec.original_uri, spec.storage)
+    def __init__(self, job: MergeJob, name: str):
+        self.storage = open_storage(job.original_uri, job.storage)
         self.weight_map = _weight_map(self.storage, name)
         self.headers: dict = {}
 

@@ -24,10 +24,10 @@ from merge_core.io.storage import Storage
 from merge_core.numerics.stats import FuseStats
 from merge_core.numerics.workspace import Workspace, workspace_for
 from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.worker.job import MergeJob
 from merge_core.worker.merged_tensor import merged_tensor, shared_factors, tensor_reads
 from merge_core.worker.original import OriginalShard
 from merge_core.worker.shard_result import ShardResult, check_stored
-from merge_core.worker.spec import MergeSpec
 
 _HEADER, _COPY, _MOVED = "header", "copy", "moved"
 
@@ -87,15 +87,15 @@ class _Laps:
 class _ShardStream:
     """One shard on its way through: base bytes hashed behind, tensors fused here, output written behind."""
 
-    def __init__(self, task: ShardTask, spec: MergeSpec, base: Storage, stream: ShardStreamWriter,
+    def __init__(self, task: ShardTask, job: MergeJob, base: Storage, stream: ShardStreamWriter,
                  workspace: Workspace):
-        self.task, self.spec, self.base, self.stream, self.workspace = task, spec, base, stream, workspace
+        self.task, self.job, self.base, self.stream, self.workspace = task, job, base, stream, workspace
         self.layout = {i.name: i for i in stream.layout}
         self.base_sha = TimedSha256()
         self.hasher = Behind("hash-base")
         self.fused: list[tuple[str, FuseStats]] = []
         self.laps = _Laps()
-        self.original = OriginalShard(spec, task.name) if spec.original_uri else None
+        self.original = OriginalShard(job, task.name) if job.original_uri else None
 
     def run(self, items: Sequence[Item]) -> None:
         for tag, data in read_ahead(items):
@@ -110,8 +110,8 @@ class _ShardStream:
             self.laps.lap("write")  # the base's own header is only hashed: the output has its own
 
     def fuse(self, target: FuseTarget, data: list, before_writing) -> None:
-        outputs, stats = merged_tensor(self.task, target, data, self.spec, self.workspace, before_writing)
-        if stats.nonfinite_introduced and not self.spec.allow_nonfinite:
+        outputs, stats = merged_tensor(self.task, target, data, self.job, self.workspace, before_writing)
+        if stats.nonfinite_introduced and not self.job.allow_nonfinite:
             raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {target.tensor}: fusing produced "
                                    f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
                                    "(check the adapter, or pass --allow-nonfinite)"])
@@ -123,24 +123,24 @@ class _ShardStream:
             self.stream.write_tensor(self.layout[name], data)
 
 
-def merge_shard(task: ShardTask, spec: MergeSpec, device: str = "cpu", threads: int | None = None) -> ShardResult:
-    """Write the merged shard. With spec.read_back, the published bytes are read again and hashed.
-    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless spec.allow_nonfinite.
+def merge_shard(task: ShardTask, job: MergeJob, device: str = "cpu", threads: int | None = None) -> ShardResult:
+    """Write the merged shard. With job.read_back, the published bytes are read again and hashed.
+    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless job.allow_nonfinite.
     `device`: the torch device to fuse on; `threads`: the CPU cores the float32 math may use (the
     task's share of the node)."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    base, output = open_storage(spec.base_uri, spec.storage), open_storage(spec.output_uri, spec.storage)
-    adapters = [open_storage(u, spec.storage) for u in spec.adapter_uris]
+    base, output = open_storage(job.base_uri, job.storage), open_storage(job.output_uri, job.storage)
+    adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
     stream = ShardStreamWriter(output.open_writer(task.output_name), task.output_tensors, task.shard.header.metadata)
-    shard = _ShardStream(task, spec, base, stream, workspace_for(device))
+    shard = _ShardStream(task, job, base, stream, workspace_for(device))
     try:
         shard.run(list(_items(task, base, adapters)))
         size, sha = stream.commit()
         shard.hasher.drain()
         shard.laps.lap("write")
-        if spec.read_back:  # the size always; the bytes again where re-reading them proves something
+        if job.read_back:  # the size always; the bytes again where re-reading them proves something
             check_stored(output, task.output_name, size, sha, rehash=output.read_back_proves)
             shard.laps.lap("wait")
     except BaseException:
@@ -152,7 +152,8 @@ def merge_shard(task: ShardTask, spec: MergeSpec, device: str = "cpu", threads: 
     finally:
         shard.hasher.close()
     laps = shard.laps.seconds
-    return ShardResult(task.name, size, sha, shard.base_sha.hexdigest(), len(stream.layout), len(task.targets),
-                       laps["wait"], laps["fuse"], laps["write"], time.perf_counter() - started,
-                       str(torch.device(device)), socket.gethostname(), tuple(shard.fused),
-                       shard.base_sha.seconds + stream.hash_seconds)
+    return ShardResult(name=task.name, size=size, sha256=sha, base_sha256=shard.base_sha.hexdigest(),
+                       tensors=len(stream.layout), fused=len(task.targets), read_wait_seconds=laps["wait"],
+                       fuse_seconds=laps["fuse"], write_seconds=laps["write"], seconds=time.perf_counter() - started,
+                       device=str(torch.device(device)), node=socket.gethostname(), fused_stats=tuple(shard.fused),
+                       hash_seconds=shard.base_sha.seconds + stream.hash_seconds)

@@ -13,7 +13,7 @@ from merge_core.io.storage import Storage
 from merge_core.numerics.stats import FuseStats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardResult:
     """What a task returns through Ray: small, no tensors."""
     name: str

@@ -1,41 +1,86 @@
-"""Quantized weights to float32 and back, one entry point for every format in `merge_core.format.quantization`.
+"""The quantized formats lora-merge keeps a weight in: one codec each (a file here implementing
+merge_core.format.quantization.Codec, and a line in CODECS), and the entry points the rest of the
+project uses, none of which names a format.
 
-Pure tensor in, tensor out, on whatever device the tensors are: the worker reads the stored parts, decodes,
-fuses in float32, encodes, and writes each part with exactly the dtype and shape the base stores.
+    scheme = read_scheme(config, where)              # config.json's quantization_config, or None
+    weights = group_weights(scheme, infos, where)    # the quantized weights among the stored tensors
+    weight = decode(w, parts)                        # float32, exact: code × scale
+    parts = encode(w, merged)                        # each part with its stored dtype and shape
+    parts = encode(w, merged, scales_from=base)      # the base's scales kept, only the codes computed
 
-decode gives the exact float32 value of code × scale (one rounding for FP8, none for MXFP4 and INT4). The
-bf16 weight transformers dequantizes to, which PEFT would merge into, is that rounded to `weight.dtype`.
+encode requantizes with the reference quantizer of each format, fresh scales included. Keeping the
+base's scales (scales_from) gives the weight back bit for bit when unchanged, whatever made its scales
+(quantization-aware training, an older quantizer), and scales do not drift on requantization (INT4's
+amax / 7.5 moves every scale by 16/15 or 14/15 otherwise); values past a block's range saturate.
 
-encode(weight, merged) requantizes with the reference quantizer of each format, fresh scales included.
-encode(weight, merged, scales_from=base_parts) keeps the base's scales and computes only the codes: the
-weight comes back bit for bit when unchanged, whatever made its scales (quantization-aware training, an
-older quantizer), and scales do not drift on requantization (INT4's amax / 7.5 moves every scale by 16/15 or
-14/15 otherwise); values past a block's range saturate.
+Torch-free to import: the driver reads config.json and the headers through it; the tensor entry
+points load torch when first called.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
-
+from merge_core.errors import InputError
 from merge_core.format.codecs import fp8_block, int4_packed, mxfp4
-from merge_core.format.quantization import QuantizedWeight
-from merge_core.format.tensors import TORCH_DTYPES
+from merge_core.format.codecs.checks import UNQUANTIZED_FIX
+from merge_core.format.codecs.deferred import tensors
+from merge_core.format.header import TensorInfo
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
 
-MXFP4_TIES = "away"
+if TYPE_CHECKING:
+    import torch
+
+CODECS: dict[str, Codec] = {codec.name: codec for codec in (fp8_block.CODEC, mxfp4.CODEC, int4_packed.CODEC)}
+_BY_METHOD = {codec.quant_method: codec for codec in CODECS.values()}
+QUANT_METHODS = tuple(_BY_METHOD)
+
+
+def codec_of(weight: QuantizedWeight) -> Codec:
+    return CODECS[weight.codec]
+
+
+def read_scheme(config: Mapping, where: str) -> QuantScheme | None:
+    """The base's quantization scheme from config.json, None when it has none. Multimodal configs
+    (Kimi K2.5) keep it under text_config."""
+    subject = f"{where}: quantization_config"
+    qc = config.get("quantization_config")
+    if qc is None and isinstance(config.get("text_config"), dict):
+        qc = config["text_config"].get("quantization_config")
+        subject = f"{where}: text_config.quantization_config"
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise InputError(subject, f"{qc!r} is not a JSON object", "fix config.json")
+    codec = _BY_METHOD.get(qc.get("quant_method"))
+    if codec is None:
+        raise InputError(f"{subject}.quant_method", f"quantization {qc.get('quant_method')!r} is not supported "
+                         f"(supported: {', '.join(QUANT_METHODS)})", UNQUANTIZED_FIX)
+    return codec.read_scheme(qc, subject)
+
+
+def group_weights(scheme: QuantScheme, infos: Mapping[str, TensorInfo], where: str) -> dict[str, QuantizedWeight]:
+    """Every quantized logical weight of the checkpoint (all shards' tensors, by name), each checked.
+    Tensors that are not part of one are left out."""
+    weights = _BY_METHOD[scheme.method].group(scheme, infos, where)
+    return {w.name: w for w in sorted(weights, key=lambda w: w.name)}
+
+
+def describe(scheme: QuantScheme) -> str:
+    """The base's format as a user names it, e.g. 'fp8 e4m3, 128×128 blocks'."""
+    return _BY_METHOD[scheme.method].describe(scheme)
+
+
+def check_stored(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], where: Mapping[str, str]) -> None:
+    """What the headers do not show, checked once the parts are read (`where`: each part's file by role)."""
+    codec_of(weight).check_stored(weight, parts, where)
 
 
 def decode(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The float32 logical weight, `weight.shape`, from its stored parts by role."""
-    _check_parts(weight, parts, roles=[role for role, _ in weight.parts if role != "shape"])
-    if weight.codec == "fp8_block":
-        return fp8_block.dequantize(parts["codes"], parts["scale"], weight.block)
-    if weight.codec == "mxfp4":
-        return mxfp4.dequantize(parts["blocks"], parts["scales"])
-    if weight.codec == "int4_packed":
-        return int4_packed.dequantize(parts["packed"], parts["scale"], weight.group_size)
-    raise ValueError(f"unknown codec {weight.codec!r}")
+    codec = codec_of(weight)
+    _check_parts(weight, parts, roles=[role for role, _ in weight.parts if role not in codec.described_by])
+    return codec.decode(weight, parts)
 
 
 def encode(weight: QuantizedWeight, merged: torch.Tensor,
@@ -44,37 +89,20 @@ def encode(weight: QuantizedWeight, merged: torch.Tensor,
     With `scales_from` (the base's parts), its scales are kept and only the codes are recomputed."""
     if tuple(merged.shape) != weight.shape:
         raise ValueError(f"{weight.name}: merged shape {tuple(merged.shape)} is not {weight.shape}")
-    scale_role = {"fp8_block": "scale", "mxfp4": "scales", "int4_packed": "scale"}[weight.codec]
+    codec = codec_of(weight)
     kept = None
     if scales_from is not None:
-        _check_parts(weight, scales_from, roles=[scale_role])
-        kept = scales_from[scale_role]
-    if weight.codec == "fp8_block":
-        scale_dtype = TORCH_DTYPES[weight.part("scale").dtype]
-        if kept is None:
-            codes, kept = fp8_block.quantize(merged, weight.block, scale_dtype, ue8m0=weight.scale_fmt == "ue8m0")
-        else:
-            codes = fp8_block.quantize_codes(merged, kept, weight.block)
-        parts = {"codes": codes, "scale": kept}
-    elif weight.codec == "mxfp4":
-        # Ties away from zero, as the issue's reference (triton_kernels' downcast_to_mxfp_torch before
-        # its 2025 change to ties-to-even, the rounding GPT-OSS was released with) specifies.
-        if kept is None:
-            blocks, kept = mxfp4.quantize(merged, ties=MXFP4_TIES)
-        else:
-            blocks = mxfp4.quantize_codes(merged, kept, ties=MXFP4_TIES)
-        parts = {"blocks": blocks, "scales": kept}
-    else:
-        scale_dtype = TORCH_DTYPES[weight.part("scale").dtype]
-        if kept is None:
-            packed, kept = int4_packed.quantize(merged, weight.group_size, scale_dtype)
-        else:
-            packed = int4_packed.quantize_codes(merged, kept, weight.group_size)
-        shape_dtype = TORCH_DTYPES[weight.part("shape").dtype]
-        parts = {"packed": packed, "scale": kept,
-                 "shape": torch.tensor(weight.shape, dtype=shape_dtype, device=merged.device)}
+        _check_parts(weight, scales_from, roles=[codec.scale_role])
+        kept = scales_from[codec.scale_role]
+    parts = codec.encode(weight, merged, kept)
     _check_parts(weight, parts, roles=[role for role, _ in weight.parts])
     return parts
+
+
+def step(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """float32, `weight.shape`: the spacing of the format's values around each stored element, scaled.
+    The final task's spot check allows a merged quantized weight that much from the exact merge."""
+    return codec_of(weight).step(weight, parts)
 
 
 def _check_parts(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], roles: list[str]) -> None:
@@ -82,7 +110,7 @@ def _check_parts(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], rol
     for role in roles:
         info = weight.part(role)
         tensor = parts.get(role)
-        if tensor is None or tensor.dtype != TORCH_DTYPES[info.dtype] or tuple(tensor.shape) != info.shape:
+        if tensor is None or tensor.dtype != tensors.TORCH_DTYPES[info.dtype] or tuple(tensor.shape) != info.shape:
             got = "missing" if tensor is None else f"{tensor.dtype}{list(tensor.shape)}"
             raise ValueError(f"{weight.name}: part {role} ({info.name}) is {got}, stored as {info.dtype}"
                              f"{list(info.shape)}")

@@ -1,5 +1,9 @@
 """FP8 e4m3 with one scale per (bo, bi) block, as DeepSeek-V3 stores it: W ≈ code × weight_scale_inv.
 
+Stored (quant_method "fp8": DeepSeek-V3/R1, Kimi K2-Instruct, MiniMax-M2, Qwen3 -FP8): `X.weight` F8_E4M3
+(out, in) beside `X.weight_scale_inv` F32/BF16 (ceil(out/bo), ceil(in/bi)), one scale per
+weight_block_size block, edge blocks partial.
+
 Requantization follows DeepSeek's weight quantizer (deepseek-ai/DeepSeek-V3, inference/kernel.py
 `weight_quant_kernel`, which its bf16_cast_fp8.py uses), per block in float32: s = amax|W'| / 448, code =
 e4m3(W' / s), rounded to nearest even. Two additions: amax is floored at 1e-12, since an all-zero block would
@@ -18,22 +22,42 @@ temporaries, never several full-size ones.
 
 from __future__ import annotations
 
-import torch
+from typing import Iterator, Mapping, Sequence
+
+from merge_core.errors import InputError
+from merge_core.format.codecs.checks import CORRUPT_FIX, UNQUANTIZED_FIX, module_names, positive_int, refusal
+from merge_core.format.codecs.deferred import tensors, torch
+from merge_core.format.codecs.floats import round_up_to_power_of_two
+from merge_core.format.header import TensorInfo
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
 
 E4M3_MAX = 448.0
+E4M3_MIN_EXPONENT = -6  # below 2^-6 e4m3 is subnormal, with the spacing of 2^-6's binade
+E4M3_MANTISSA_BITS = 3
 AMAX_FLOOR = 1e-12  # keeps an all-zero block's scale finite and non-zero
-_EXPONENT_BITS = 0x7F800000
-_ROUND_UP_MANTISSA = 0x007FFFFF
+FP8_FORMATS = ("e4m3", "float8_e4m3fn")  # DeepSeek/Qwen write "e4m3", MiniMax "float8_e4m3fn"
+SCALE_FORMATS = ("float", "ue8m0")
+SCALE_DTYPES = ("F32", "BF16")
+SCALE_SUFFIX = "_scale_inv"
+
+
+# ---------------------------------------------------------------- the tensors
+
+
+def _row_blocks(scale: torch.Tensor, block: tuple[int, int], rows: int, cols: int
+                ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Each row of blocks (up to bo rows) with its scales spread over the columns, float32."""
+    bo, bi = block
+    for i, start in enumerate(range(0, rows, bo)):
+        yield slice(start, start + bo), scale[i].float().repeat_interleave(bi)[:cols]
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float32 (out, in): each code (float8_e4m3fn) times its block's scale, the product rounded to float32 once."""
     rows, cols = codes.shape
-    bo, bi = block
     weight = torch.empty(rows, cols, dtype=torch.float32, device=codes.device)
-    for i, start in enumerate(range(0, rows, bo)):
-        row_scale = scale[i].float().repeat_interleave(bi)[:cols]
-        torch.mul(codes[start:start + bo].float(), row_scale, out=weight[start:start + bo])
+    for rows_here, row_scale in _row_blocks(scale, block, rows, cols):
+        torch.mul(codes[rows_here].float(), row_scale, out=weight[rows_here])
     return weight
 
 
@@ -42,7 +66,7 @@ def quantize(weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dt
     """(codes float8_e4m3fn (out, in), scale (ceil(out/bo), ceil(in/bi)) in scale_dtype) for a float32 weight."""
     rows, cols = weight.shape
     bo, bi = block
-    scale = torch.empty(-(-rows // bo), -(-cols // bi), dtype=scale_dtype, device=weight.device)
+    scale = torch.empty(ceil_div(rows, bo), ceil_div(cols, bi), dtype=scale_dtype, device=weight.device)
     for i, start in enumerate(range(0, rows, bo)):
         scale[i] = _block_scales(weight[start:start + bo], bi, ue8m0).to(scale_dtype)
     return quantize_codes(weight, scale, block), scale
@@ -51,12 +75,10 @@ def quantize(weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dt
 def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The e4m3 codes of a float32 weight against given (stored) block scales, saturating at ±448."""
     rows, cols = weight.shape
-    bo, bi = block
     codes = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=weight.device)
-    for i, start in enumerate(range(0, rows, bo)):
-        row_scale = scale[i].float().repeat_interleave(bi)[:cols]
-        scaled = weight[start:start + bo].float() / row_scale
-        codes[start:start + bo] = scaled.clamp_(-E4M3_MAX, E4M3_MAX)
+    for rows_here, row_scale in _row_blocks(scale, block, rows, cols):
+        scaled = weight[rows_here].float() / row_scale
+        codes[rows_here] = scaled.clamp_(-E4M3_MAX, E4M3_MAX)
     return codes
 
 
@@ -71,8 +93,124 @@ def _block_scales(rows: torch.Tensor, bi: int, ue8m0: bool) -> torch.Tensor:
     return round_up_to_power_of_two(scales) if ue8m0 else scales
 
 
-def round_up_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
-    """2^ceil(log2 v) for positive normal float32 v, exactly: adding a mantissa of all ones carries into the
-    exponent unless the mantissa was zero (DeepSeek's kernel computes the same with exp2(ceil(log2 s)))."""
-    bits = values.contiguous().view(torch.int32)
-    return ((bits + _ROUND_UP_MANTISSA) & _EXPONENT_BITS).view(torch.float32)
+def block_steps(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The spacing of e4m3 values around each code, times its block's scale."""
+    exponent = torch.floor(torch.log2(codes.float().abs().clamp(min=2.0 ** E4M3_MIN_EXPONENT)))
+    spacing = torch.exp2(exponent - E4M3_MANTISSA_BITS).to(torch.float8_e4m3fn)  # powers of two: exact
+    return dequantize(spacing, scale, block)
+
+
+# ---------------------------------------------------------------- config.json and the headers
+
+
+def _weight(scheme: QuantScheme, weight: TensorInfo, scale: TensorInfo, where: str) -> QuantizedWeight:
+    if len(weight.shape) != 2:
+        raise refusal(where, weight.name, f"has shape {list(weight.shape)}; only 2-D FP8 weights are supported",
+                      UNQUANTIZED_FIX)
+    if scale.dtype not in SCALE_DTYPES:
+        raise refusal(where, scale.name, f"is {scale.dtype}; block scales must be one of {', '.join(SCALE_DTYPES)}",
+                      UNQUANTIZED_FIX)
+    (rows, cols), (bo, bi) = weight.shape, scheme.block
+    expected = (ceil_div(rows, bo), ceil_div(cols, bi))
+    if scale.shape != expected:
+        fit = fitting_block(rows, cols, scale.shape)
+        fix = (f"the scales were made with weight_block_size {list(fit)}: set it in config.json's quantization_config"
+               if fit else CORRUPT_FIX)
+        raise refusal(where, scale.name, f"has shape {list(scale.shape)} but weight_block_size {[bo, bi]} and "
+                      f"{weight.name} {list(weight.shape)} make {list(expected)}", fix)
+    return QuantizedWeight(weight.name, CODEC.name, (("codes", weight), ("scale", scale)), (rows, cols),
+                           block=scheme.block, scale_fmt=scheme.scale_fmt)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fitting_block(rows: int, cols: int, scale_shape: Sequence[int]) -> tuple[int, int] | None:
+    """A weight_block_size that makes this scale shape (square, and the power of two nearest 128, when one
+    is), or None when none does."""
+    if len(scale_shape) != 2:
+        return None
+    options = [_block_options(n, blocks) for n, blocks in zip((rows, cols), scale_shape, strict=True)]
+    if not all(options):
+        return None
+
+    def best(sizes: set[int]) -> int:
+        powers = [b for b in sizes if b & (b - 1) == 0]
+        return min(powers, key=lambda b: abs(b.bit_length() - 8)) if powers else min(sizes)
+
+    square = options[0] & options[1]
+    return (best(square),) * 2 if square else (best(options[0]), best(options[1]))
+
+
+def _block_options(n: int, blocks: int) -> set[int]:
+    """Every block size b with ceil(n / b) == blocks (any b >= n makes one block; 4096 bounds them)."""
+    if n <= 0 or blocks <= 0 or blocks > n:
+        return set()
+    low = ceil_div(n, blocks)
+    high = max(n, 4096) if blocks == 1 else (n - 1) // (blocks - 1)
+    return set(range(low, high + 1)) if ceil_div(n, low) == blocks else set()
+
+
+# ---------------------------------------------------------------- the codec
+
+
+class Fp8Block(Codec):
+    name = "fp8_block"
+    quant_method = "fp8"
+    scale_role = "scale"
+
+    def read_scheme(self, qc: Mapping, subject: str) -> QuantScheme:
+        fmt = qc.get("fmt", "e4m3")
+        if fmt not in FP8_FORMATS:
+            raise InputError(f"{subject}.fmt", f"FP8 format {fmt!r} is not supported (supported: "
+                             f"{', '.join(FP8_FORMATS)})", UNQUANTIZED_FIX)
+        scale_fmt = qc.get("scale_fmt") or "float"
+        if scale_fmt not in SCALE_FORMATS:
+            raise InputError(f"{subject}.scale_fmt", f"scale format {scale_fmt!r} is not supported (supported: "
+                             f"{', '.join(SCALE_FORMATS)})", UNQUANTIZED_FIX)
+        block = qc.get("weight_block_size")
+        if block is None:
+            raise InputError(f"{subject}.weight_block_size", "is missing: only block-scaled FP8 is supported, not "
+                             "per-tensor scales", UNQUANTIZED_FIX)
+        if not (isinstance(block, list) and len(block) == 2 and all(positive_int(b) for b in block)):
+            raise InputError(f"{subject}.weight_block_size", f"{block!r} is not two positive integers",
+                             "write the block size the scales were made with, e.g. [128, 128]")
+        not_converted = module_names(qc, ("modules_to_not_convert", "ignored_layers"), subject)
+        return QuantScheme(self.quant_method, block=(block[0], block[1]), scale_fmt=scale_fmt,
+                           not_converted=not_converted)
+
+    def group(self, scheme: QuantScheme, infos: Mapping[str, TensorInfo], where: str) -> Iterator[QuantizedWeight]:
+        scales = {name[: -len(SCALE_SUFFIX)]: info for name, info in infos.items()
+                  if name.endswith(".weight" + SCALE_SUFFIX)}
+        for name, info in sorted(infos.items()):
+            if info.dtype == "F8_E4M3" and name not in scales:
+                raise refusal(where, name, f"is F8_E4M3 but has no {name}{SCALE_SUFFIX} beside it")
+        for name, scale in sorted(scales.items()):
+            weight = infos.get(name)
+            if weight is None or weight.dtype != "F8_E4M3":
+                raise refusal(where, scale.name, f"has no F8_E4M3 weight {name} beside it"
+                              + ("" if weight is None else f" ({name} is {weight.dtype})"))
+            yield _weight(scheme, weight, scale, where)
+
+    def describe(self, scheme: QuantScheme) -> str:
+        ue8m0 = ", ue8m0 scales" if scheme.scale_fmt == "ue8m0" else ""
+        return f"fp8 e4m3, {scheme.block[0]}×{scheme.block[1]} blocks{ue8m0}"
+
+    def decode(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize(parts["codes"], parts["scale"], weight.block)
+
+    def encode(self, weight: QuantizedWeight, merged: torch.Tensor,
+               scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if scale is None:
+            scale_dtype = tensors.TORCH_DTYPES[weight.part("scale").dtype]
+            codes, scale = quantize(merged, weight.block, scale_dtype, ue8m0=weight.scale_fmt == "ue8m0")
+        else:
+            codes = quantize_codes(merged, scale, weight.block)
+        return {"codes": codes, "scale": scale}
+
+    def step(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return block_steps(parts["codes"], parts["scale"], weight.block)
+
+
+CODEC = Fp8Block()

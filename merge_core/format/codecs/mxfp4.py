@@ -1,6 +1,7 @@
 """MXFP4 experts as GPT-OSS stores them: groups of 32 e2m1 values sharing one E8M0 scale 2^(s-127).
 
-Stored: blocks U8 (E, R, G, 16), two codes a byte, low nibble first; scales U8 (E, R, G). The logical
+Stored (quant_method "mxfp4"): `X_blocks` U8 (E, R, G, 16), two codes a byte, low nibble first, beside
+`X_scales` U8 (E, R, G), E8M0 exponents. The logical
 weight is the bf16 model's parameter, (E, G*32, R): transformers' `convert_moe_packed_tensors`
 (transformers/integrations/mxfp4.py) dequantizes to (E, R, G*32) and transposes the last two dimensions.
 
@@ -20,14 +21,21 @@ groups with scale byte 0, survive bit for bit.
 
 from __future__ import annotations
 
-import torch
+from typing import Iterator, Mapping
 
-GROUP = 32
+from merge_core.format.codecs.checks import module_names, refusal
+from merge_core.format.codecs.deferred import torch
+from merge_core.format.codecs.floats import round_up_to_power_of_two
+from merge_core.format.header import TensorInfo
+from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
+
+GROUP = 32  # e2m1 values per E8M0 scale, fixed by the OCP MX format
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 E2M1_MAX = 6.0
 E8M0_BIAS = 127
-_EXPONENT_BITS = 0x7F800000
-_ROUND_UP_MANTISSA = 0x007FFFFF
+# Ties away from zero, as the issue's reference (triton_kernels' downcast_to_mxfp_torch before its 2025
+# change to ties-to-even, the rounding GPT-OSS was released with) specifies.
+TIES = "away"
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,7 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, ties: str = "even
 
 def _scale_bits(amax: torch.Tensor) -> torch.Tensor:
     """The float32 bits of amax / 6 rounded up to a power of two (0 stays 0): the ROUND_UP scale."""
-    return ((amax / E2M1_MAX).view(torch.int32) + _ROUND_UP_MANTISSA) & _EXPONENT_BITS
+    return round_up_to_power_of_two(amax / E2M1_MAX).view(torch.int32)
 
 
 def _reciprocal(scale_bits: torch.Tensor) -> torch.Tensor:
@@ -119,3 +127,59 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     """(..., 32) 4-bit codes -> (..., 16) bytes, the even element in the low nibble."""
     pairs = codes.view(*codes.shape[:-1], GROUP // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def steps(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The spacing of e2m1 values around each code (0.5, 1 or 2), times its group's scale."""
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    values = unpack(blocks, lut).abs()
+    spacing = torch.where(values < 2, 0.5, torch.where(values < 4, 1.0, 2.0))
+    return dequantize(pack(e2m1_codes(spacing)), scales)
+
+
+class Mxfp4(Codec):
+    name = "mxfp4"
+    quant_method = "mxfp4"
+    scale_role = "scales"
+
+    def read_scheme(self, qc: Mapping, subject: str) -> QuantScheme:
+        return QuantScheme(self.quant_method, group_size=GROUP,
+                           not_converted=module_names(qc, ("modules_to_not_convert",), subject))
+
+    def group(self, scheme: QuantScheme, infos: Mapping[str, TensorInfo], where: str) -> Iterator[QuantizedWeight]:
+        stems = {name[: -len(suffix)] for name in infos for suffix in ("_blocks", "_scales") if name.endswith(suffix)}
+        for stem in sorted(stems):
+            blocks, scales = infos.get(stem + "_blocks"), infos.get(stem + "_scales")
+            if blocks is None or scales is None:
+                present, missing = ((stem + "_blocks", stem + "_scales") if scales is None
+                                    else (stem + "_scales", stem + "_blocks"))
+                raise refusal(where, present, f"has no {missing} beside it")
+            if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[-1] != GROUP // 2:
+                raise refusal(where, blocks.name, f"is {blocks.dtype}{list(blocks.shape)}; MXFP4 blocks are U8 "
+                              f"(experts, rows, groups, {GROUP // 2})")
+            if scales.dtype != "U8" or scales.shape != blocks.shape[:-1]:
+                raise refusal(where, scales.name, f"is {scales.dtype}{list(scales.shape)}; {blocks.name} needs U8 "
+                              f"{list(blocks.shape[:-1])}, one E8M0 scale per {GROUP} values")
+            experts, rows, groups, _ = blocks.shape
+            yield QuantizedWeight(stem, self.name, (("blocks", blocks), ("scales", scales)),
+                                  (experts, groups * GROUP, rows), group_size=GROUP)
+
+    def describe(self, scheme: QuantScheme) -> str:
+        return "mxfp4"
+
+    def decode(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize(parts["blocks"], parts["scales"])
+
+    def encode(self, weight: QuantizedWeight, merged: torch.Tensor,
+               scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if scale is None:
+            blocks, scale = quantize(merged, ties=TIES)
+        else:
+            blocks = quantize_codes(merged, scale, ties=TIES)
+        return {"blocks": blocks, "scales": scale}
+
+    def step(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return steps(parts["blocks"], parts["scales"])
+
+
+CODEC = Mxfp4()

@@ -35,8 +35,8 @@ def weight_like(rows: int = 200, cols: int = 300, seed: int = 0) -> torch.Tensor
 
 def described(shape, block=BLOCK, scale_dtype=torch.float32, scale_fmt="float") -> QuantizedWeight:
     scale_shape = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
-    codes = TensorInfo("x.weight", "F8_E4M3", tuple(shape), 0, shape[0] * shape[1])
-    scale = TensorInfo("x.weight_scale_inv", DTYPE_NAMES[scale_dtype], scale_shape, 0, 0)
+    codes = TensorInfo(name="x.weight", dtype="F8_E4M3", shape=tuple(shape), start=0, end=shape[0] * shape[1])
+    scale = TensorInfo(name="x.weight_scale_inv", dtype=DTYPE_NAMES[scale_dtype], shape=scale_shape, start=0, end=0)
     return QuantizedWeight("x.weight", "fp8_block", (("codes", codes), ("scale", scale)), tuple(shape), block=block,
                            scale_fmt=scale_fmt)
 

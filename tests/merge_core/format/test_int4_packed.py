@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from merge_core.format.codecs import decode, encode, int4_packed
+from merge_core.format.codecs.int4_packed import check_packed_shape
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import QuantizedWeight, check_packed_shape
+from merge_core.format.quantization import QuantizedWeight
 from tests.quantized_models import (
     decode_checkpoint,
     fuse_experts,
@@ -25,9 +26,10 @@ pytest.importorskip("compressed_tensors")
 
 
 def described(rows: int, cols: int, group: int = 32, scale_dtype: str = "BF16") -> QuantizedWeight:
-    parts = (("packed", TensorInfo("x.weight_packed", "I32", (rows, cols // 8), 0, 0)),
-             ("scale", TensorInfo("x.weight_scale", scale_dtype, (rows, cols // group), 0, 0)),
-             ("shape", TensorInfo("x.weight_shape", "I32", (2,), 0, 0)))
+    parts = (("packed", TensorInfo(name="x.weight_packed", dtype="I32", shape=(rows, cols // 8), start=0, end=0)),
+             ("scale", TensorInfo(name="x.weight_scale", dtype=scale_dtype, shape=(rows, cols // group), start=0,
+                                  end=0)),
+             ("shape", TensorInfo(name="x.weight_shape", dtype="I32", shape=(2,), start=0, end=0)))
     return QuantizedWeight("x.weight", "int4_packed", parts, (rows, cols), group_size=group)
 
 

@@ -16,8 +16,8 @@ from tests.quantized_models import decode_checkpoint, mxfp4_reference_quantize, 
 
 def described(experts: int, columns: int, rows: int) -> QuantizedWeight:
     groups = columns // 32
-    blocks = TensorInfo("e.gate_up_proj_blocks", "U8", (experts, rows, groups, 16), 0, 0)
-    scales = TensorInfo("e.gate_up_proj_scales", "U8", (experts, rows, groups), 0, 0)
+    blocks = TensorInfo(name="e.gate_up_proj_blocks", dtype="U8", shape=(experts, rows, groups, 16), start=0, end=0)
+    scales = TensorInfo(name="e.gate_up_proj_scales", dtype="U8", shape=(experts, rows, groups), start=0, end=0)
     return QuantizedWeight("e.gate_up_proj", "mxfp4", (("blocks", blocks), ("scales", scales)),
                            (experts, columns, rows), group_size=32)
 

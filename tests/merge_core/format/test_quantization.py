@@ -10,15 +10,11 @@ import sys
 import pytest
 
 from merge_core.errors import InputError
+from merge_core.format.codecs import QUANT_METHODS, group_weights, read_scheme
+from merge_core.format.codecs.fp8_block import fitting_block
+from merge_core.format.codecs.int4_packed import check_packed_shape
 from merge_core.format.header import DTYPE_BYTES, TensorInfo
-from merge_core.format.quantization import (
-    QUANT_METHODS,
-    QuantScheme,
-    check_packed_shape,
-    fitting_block,
-    group_weights,
-    read_scheme,
-)
+from merge_core.format.quantization import QuantScheme
 
 WHERE = "base/config.json"
 DEEPSEEK_V3 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -54,7 +50,7 @@ def infos(*entries: tuple[str, str, tuple[int, ...]]) -> dict[str, TensorInfo]:
         size = DTYPE_BYTES[dtype]
         for d in shape:
             size *= d
-        out[name] = TensorInfo(name, dtype, tuple(shape), position, position + size)
+        out[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=position, end=position + size)
         position += size
     return out
 
@@ -333,5 +329,5 @@ def test_plain_tensors_are_left_out():
 
 def test_the_module_is_torch_free():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; "
-            "import merge_core.format.quantization")
+            "import merge_core.format.quantization, merge_core.format.codecs")
     subprocess.run([sys.executable, "-c", code], check=True)

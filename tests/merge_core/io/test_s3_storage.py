@@ -13,8 +13,8 @@ from merge_core.io.registry import open_storage
 from merge_core.io.s3 import MIN_PART_BYTES
 from merge_core.io.storage import StorageOptions
 from merge_core.planning.planner import plan_merge
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_merge import merge_shard
-from merge_core.worker.spec import MergeSpec
 from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
 from tests.reference import MEDIUM, make_adapter, make_base
 
@@ -81,7 +81,7 @@ def test_failure_in_the_middle_of_a_shard_upload_aborts_it(s3, tmp_path):
     s3.client().put_object(Bucket=BUCKET, Key="cut/base/model.safetensors", Body=cut)
 
     with pytest.raises(InputError, match="the object changed or was truncated while being read"):
-        merge_shard(task, MergeSpec.of(plan, f"s3://{BUCKET}/cut/out", storage=SMALL_PARTS))
+        merge_shard(task, MergeJob.of(plan, f"s3://{BUCKET}/cut/out", storage=SMALL_PARTS))
     assert open_uploads(s3, "cut/out") == [] and list_keys(s3, "cut/out") == []
 
 

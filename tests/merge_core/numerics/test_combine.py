@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from merge_core.errors import InputError
-from merge_core.numerics.combine import (
-    COMBINE_METHODS,
-    CombineSpec,
-    check_combine,
-    combine_deltas,
-    dare_keep_mask,
-    mask_seed,
-)
+from merge_core.numerics.arithmetic import COMBINE_METHODS, Arithmetic, Combination, check_combine
+from merge_core.numerics.combine import combine_deltas, dare_keep_mask, mask_seed
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -92,7 +86,7 @@ METHOD_SIGNS = [(m, "total") for m in COMBINE_METHODS] + [("ties", "frequency"),
 @pytest.mark.parametrize("density", [0.3, 0.75, 1.0])
 def test_matches_float64_reference(method, sign_method, weights, shape, density):
     deltas = random_deltas(len(weights), shape, seed=100 * COMBINE_METHODS.index(method) + 10 * len(shape) + int(density * 4))
-    spec = CombineSpec(method, density, seed=11, majority_sign_method=sign_method)
+    spec = Combination(method, density, seed=11, majority_sign_method=sign_method)
     got = combine_deltas(deltas, weights, spec, "model.layers.0.q_proj.weight")
     ref, scale = reference(deltas, weights, method, density, seed=11, sign_method=sign_method,
                            name="model.layers.0.q_proj.weight")
@@ -102,7 +96,7 @@ def test_matches_float64_reference(method, sign_method, weights, shape, density)
 
 def test_pruning_keeps_the_stated_fraction():
     deltas = random_deltas(1, (100, 50), seed=3)
-    out = combine_deltas(deltas, [1.0], CombineSpec("magnitude_prune", 0.3), "w")
+    out = combine_deltas(deltas, [1.0], Combination("magnitude_prune", 0.3), "w")
     assert int((out != 0).sum()) == int(0.3 * 5000)
     keep = dare_keep_mask((200, 500), 0.3, seed=0, tensor_name="w", index=0)
     assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.3) < 0.01
@@ -112,7 +106,7 @@ def test_inputs_are_not_modified():
     deltas = random_deltas(3, (30, 20), seed=4)
     before = [d.clone() for d in deltas]
     for method in COMBINE_METHODS:
-        combine_deltas(deltas, [0.5, 0.3, 0.2], CombineSpec(method, 0.5, seed=1), "w")
+        combine_deltas(deltas, [0.5, 0.3, 0.2], Combination(method, 0.5, seed=1), "w")
     assert all(torch.equal(a, b) for a, b in zip(deltas, before))
 
 
@@ -121,7 +115,7 @@ def test_inputs_are_not_modified():
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_same_seed_and_name_give_identical_results(method):
     deltas = random_deltas(2, (50, 40), seed=5)
-    spec = CombineSpec(method, 0.4, seed=7)
+    spec = Combination(method, 0.4, seed=7)
     torch.manual_seed(1)
     first = combine_deltas(deltas, [0.7, 0.3], spec, "a.weight")
     # other tensors first, and a different global RNG state: the masks must not care
@@ -145,8 +139,8 @@ def test_mask_depends_on_seed_name_and_index_only():
 
 def test_different_seed_gives_a_different_dare_result():
     deltas = random_deltas(2, (50, 40), seed=6)
-    a = combine_deltas(deltas, [0.7, 0.3], CombineSpec("dare_linear", 0.5, seed=0), "w")
-    b = combine_deltas(deltas, [0.7, 0.3], CombineSpec("dare_linear", 0.5, seed=1), "w")
+    a = combine_deltas(deltas, [0.7, 0.3], Combination("dare_linear", 0.5, seed=0), "w")
+    b = combine_deltas(deltas, [0.7, 0.3], Combination("dare_linear", 0.5, seed=1), "w")
     assert not torch.equal(a, b)
 
 
@@ -155,27 +149,27 @@ def test_different_seed_gives_a_different_dare_result():
 @pytest.mark.parametrize("method", COMBINE_METHODS)
 def test_density_one_single_adapter_is_the_weighted_delta(method):
     (delta,) = random_deltas(1, (33, 21), seed=8)
-    out = combine_deltas([delta], [0.7], CombineSpec(method, 1.0), "w")
+    out = combine_deltas([delta], [0.7], Combination(method, 1.0), "w")
     assert torch.equal(out, delta * 0.7)
 
 
 def test_k_zero_prunes_everything():
     deltas = random_deltas(2, (7, 7), seed=9)  # int(0.01 * 49) == 0, as in PEFT
     for method in ("ties", "magnitude_prune"):
-        out = combine_deltas(deltas, [0.7, 0.3], CombineSpec(method, 0.01), "w")
+        out = combine_deltas(deltas, [0.7, 0.3], Combination(method, 0.01), "w")
         assert torch.count_nonzero(out) == 0
 
 
 # ---------------------------------------------------------------- input checks
 
 @pytest.mark.parametrize("spec", [
-    CombineSpec("foo", 0.5),
-    CombineSpec("ties", 0),
-    CombineSpec("ties", 0.0),
-    CombineSpec("ties", 1.5),
-    CombineSpec("dare_ties", -0.1),
-    CombineSpec("dare_linear", float("nan")),
-    CombineSpec("ties", 0.5, majority_sign_method="median"),
+    Combination("foo", 0.5),
+    Combination("ties", 0),
+    Combination("ties", 0.0),
+    Combination("ties", 1.5),
+    Combination("dare_ties", -0.1),
+    Combination("dare_linear", float("nan")),
+    Combination("ties", 0.5, majority_sign_method="median"),
 ])
 def test_check_combine_refuses(spec):
     with pytest.raises(InputError):
@@ -186,14 +180,14 @@ def test_check_combine_refuses(spec):
 
 def test_check_combine_accepts():
     for method in COMBINE_METHODS:
-        check_combine(CombineSpec(method, 1.0))
-        check_combine(CombineSpec(method, 0.1, seed=3, majority_sign_method="frequency"))
-    assert CombineSpec("ties", 0.5).majority_sign_method == "total"
+        check_combine(Combination(method, 1.0))
+        check_combine(Combination(method, 0.1, seed=3, majority_sign_method="frequency"))
+    assert Combination("ties", 0.5).majority_sign_method == "total"
 
 
 def test_mismatched_shapes_are_an_input_error():
     with pytest.raises(InputError):
-        combine_deltas([torch.ones(2, 3), torch.ones(3, 2)], [0.5, 0.5], CombineSpec("ties", 0.5), "w")
+        combine_deltas([torch.ones(2, 3), torch.ones(3, 2)], [0.5, 0.5], Combination("ties", 0.5), "w")
 
 
 # ---------------------------------------------------------------- PEFT's own merge_utils
@@ -219,7 +213,7 @@ def test_matches_peft_merge_utils(kind, density):
         ("ties", "frequency"): merge_utils.ties(list(deltas), w, density, majority_sign_method="frequency"),
     }
     for (method, sign_method), peft_out in expected.items():
-        got = combine_deltas(deltas, weights, CombineSpec(method, density, majority_sign_method=sign_method), "w")
+        got = combine_deltas(deltas, weights, Combination(method, density, majority_sign_method=sign_method), "w")
         tol = 1e-6 * peft_out.abs() + 1e-12
         assert torch.all((got - peft_out).abs() <= tol), (method, sign_method, kind, density)
 
@@ -228,18 +222,17 @@ def test_matches_peft_merge_utils(kind, density):
 def test_a_tensor_one_adapter_touches_is_still_combined_and_weighted(method):
     """The fuse hands even a single ΔW to the combination, so its --weight (and pruning) apply: a
     tensor only one of the adapters updates gets combine([ΔW], [w]), not ΔW."""
-    from functools import partial
-
     from merge_core.kinds import Kind
-    from merge_core.numerics.fuse import Term, fuse_into
+    from merge_core.numerics.fuse import fuse_into
+    from merge_core.numerics.ops import Term
     from merge_core.numerics.workspace import workspace_for
 
     torch.manual_seed(0)
     a, b = torch.randn(2, 6), torch.randn(8, 2)
-    spec = CombineSpec(method, 0.5, seed=3)
+    spec = Combination(method, 0.5, seed=3)
     weight = torch.zeros(8, 6)
-    fuse_into(weight, [Term(Kind.LORA, {"A": a, "B": b}, 1.0)], workspace_for("cpu"),
-              combine=partial(combine_deltas, weights=[0.5], spec=spec, tensor_name="w"))
+    fuse_into(weight, [Term(Kind.LORA, {"A": a, "B": b}, 1.0, weight=0.5)], workspace_for("cpu"),
+              Arithmetic(combine=spec), name="w")
     expected = combine_deltas([b @ a], [0.5], spec, "w")
     assert torch.equal(weight, expected) and not torch.equal(weight, b @ a)
 
@@ -263,5 +256,5 @@ def test_combining_layer_and_parameter_lora_of_one_weight_is_refused(tmp_path):
     adapters = [load_adapter(LocalStorage(a)) for a in (as_parameter, as_layer)]
     with pytest.raises(InputError, match=r"q_proj.weight: is updated both by LoRA on its layer and by LoRA on it as "
                                          r"a parameter.*--combine cannot combine them"):
-        plan_merge(load_base(LocalStorage(base)), adapters, [0.5, 0.5], combine=CombineSpec("ties", 0.5))
+        plan_merge(load_base(LocalStorage(base)), adapters, [0.5, 0.5], Arithmetic(combine=Combination("ties", 0.5)))
     plan_merge(load_base(LocalStorage(base)), adapters, [0.5, 0.5])  # a weighted sum is fine

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from merge_core.kinds import Kind
-from merge_core.numerics.fuse import Term, fuse_into
+from merge_core.numerics.arithmetic import Arithmetic
+from merge_core.numerics.fuse import fuse_into
+from merge_core.numerics.ops import Term
 from merge_core.numerics.workspace import workspace_for
 
 
@@ -17,7 +19,7 @@ def test_each_adapters_norm_is_measured_apart_when_several_update_a_tensor():
     terms = [Term(Kind.LORA, {"A": a1, "B": b1}, 0.5), Term(Kind.IA3, {"l": vector}, side="out"),
              Term(Kind.LORA, {"A": a2, "B": b2}, 2.0)]
     merged = weight.clone()
-    stats = fuse_into(merged, terms, workspace_for("cpu"), sequential=True)
+    stats = fuse_into(merged, terms, workspace_for("cpu"), Arithmetic(sequential=True))
     first = weight.float() + 0.5 * (b1 @ a1)
     scaled = first.to(torch.bfloat16).float() * vector
     assert len(stats.adapter_norms) == 3

@@ -27,8 +27,8 @@ from merge_core.publish.journal import (
     vouches_for,
     write_journal,
 )
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_merge import merge_shard
-from merge_core.worker.spec import MergeSpec
 from tests.reference import make_adapter, make_base
 
 
@@ -38,7 +38,7 @@ def test_shards_of_another_base_with_the_same_layout_are_not_reused(tmp_path):
     adapter = make_adapter(str(tmp_path / "adapter"))
     out = LocalStorage(str(tmp_path / "out"))
     plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
-    results = [merge_shard(t, MergeSpec.of(plan, out.root)) for t in plan.tasks]
+    results = [merge_shard(t, MergeJob.of(plan, out.root)) for t in plan.tasks]
     key = fingerprint(plan, ["a"], {})
     write_journal(out, key, results)
     assert [r.name for r in proven(out, LocalStorage(base), read_journal(out, key).shards, plan)] == \
@@ -67,7 +67,7 @@ def merged_shards(tmp_path):
     checkpoint = load_base(LocalStorage(base))
     plan = plan_merge(checkpoint, [load_adapter(LocalStorage(make_adapter(str(tmp_path / "adapter"))))], [1.0])
     out = LocalStorage(str(tmp_path / "out"))
-    results = [merge_shard(t, MergeSpec.of(plan, out.root)) for t in plan.tasks]
+    results = [merge_shard(t, MergeJob.of(plan, out.root)) for t in plan.tasks]
     manifest = {"output": {"shards": [{"name": r.name, "sha256": r.sha256} for r in results]}}
     return plan, out, results, build_index(plan, checkpoint.index_metadata)[0], manifest
 

@@ -19,9 +19,9 @@ from merge_core.publish.finalize import build_index, validate_merge
 from merge_core.publish.spot_check import spot_check
 from merge_core.publish.validate import check_headers, check_index
 from merge_core.publish.verify import verify_shard
+from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_merge import merge_shard
 from merge_core.worker.shard_result import check_stored
-from merge_core.worker.spec import MergeSpec
 from tests.reference import make_adapter, make_base
 
 
@@ -32,7 +32,7 @@ def merged(tmp_path_factory):
     base = make_base(str(root / "base"), max_shard_size="40KB")
     adapter = make_adapter(str(root / "adapter"), target_modules=["q_proj", "up_proj"])
     plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
-    results = [merge_shard(t, MergeSpec.of(plan, str(root / "out"))) for t in plan.tasks]
+    results = [merge_shard(t, MergeJob.of(plan, str(root / "out"))) for t in plan.tasks]
     return base, adapter, plan, results, str(root / "out")
 
 
@@ -60,7 +60,7 @@ def test_good_output_passes_every_check(merged):
                    LocalStorage(out))
     for task, result in zip(plan.tasks, results):
         check_stored(LocalStorage(out), task.name, result.size, result.sha256)
-        verdict = verify_shard(task, MergeSpec.of(plan, out), result.size, result.sha256)
+        verdict = verify_shard(task, MergeJob.of(plan, out), result.size, result.sha256)
         assert verdict.problems == () and verdict.tensors_checked == len(task.shard.header.tensors)
 
 
@@ -138,9 +138,9 @@ def test_nonfinite_result_fails_the_shard_unless_allowed(tmp_path):
     (task,) = plan.tasks
     with pytest.raises(ValidationError, match=r"tensor model.layers.0.self_attn.v_proj.weight: fusing produced "
                                               r"\d+ NaN/Inf values the base did not have"):
-        merge_shard(task, MergeSpec.of(plan, str(tmp_path / "out")))
+        merge_shard(task, MergeJob.of(plan, str(tmp_path / "out")))
     assert os.listdir(tmp_path / "out") == [], "the failed shard was not published"
-    result = merge_shard(task, MergeSpec.of(plan, str(tmp_path / "out"), allow_nonfinite=True))
+    result = merge_shard(task, MergeJob.of(plan, str(tmp_path / "out"), allow_nonfinite=True))
     assert dict(result.fused_stats)["model.layers.0.self_attn.v_proj.weight"].nonfinite_introduced > 0
 
 
@@ -160,7 +160,7 @@ def test_verify_catches_one_flipped_byte_anywhere(merged, tmp_path, where):
     data = bytearray(open(path, "rb").read())
     data[offset] ^= 0x40
     open(path, "wb").write(bytes(data))
-    verdict = verify_shard(task, MergeSpec.of(plan, out), result.size, result.sha256)
+    verdict = verify_shard(task, MergeJob.of(plan, out), result.size, result.sha256)
     assert verdict.problems, "the flipped byte was caught"
     if where == "header":  # the JSON no longer parses, or names something else
         assert "model-0000" in verdict.problems[0]
@@ -184,11 +184,11 @@ def test_checks_pass_a_fan_in_fan_out_merge_and_catch_a_wrong_one(tmp_path):
     adapter = make_adapter(str(tmp_path / "adapter"), "gpt2", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
     out = str(tmp_path / "out")
-    results = [merge_shard(t, MergeSpec.of(plan, out)) for t in plan.tasks]
+    results = [merge_shard(t, MergeJob.of(plan, out)) for t in plan.tasks]
     validate_merge(plan, results, build_index(plan, {})[0], LocalStorage(base), [LocalStorage(adapter)],
                    LocalStorage(out))
     for task, result in zip(plan.tasks, results):
-        verdict = verify_shard(task, MergeSpec.of(plan, out), result.size,
+        verdict = verify_shard(task, MergeJob.of(plan, out), result.size,
                                result.sha256)
         assert verdict.problems == ()
     name = "transformer.h.0.attn.c_attn.weight"
@@ -212,7 +212,7 @@ def test_spot_check_recomputes_experts_stored_one_by_one(tmp_path):
     plan = plan_merge(load_base(LocalStorage(base)), [load_adapter(LocalStorage(adapter))], [1.0])
     assert sum(len(t.targets) for t in plan.tasks) == 8  # 2 layers × 4 experts: all sampled
     out = str(tmp_path / "out")
-    results = [merge_shard(t, MergeSpec.of(plan, out)) for t in plan.tasks]
+    results = [merge_shard(t, MergeJob.of(plan, out)) for t in plan.tasks]
     validate_merge(plan, results, build_index(plan, {})[0], LocalStorage(base), [LocalStorage(adapter)],
                    LocalStorage(out))
     name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"

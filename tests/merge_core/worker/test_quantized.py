@@ -167,15 +167,15 @@ def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, t
     from merge_core.inputs.checkpoint import load_base, read_shard_header
     from merge_core.io.registry import open_storage
     from merge_core.planning.planner import plan_merge
-    from merge_core.publish.spot_check import _spot_quantized
+    from merge_core.publish.spot_check import _Sources, _spot_quantized
+    from merge_core.worker.job import MergeJob
     from merge_core.worker.shard_merge import merge_shard
-    from merge_core.worker.spec import MergeSpec
 
     name, checkpoint, adapter, reference, root = case
     plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
     out = str(tmp_path / "out")
     for task in plan.tasks:
-        merge_shard(task, MergeSpec.of(plan, out))
+        merge_shard(task, MergeJob.of(plan, out))
     two_d = [(t, f) for t in plan.tasks for f in t.targets
              if f.quantized is not None and f.updates and len(f.quantized.shape) == 2]
     if name.startswith("mxfp4"):  # GPT-OSS's experts are 3-D: the row check leaves them to `verify`
@@ -184,10 +184,11 @@ def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, t
     task, target = two_d[0]
     rows = [0, target.quantized.shape[0] - 1]
     storages = (open_storage(checkpoint.path), [open_storage(adapter)], open_storage(out))
-    assert _spot_quantized(task, target, rows, *storages, read_shard_header(open_storage(out), task.name)) == []
+    sources = _Sources(*storages, read_shard_header(open_storage(out), task.name))
+    assert _spot_quantized(task, target, rows, sources) == []
     codes = target.parts[0].info.name
     stored = load_file(f"{out}/{task.name}")
     stored[codes] = load_file(f"{checkpoint.path}/{target.parts[0].shard}")[codes]
     save_file(stored, f"{out}/{task.name}", metadata={"format": "pt"})
-    problems = _spot_quantized(task, target, rows, *storages, read_shard_header(open_storage(out), task.name))
+    problems = _spot_quantized(task, target, rows, _Sources(*storages, read_shard_header(open_storage(out), task.name)))
     assert problems and f"tensor {target.tensor} row 0" in problems[0] and "step" in problems[0]
