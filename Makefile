@@ -16,11 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Two test processes, each with its own S3 server and Ray cluster: most of the suite's time is
-# spent waiting on processes, stores and retries, not computing.
+# Two test processes, each with its own S3 server and Ray cluster, each taking whole files: most
+# of the suite's time is spent waiting on processes, stores and retries, not computing.
 TEST_PROCESSES ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # What needs no Ray cluster, no S3 server and no process of its own (markers in pyproject.toml).
 test-fast: setup

@@ -24,7 +24,7 @@ from tests.jobs.conftest import LORA_MERGE, Models, cli
 from tests.jobs.test_faults import task_workers
 from tests.reference import assert_bit_identical, load_checkpoint
 
-pytestmark = [pytest.mark.processes, pytest.mark.xdist_group("chaos")]
+pytestmark = pytest.mark.processes
 RUNS = int(os.environ.get("CHAOS_RUNS", "2"))
 STRIKES = ("driver", "worker", "store")
 
