@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobs.driver import prepare
+from jobs.prepare import prepare
 from jobs.options import MergeInputs
 from jobs.progress import plural, size_text
 from jobs.scheduling import TASKS_PER_GPU
