@@ -72,6 +72,16 @@ class BatchSummary:
                              "summary": o.summary.as_dict() if o.summary else None} for o in self.outputs]}
 
 
+class PartlyFailed(Exception):
+    """A batch some of whose outputs failed (the others are published): the command prints what was
+    done, one line per failed output, and exits with the worst failure's code."""
+
+    def __init__(self, summary: BatchSummary, text: str, data: dict):
+        super().__init__(f"{len(summary.failed)} of {len(summary.outputs)} outputs failed")
+        self.summary, self.text, self.data = summary, text, data
+        self.outcomes = summary.failed
+
+
 @dataclass
 class Member:
     """One output as the batch follows it: its run, and how it ends."""
@@ -91,7 +101,7 @@ class Member:
         if self.failure is not None:
             return
         self.failure = exc
-        log.error("%s: %s", self.run.output.uri, exc)
+        log.warning("output %s failed (the other outputs go on): %s", self.run.output.uri, exc)
         if self.claimed:
             tidy(self.run)
         self.lease.release()

@@ -12,8 +12,8 @@ from jobs.options import BatchOptions, MergeOptions
 from merge_core.errors import InputError
 from merge_core.io.registry import open_storage
 
-ONE_OUTPUT = "give each output its own --output URI, followed by its --adapter URI (or an entry under outputs: in " \
-             "the --config file)"
+ONE_OUTPUT = "give each output as --output URI followed by its --adapter URI, or as an entry of outputs: in the " \
+             "--config file"
 
 
 def _place(uri: str, options: MergeOptions) -> str:

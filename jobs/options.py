@@ -230,12 +230,15 @@ def help_for(meta: Mapping, command: str) -> str:
     return text.get(command, text.get("", "")) if isinstance(text, Mapping) else text
 
 
-def add_flags(parser: argparse.ArgumentParser, options: type, command: str, from_config: bool = False) -> None:
+def add_flags(parser: argparse.ArgumentParser, options: type, command: str, from_config: bool = False,
+              per_output: str | None = None) -> None:
     """One flag per field that has one, with that command's wording; required ones in a group of
-    their own. Every flag defaults to None, so that a value given on the command line can be told
-    from one left out (and merged over a job spec, then the defaults). With from_config, required
-    options may come from the --config file instead."""
+    their own, and with `per_output` (its title) an output's own options too. Every flag defaults to
+    None, so that a value given on the command line can be told from one left out (and merged over
+    a job spec, then the defaults). With from_config, required options may come from the --config
+    file instead."""
     needed = parser.add_argument_group("required" + (" (here, or in the --config file)" if from_config else ""))
+    outputs = parser.add_argument_group(per_output) if per_output else None
     for f in dataclasses.fields(options):
         meta = f.metadata
         if not meta.get("flag") or command not in (meta.get("commands") or (command,)):
@@ -246,9 +249,9 @@ def add_flags(parser: argparse.ArgumentParser, options: type, command: str, from
         if not meta["flag"].startswith("-"):  # a positional argument, named by its metavar
             parser.add_argument(key_of(f), metavar=meta["flag"], help=help_for(meta, command), **kwargs)
             continue
-        (needed if meta["required"] else parser).add_argument(
-            meta["flag"], dest=key_of(f), help=help_for(meta, command), required=meta["required"] and not from_config,
-            **kwargs)
+        group = outputs if outputs and meta.get("per_output") else needed if meta["required"] else parser
+        group.add_argument(meta["flag"], dest=key_of(f), help=help_for(meta, command),
+                           required=meta["required"] and not from_config, **kwargs)
 
 
 def key_of(f: dataclasses.Field) -> str:
