@@ -90,6 +90,7 @@ class Member:
     out: OutputRun | None = None
     failure: BaseException | None = None
     claimed: bool = False
+    publishing: bool = False  # its final task ran: that tidies after itself
     outcome: Outcome = field(default_factory=Outcome)  # its retries, by shard
 
     @property
@@ -97,12 +98,16 @@ class Member:
         return self.failure is None and self.out is not None and self.out.summary is None
 
     def fail(self, exc: BaseException) -> None:
-        """This output is done for: say so, leave its journal current and no upload open, let it go."""
-        if self.failure is not None:
-            return
-        self.failure = exc
-        log.warning("output %s failed (the other outputs go on): %s", self.run.output.uri, exc)
-        if self.claimed:
+        """This output is done for: nothing more lands in its journal. It stays claimed until the
+        batch's tasks are over (one may still be writing its shard), then is tidied (let_go)."""
+        if self.failure is None:
+            self.failure = exc
+            log.warning("output %s failed (the other outputs go on): %s", self.run.output.uri, exc)
+
+    def let_go(self) -> None:
+        """The batch is over: an unfinished output's journal current and no upload of it open, and
+        its claim released."""
+        if self.claimed and not self.publishing and (self.out is None or self.out.summary is None):
             tidy(self.run)
         self.lease.release()
 
@@ -126,7 +131,7 @@ def run_batch(batch: BatchOptions, executor: Executor | None = None,
             raise _interrupted(members) from None
         finally:
             for member in members:
-                member.lease.release()
+                member.let_go()
     outcomes = [OutputOutcome(output=m.run.output.uri, summary=None if m.failure else m.out.summary,
                               error=m.failure) for m in members]
     written = sum(o.summary.bytes_written for o in outcomes if o.summary)
@@ -162,6 +167,7 @@ def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Exe
     shards.run(lanes)
     merged = time.perf_counter()
     for member in (m for m in live if m.live):
+        member.publishing = True
         try:
             member.out.summary = publish_output(member.out, executor, lanes, member.outcome.retries,
                                                 member.outcome.reasons, merged,
@@ -184,9 +190,6 @@ def _progress(live: list[Member], callback) -> Progress:
 def _interrupted(members: list[Member]) -> Interrupted:
     """What a stopped batch says: how far each output got, and how to finish."""
     name = stopped_by() or "SIGINT"
-    for member in members:
-        if member.claimed and member.failure is None:
-            tidy(member.run)
     held = [m for m in members if m.claimed and m.failure is None and not (m.out and m.out.summary)]
     if not held:
         return Interrupted(name, f"interrupted by {name} before any output was claimed; nothing was written")

@@ -95,6 +95,8 @@ class SharedShards:
         self.bytes_read += next((r.base_bytes_read for r in results if isinstance(r, ShardResult)), 0)
         for i, result in zip(self.sent[job], results):
             member = self.members[i]
+            if member.failure is not None:  # failed meanwhile: its journal takes nothing more
+                continue
             if isinstance(result, ShardResult):
                 self._landed(member, result)
                 continue
