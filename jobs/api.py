@@ -20,6 +20,7 @@ from jobs.batch import BatchSummary, run_batch
 from jobs.driver import MergeSummary, ProgressCallback, run_merge
 from jobs.executor import Executor
 from jobs.options import (
+    OUTPUT_ONLY,
     BatchOptions,
     MergeOptions,
     PlanOptions,
@@ -151,13 +152,23 @@ def batch(base: str, outputs: Sequence[Mapping[str, object]], *, progress: Progr
     merge() would write it. `options`: the whole job's (device, ray_address, ...), and outputs'
     options that apply to every output. Raises InputError for a bad batch (nothing written); an
     output's own failure is its outcome's `error` in the BatchSummary (`ok` when none failed)."""
+    _check_batch_keywords(options)
+    if {"plan", "json"} & set(options):
+        raise TypeError("batch() merges; plan_batch() shows what it would do")
     return run_batch_job(options_for(BatchOptions, base=base, outputs=_outputs(outputs), **options),
                          progress=progress)
 
 
 def plan_batch(base: str, outputs: Sequence[Mapping[str, object]], **options) -> BatchPlanSummary:
     """What batch() would read, fuse and write, from headers alone; writes nothing, starts no Ray."""
+    _check_batch_keywords(options)
     return run_batch_plan(options_for(BatchOptions, base=base, outputs=_outputs(outputs), **options))
+
+
+def _check_batch_keywords(options: Mapping[str, object]) -> None:
+    own = sorted(set(options) & set(OUTPUT_ONLY))
+    if own:
+        raise TypeError(f"{', '.join(own)}: an output's own, given in its entry of outputs")
 
 
 def _outputs(outputs: Sequence[Mapping[str, object]]) -> list[dict]:

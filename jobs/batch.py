@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from jobs.batch_checks import check_batch
 from jobs.claim import Run, tidy
+from jobs.driver import start_executor
 from jobs.executor import Executor
 from jobs.lease import Lease
 from jobs.options import BatchOptions, outputs_of
@@ -150,8 +151,6 @@ def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Exe
     live = [m for m in members if m.live]
     if not live:
         return None
-    from jobs.driver import start_executor  # the driver's own start: Ray unless an executor is given
-
     executor = start_executor(executor, batch.ray_address)
     shards = SharedShards(executor, live, batch, _progress(live, progress))
     nodes = executor.nodes()
