@@ -109,3 +109,19 @@ def test_a_bad_batch_is_refused_with_one_line_and_nothing_written(models, tmp_pa
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
     assert expected in lines[0] and lines[0].endswith(")")
     assert sorted(p for p in tmp_path.rglob("*")) == before, "nothing written"
+
+
+def test_the_plan_of_a_batch_reads_the_base_once_and_writes_each_output(models, two_more, tmp_path):
+    adapters = [models.adapter, *(a for a, _ in two_more)]
+    groups = [arg for i, a in enumerate(adapters) for arg in ("--output", str(tmp_path / f"out-{i}"), "--adapter", a)]
+    run = cli("batch", "--base", models.base, "--plan", "--json", *groups)
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)
+    alone = [json.loads(cli("plan", "--base", models.base, "--adapter", a, "--json").stdout) for a in adapters]
+    assert plan["separate_read_bytes"] == sum(p["read_bytes"] for p in alone)
+    assert plan["read_bytes"] == plan["base_bytes"] + sum(p["read_bytes"] - plan["base_bytes"] for p in alone)
+    assert plan["write_bytes"] == sum(p["write_bytes"] for p in alone)
+    assert [o["fused_tensors"] for o in plan["outputs"]] == [p["fused_tensors"] for p in alone]
+    text = cli("batch", "--base", models.base, "--plan", *groups).stdout
+    assert text.startswith(f"base {models.base}: ") and "read once for 3 outputs (3 separate merges would read" in text
+    assert not list(tmp_path.iterdir()), "a plan writes nothing"
