@@ -82,6 +82,15 @@ class MergeInputs:
         "verify": "the merge wrote a quantized base's weights as bf16 (merge --dequantize)",
         "plan": "plan a merge that writes a quantized base's weights as bf16 (merge --dequantize)"},
         spec=BOOL, action="store_true")
+    scales: str = option("keep", "--scales", {
+        "": "how a quantized base's weights an adapter updates are stored again: keep (the base's scales, zero "
+            "points and global scales, only the codes re-rounded) or fresh (recomputed from the merged weight as "
+            "the format's own quantizer does; fused siblings share one again) (default keep; see README.md, "
+            "Quantized bases)",
+        "verify": "the merge kept the base's scales or made fresh ones (default: as the merged model's manifest "
+                  "records)",
+        "plan": "plan a merge that keeps the base's scales or makes fresh ones (default keep)"},
+        spec=(str, "fresh or keep"), choices=("fresh", "keep"))
     part_size_mb: int = option(DEFAULT_PART_BYTES // 2**20, "--part-size-mb", "multipart upload part size for "
                                f"s3:// output (default {DEFAULT_PART_BYTES // 2**20}, at least 5)",
                                spec=(int, "a whole number of MiB"), type=int, metavar="MB",

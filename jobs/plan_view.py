@@ -25,6 +25,7 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
         "operation": "unmerge" if plan.arithmetic.unmerge else "merge",
         "model_changes": plan.model_changes,
         "quantization": quantization,
+        "scales": plan.scales if quantization else None,
         "shards": [{
             "name": t.name,
             "size": t.shard.size,
@@ -33,7 +34,8 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
                       for i, uri in enumerate(plan.adapter_uris)},
             "read_bytes": t.read_bytes,
             # quantized weights decoded, fused and encoded again in their format, or written as bf16
-            "requantized": [f.tensor for f in t.targets if f.quantized is not None and not f.dequantize],
+            "requantized": [m.tensor for f in t.targets if f.quantized is not None and not f.dequantize
+                            for m in f.members],
             "dequantized": [f.tensor for f in t.targets if f.quantized is not None and f.dequantize],
             "resources": {"num_cpus": 1, "num_gpus": gpus, "memory": t.memory_bytes},
         } for t in plan.tasks],
@@ -53,7 +55,8 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
                      f"{sum(len(v) for v in shard['fused'].values()):5d} "
                      f"{size_text(shard['resources']['memory']):>10}  {touching}")
     for shard in data["shards"]:
-        for verb, key in (("requantizes", "requantized"), ("dequantizes to bf16", "dequantized")):
+        kept = "keeping the base's scales" if plan.scales == "keep" else "with fresh scales"
+        for verb, key in ((f"requantizes ({kept})", "requantized"), ("dequantizes to bf16", "dequantized")):
             if shard[key]:
                 shown = ", ".join(shard[key][:3]) + (f" and {len(shard[key]) - 3} more" if len(shard[key]) > 3 else "")
                 lines.append(f"{shard['name']}: {verb} {len(shard[key])} quantized weights ({shown})")

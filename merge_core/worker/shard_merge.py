@@ -110,14 +110,15 @@ class _ShardStream:
             self.laps.lap("write")  # the base's own header is only hashed: the output has its own
 
     def fuse(self, target: FuseTarget, data: list, before_writing) -> None:
-        outputs, stats = merged_tensor(self.task, target, data, self.job, self.workspace, before_writing)
-        if stats.nonfinite_introduced and not self.job.allow_nonfinite:
-            raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {target.tensor}: fusing produced "
-                                   f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
-                                   "(check the adapter, or pass --allow-nonfinite)"])
+        outputs, fused = merged_tensor(self.task, target, data, self.job, self.workspace, before_writing)
+        for name, stats in fused:
+            if stats.nonfinite_introduced and not self.job.allow_nonfinite:
+                raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {name}: fusing produced "
+                                       f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
+                                       "(check the adapter, or pass --allow-nonfinite)"])
         if self.original is not None and target.quantized is None and not target.restore:
-            stats = self.original.compare(target.tensor, outputs[0][1], stats)
-        self.fused.append((target.tensor, stats))
+            fused = [(target.tensor, self.original.compare(target.tensor, outputs[0][1], fused[0][1]))]
+        self.fused += fused
         self.laps.lap("fuse")
         for name, data in outputs:
             self.stream.write_tensor(self.layout[name], data)

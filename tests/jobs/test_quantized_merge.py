@@ -131,8 +131,9 @@ BAD = {
     "an unknown fmt": (_config(lambda q: q.update(fmt="e5m2")), "quantization_config.fmt: FP8 format 'e5m2' is not "
                        "supported (supported: e4m3, float8_e4m3fn)"),
     "an unknown scale_fmt": (_config(lambda q: q.update(scale_fmt="e8m0x")), "scale format 'e8m0x' is not supported"),
-    "GPTQ": (_config(lambda q: q.update(quant_method="gptq")), "quantization 'gptq' is not supported (supported: "
-             "fp8, mxfp4, compressed-tensors) (merge with an unquantized (bf16) base)"),
+    "an adapter on a weight of a format without a codec": (
+        _config(lambda q: q.update(quant_method="gptq")), "targets model.layers.0.mlp.down_proj.weight, which the base "
+        "stores quantized by gptq (model.layers.0.mlp.down_proj.weight), a format lora-merge has no codec for"),
 }
 
 
