@@ -219,3 +219,134 @@ def llama(**sizes):
 def save_preset(path: str, preset: str, targets=("Linear",), ignore=("lm_head",), **options) -> CtCheckpoint:
     """A tiny Llama whose decoder linears are quantized by one preset."""
     return save_ct(path, llama(), {"group_0": (preset, list(targets))}, list(ignore), **options)
+
+
+# ---------------------------------------------------------------- a checkpoint's state dict, quantized by name
+
+
+def save_ct_state(path: str, tensors: dict[str, torch.Tensor], config: dict, groups: dict[str, tuple[str, list[str]]],
+                  ignore: list[str], fmt: str, shards: int = 3) -> CtCheckpoint:
+    """A saved state dict (say a MoE's per-expert weights, which transformers 5 holds fused in memory, out
+    of apply_quantization_config's reach) quantized weight by weight with compressed-tensors' compressors:
+    the modules a group's targets match (match_name: names and "re:" patterns), fused siblings sharing
+    global and per-tensor scales as llm-compressor gives them."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.utils.match import match_name
+
+    schemes = {key: preset_name_to_scheme(preset, targets) for key, (preset, targets) in groups.items()}
+    for scheme in schemes.values():
+        scheme.format = fmt
+    modules = {}
+    for name in tensors:
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and not any(match_name(module, i) for i in ignore):
+            scheme = next((s for s in schemes.values() if any(match_name(module, t) for t in s.targets)), None)
+            if scheme is not None:
+                modules[module] = scheme
+    shared = {}
+    for members in _siblings(modules):
+        args = modules[members[0]].weights
+        if args.strategy == "tensor_group":
+            shared.update({m: gparam([tensors[m + ".weight"] for m in members]) for m in members})
+    stored = dict(tensors)
+    checkpoint = CtCheckpoint(path, {}, {}, modules)
+    for module, scheme in modules.items():
+        weight = stored.pop(module + ".weight").float()
+        gs = shared.get(module, gparam([weight]) if scheme.weights.strategy == "tensor_group" else None)
+        scale, zero = qparams(weight, scheme.weights, gs)
+        state = compress(weight, scheme, fmt, scale, None if scheme.weights.symmetric else zero, gs, torch.bfloat16)
+        stored.update({f"{module}.{k}": v for k, v in state.items()})
+        checkpoint.exact[module + ".weight"] = decompress_exact(state, scheme, fmt)
+    qc = QuantizationConfig(config_groups=schemes, ignore=ignore, format=fmt, quantization_status="compressed")
+    config = dict(config) | {"quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {},
+                                                     "transform_config": {},
+                                                     **qc.model_dump(exclude=["quant_method"])}}
+    write_sharded(path, stored, config, shards)
+    checkpoint.dequantized = {n: t for n, t in tensors.items()} | {n: t.to(torch.bfloat16)
+                                                                   for n, t in checkpoint.exact.items()}
+    return checkpoint
+
+
+# ---------------------------------------------------------------- what a merge must store
+
+
+TENSOR_LEVEL = {"tensor_group": ("weight_global_scale",), "tensor": ("weight_scale", "weight_zero_point")}
+
+
+def expected_parts(checkpoint: CtCheckpoint, base: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
+                   touched: set[str], scales: str) -> dict[str, torch.Tensor]:
+    """Every stored tensor of every quantized module after a merge, by name: a weight the adapters leave
+    alone as the base stores it; a touched one as compressed-tensors compresses W' (`merged`, by logical
+    name: PEFT's float32 merge), with the base's qparams (keep), or fresh ones from a min/max observation,
+    fused siblings whose base shares a tensor-level scale sharing one for all of them (a sibling left
+    alone keeping its bytes unless that scale moved)."""
+    expected = {}
+    for group in _tied(checkpoint, base):
+        scheme = checkpoint.schemes[group[0]]
+        if not any(m + ".weight" in touched for m in group):
+            continue
+        shared, moved = ({}, False) if scales == "keep" else _shared(scheme, group, base, merged)
+        for module in group:
+            if module + ".weight" not in touched and not moved:
+                continue
+            state = _kept(scheme, module, base) if scales == "keep" else _fresh(scheme, merged[module + ".weight"],
+                                                                               shared)
+            state = compress(merged[module + ".weight"], scheme, scheme.format, **state)
+            expected.update({f"{module}.{k}": v for k, v in state.items()})
+    return expected
+
+
+def _tied(checkpoint: CtCheckpoint, base: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Each quantized module alone, or with the fused siblings whose base stores equal tensor-level scales."""
+    groups, grouped = [], set()
+    for members in _siblings(checkpoint.schemes):
+        strategy = checkpoint.schemes[members[0]].weights.strategy
+        keys = [k for k in TENSOR_LEVEL.get(strategy, ()) if f"{members[0]}.{k}" in base]
+        if keys and all(torch.equal(base[f"{m}.{k}"], base[f"{members[0]}.{k}"]) for m in members for k in keys):
+            groups.append(members)
+            grouped.update(members)
+    return groups + [[m] for m in checkpoint.schemes if m not in grouped]
+
+
+def _shared(scheme, group, base, merged) -> tuple[dict, bool]:
+    """The siblings' fresh tensor-level qparams, and whether they moved from the base's."""
+    weights = [merged[m + ".weight"] for m in group]
+    if len(group) == 1:
+        return {}, False
+    if scheme.weights.strategy == "tensor_group":
+        gs = gparam(weights)
+        return {"global_scale": gs}, not torch.equal(gs, base[f"{group[0]}.weight_global_scale"])
+    scale, zero = shared_scale(weights, scheme.weights)
+    stored = base[f"{group[0]}.weight_scale"]
+    return {"scale": scale, "zero": zero}, not torch.equal(scale.to(stored.dtype), stored)
+
+
+def _fresh(scheme, weight: torch.Tensor, shared: dict) -> dict:
+    args = scheme.weights
+    gs = shared.get("global_scale", gparam([weight]) if args.strategy == "tensor_group" else None)
+    scale, zero = qparams(weight, args, gs)
+    scale, zero = shared.get("scale", scale), shared.get("zero", zero)
+    return {"scale": scale, "zero": None if args.symmetric else zero, "global_scale": gs,
+            "scale_dtype": _param_dtype(scheme)}
+
+
+def _kept(scheme, module: str, base: dict[str, torch.Tensor]) -> dict:
+    """The base's own qparams, as a module holds them once loaded (E8M0 bytes as powers of two, packed
+    zero points unpacked)."""
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    scale, zero = base[f"{module}.weight_scale"], base.get(f"{module}.weight_zero_point")
+    if scale.dtype == torch.uint8:
+        scale = decompress_mx_scale(scale)
+    if zero is not None and zero.dtype == torch.int32:
+        rows = int(base[f"{module}.weight_shape"][0])
+        zero = unpack_from_int32(zero, scheme.weights.num_bits, torch.Size((rows, scale.shape[-1])), packed_dim=0)
+    return {"scale": scale.float() if scale.dtype == torch.float8_e4m3fn else scale, "zero": zero,
+            "global_scale": base.get(f"{module}.weight_global_scale")}
+
+
+def _param_dtype(scheme):
+    """The module's weight_scale parameter in llm-compressor: the model's dtype (bf16); NVFP4 and MX
+    scales are rounded to their own dtype by calculate_qparams already."""
+    return None if scheme.weights.scale_dtype is not None else torch.bfloat16

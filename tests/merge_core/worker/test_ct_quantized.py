@@ -1,0 +1,134 @@
+"""Merges into compressed-tensors checkpoints of every format compressed-tensors 0.20 writes, built with
+the library itself from its presets (tests/ct_models.py), against the library's own quantize and compress
+of PEFT's float32 merge: `--scales fresh` bit for bit with qparams from a min/max observation (fused
+siblings sharing one tensor-level scale as llm-compressor gives them one), `--scales keep` bit for bit
+with the base's own qparams; `--dequantize` equal to PEFT's float32 merge rounded to bf16.
+
+The reference merge is PEFT's merge_and_unload in float32 into a model whose quantized weights hold the
+float32 values compressed-tensors decompresses them to.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from tests.ct_models import CtCheckpoint, expected_parts, random_model, save_ct, save_ct_state, save_preset
+from tests.local_merge import merge_without_ray
+from tests.quantized_models import read_config, saved_state, stored_tensors, write_sharded
+from tests.reference import load_checkpoint
+from tests.variant_reference import build_adapter
+
+PRESETS = ["FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "NVFP4A16", "MXFP4A16", "MXFP8A16"]
+LORA_ON = ["q_proj", "gate_proj", "down_proj"]  # k/v and up stay untouched beside touched siblings
+
+
+def llama_cls():
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM
+
+
+def mixtral_cls():
+    from transformers import MixtralForCausalLM
+    return MixtralForCausalLM
+
+
+def lora(**extra):
+    from peft import LoraConfig
+    return LoraConfig(r=4, lora_alpha=8, **extra)
+
+
+def mixed(path: str) -> CtCheckpoint:
+    """Attention int8 per channel (W8A8), the MLP NVFP4, quantization_config in text_config (Kimi K3's place)."""
+    from tests.ct_models import llama
+    return save_ct(path, llama(), {"group_0": ("W8A8", ["re:.*self_attn.*"]), "group_1": ("NVFP4A16", ["re:.*mlp.*"])},
+                   ["lm_head"], text_config=True)
+
+
+def moe_experts(path: str) -> CtCheckpoint:
+    """A Mixtral whose routed experts alone are NVFP4 (w1/w3 of each expert sharing a global scale)."""
+    from transformers import MixtralConfig
+    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    tensors, saved = saved_state(random_model(mixtral_cls(), config))
+    return save_ct_state(path, tensors, saved, {"group_0": ("NVFP4A16", ["re:.*experts.*"])}, ["lm_head"],
+                         "nvfp4-pack-quantized")
+
+
+# name: (builder, model class, LoRA config)
+CASES = {preset: (lambda p, preset=preset: save_preset(p, preset, fused=True), llama_cls,
+                  lambda: lora(target_modules=LORA_ON)) for preset in PRESETS}
+CASES["mixed-precision"] = (mixed, llama_cls, lambda: lora(target_modules=LORA_ON))
+CASES["moe-nvfp4-experts"] = (moe_experts, mixtral_cls, lambda: lora(
+    target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
+
+
+def exact_base(checkpoint: CtCheckpoint, path: str) -> str:
+    """The base with its quantized weights' float32 values, no quantization_config, for PEFT."""
+    config = read_config(checkpoint.path)
+    config.pop("quantization_config", None)
+    if config.get("text_config", {}).pop("quantization_config", None) is not None and not config["text_config"]:
+        del config["text_config"]  # a Llama has none: it held the quantization_config only
+    tensors = {name: t.float() for name, t in checkpoint.dequantized.items()} | dict(checkpoint.exact)
+    return write_sharded(path, tensors, config, shards=1)
+
+
+def peft_float32(model_cls, base: str, adapter: str, out: str) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(model_cls.from_pretrained(base, dtype=torch.float32),
+                                           adapter).merge_and_unload()
+        merged.save_pretrained(out)
+    return load_checkpoint(out)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    build, model_cls, config = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    checkpoint = build(str(root / "base"))
+    exact = exact_base(checkpoint, str(root / "exact"))
+    adapter = build_adapter((model_cls(), None), exact, str(root / "adapter"), config())
+    reference = peft_float32(model_cls(), exact, adapter, str(root / "peft"))
+    return request.param, checkpoint, adapter, reference, root
+
+
+@pytest.mark.parametrize("scales", ["fresh", "keep"])
+def test_each_format_is_what_compressed_tensors_makes_of_the_peft_merge(case, scales):
+    name, checkpoint, adapter, reference, root = case
+    out = str(root / f"out-{scales}")
+    merge_without_ray(checkpoint.path, [adapter], out, scales=scales)
+    base, merged = stored_tensors(checkpoint.path), stored_tensors(out)
+    assert {k: (v.dtype, v.shape) for k, v in merged.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
+    assert read_config(out) == read_config(checkpoint.path), "config.json unchanged"
+    touched = {n for n in checkpoint.exact if not torch.equal(reference[n], checkpoint.exact[n])}
+    assert touched and len(touched) < len(checkpoint.exact), "the adapter updates some quantized weights, not all"
+    expected = expected_parts(checkpoint, base, reference, touched, scales)
+    assert {n.rsplit(".", 1)[0] for n in expected} >= {n.rsplit(".", 1)[0] for n in touched}
+    for stored in (n for n in base if n.rsplit(".", 1)[0] in checkpoint.schemes):  # every part, activations' too
+        want = expected.get(stored, base[stored])
+        assert torch.equal(merged[stored].reshape(-1).view(torch.uint8),
+                           want.reshape(-1).contiguous().view(torch.uint8)), (stored, scales)
+    manifest = json.load(open(f"{out}/merge_manifest.json"))
+    assert manifest["requantization"]["scales"] == scales
+    ties = manifest["requantization"]["tied"]
+    if scales == "fresh" and name in ("FP8", "NVFP4A16", "moe-nvfp4-experts", "mixed-precision"):  # shared scales
+        assert ties and all(len(group) > 1 for group in ties), ties
+    else:
+        assert ties == []
+
+
+def test_dequantize_writes_the_peft_merge_rounded_to_bf16(case):
+    name, checkpoint, adapter, reference, root = case
+    out = str(root / "out-bf16")
+    merge_without_ray(checkpoint.path, [adapter], out, dequantize=True)
+    merged = load_checkpoint(out)
+    config = read_config(out)
+    assert "quantization_config" not in config and "quantization_config" not in config.get("text_config", {})
+    assert not any(n.endswith(("_scale", "_packed", "_zero_point", "_shape")) for n in merged)
+    for logical in checkpoint.exact:
+        assert torch.equal(merged[logical], reference[logical].to(torch.bfloat16)), logical
