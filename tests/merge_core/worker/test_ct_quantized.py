@@ -11,16 +11,15 @@ float32 values compressed-tensors decompresses them to.
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
 from tests.ct_models import CtCheckpoint, expected_parts, random_model, save_ct, save_ct_state, save_preset
 from tests.local_merge import merge_without_ray
-from tests.quantized_models import read_config, saved_state, stored_tensors, write_sharded
+from tests.quantized_merges import merged_in_format, reference_case
+from tests.quantized_models import read_config, saved_state
 from tests.reference import load_checkpoint
-from tests.variant_reference import build_adapter
 
 PRESETS = ["FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "NVFP4A16", "MXFP4A16", "MXFP8A16"]
 LORA_ON = ["q_proj", "gate_proj", "down_proj"]  # k/v and up stay untouched beside touched siblings
@@ -66,34 +65,12 @@ CASES["moe-nvfp4-experts"] = (moe_experts, mixtral_cls, lambda: lora(
     target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
 
 
-def exact_base(checkpoint: CtCheckpoint, path: str) -> str:
-    """The base with its quantized weights' float32 values, no quantization_config, for PEFT."""
-    config = read_config(checkpoint.path)
-    config.pop("quantization_config", None)
-    if config.get("text_config", {}).pop("quantization_config", None) is not None and not config["text_config"]:
-        del config["text_config"]  # a Llama has none: it held the quantization_config only
-    tensors = {name: t.float() for name, t in checkpoint.dequantized.items()} | dict(checkpoint.exact)
-    return write_sharded(path, tensors, config, shards=1)
-
-
-def peft_float32(model_cls, base: str, adapter: str, out: str) -> dict[str, torch.Tensor]:
-    from peft import PeftModel
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = PeftModel.from_pretrained(model_cls.from_pretrained(base, dtype=torch.float32),
-                                           adapter).merge_and_unload()
-        merged.save_pretrained(out)
-    return load_checkpoint(out)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     build, model_cls, config = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     checkpoint = build(str(root / "base"))
-    exact = exact_base(checkpoint, str(root / "exact"))
-    adapter = build_adapter((model_cls(), None), exact, str(root / "adapter"), config())
-    reference = peft_float32(model_cls(), exact, adapter, str(root / "peft"))
+    adapter, reference = reference_case(checkpoint, model_cls(), config(), root)
     return request.param, checkpoint, adapter, reference, root
 
 
@@ -101,10 +78,7 @@ def case(request, tmp_path_factory):
 def test_each_format_is_what_compressed_tensors_makes_of_the_peft_merge(case, scales):
     name, checkpoint, adapter, reference, root = case
     out = str(root / f"out-{scales}")
-    merge_without_ray(checkpoint.path, [adapter], out, scales=scales)
-    base, merged = stored_tensors(checkpoint.path), stored_tensors(out)
-    assert {k: (v.dtype, v.shape) for k, v in merged.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
-    assert read_config(out) == read_config(checkpoint.path), "config.json unchanged"
+    base, merged = merged_in_format(checkpoint, adapter, out, scales=scales)
     touched = {n for n in checkpoint.exact if not torch.equal(reference[n], checkpoint.exact[n])}
     assert touched and len(touched) < len(checkpoint.exact), "the adapter updates some quantized weights, not all"
     expected = expected_parts(checkpoint, base, reference, touched, scales)

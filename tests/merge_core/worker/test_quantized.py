@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import pytest
 import torch
 
 from tests.local_merge import merge_without_ray
+from tests.quantized_merges import merged_in_format, reference_case
 from tests.quantized_models import (
     e2m1_nearest,
     fp8_reference_quantize,
@@ -30,11 +30,8 @@ from tests.quantized_models import (
     save_fp8_llama,
     save_int4_kimi_style,
     save_mxfp4_gpt_oss,
-    stored_tensors,
-    write_sharded,
 )
 from tests.reference import load_checkpoint
-from tests.variant_reference import build_adapter
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,26 +71,6 @@ CASES = {
 }
 
 
-def exact_base(checkpoint, path: str) -> str:
-    """The base with its quantized weights' exact dequantized values, float32, no quantization_config."""
-    config = read_config(checkpoint.path)
-    config.pop("quantization_config", None)
-    tensors = {name: t.float() for name, t in checkpoint.dequantized.items()} | dict(checkpoint.exact)
-    return write_sharded(path, tensors, config, shards=1)
-
-
-def peft_float32(model, base: str, adapter: str, out: str) -> dict[str, torch.Tensor]:
-    from peft import PeftModel
-
-    model_cls, _ = model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = PeftModel.from_pretrained(model_cls.from_pretrained(base, dtype=torch.float32),
-                                           adapter).merge_and_unload()
-        merged.save_pretrained(out)
-    return load_checkpoint(out)
-
-
 def requantize(weight, merged: torch.Tensor) -> dict[str, torch.Tensor]:
     """The format's reference quantizer on W', by role: fresh scales."""
     if weight.codec == "fp8_block":
@@ -131,20 +108,14 @@ def case(request, tmp_path_factory):
     build, model, config = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     checkpoint = build(str(root / "base"))
-    exact = exact_base(checkpoint, str(root / "exact"))
-    adapter = build_adapter((model()[0], None), exact, str(root / "adapter"), config())
-    reference = peft_float32(model, exact, adapter, str(root / "peft"))
+    adapter, reference = reference_case(checkpoint, model()[0], config(), root)
     return request.param, checkpoint, adapter, reference, root
 
 
 @pytest.mark.parametrize("scales", ["fresh", "keep"])
 def test_each_format_merges_in_its_own_format_as_the_references_requantize(case, scales):
     name, checkpoint, adapter, reference, root = case
-    out = str(root / f"out-{scales}")
-    merge_without_ray(checkpoint.path, [adapter], out, scales=scales)
-    base, merged = stored_tensors(checkpoint.path), stored_tensors(out)
-    assert {k: (v.dtype, v.shape) for k, v in merged.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
-    assert read_config(out) == read_config(checkpoint.path), "config.json unchanged"
+    base, merged = merged_in_format(checkpoint, adapter, str(root / f"out-{scales}"), scales=scales)
     weights = quantized_weights(checkpoint.path)
     touched = [w for n, w in weights.items() if not torch.equal(reference[n], checkpoint.exact[n])]
     assert touched, "the adapter updates quantized weights"
