@@ -160,7 +160,8 @@ def calculate_qparams(low: torch.Tensor, high: torch.Tensor, args: QuantArgs,
     eps = {None: FLOAT32_EPS, "uint8": 1.0, "float8_e4m3fn": E4M3_EPS}.get(args.scale_dtype)
     eps = torch.finfo(getattr(torch, args.scale_dtype)).eps if eps is None else eps
     scale = torch.where(scale == 0, torch.tensor(eps, device=scale.device), scale)
-    return scale, torch.round(zero.clamp(-128, 127))  # zp_dtype int8 (float formats are symmetric)
+    # zp_dtype int8 (float formats are symmetric): NaN (an all-zero group's 0 / 0) becomes 0, as in the library
+    return scale, torch.round(zero.clamp(-128, 127)).to(torch.int8).float()
 
 
 def round_codes(scaled: torch.Tensor, args: QuantArgs) -> torch.Tensor:
