@@ -161,3 +161,35 @@ def test_the_merged_checkpoint_loads_in_transformers_and_predicts_as_base_and_ad
     assert float((ours - after).norm() / (after - before).norm()) < error, name
     agree = float((ours.argmax(-1) == after.argmax(-1)).float().mean())
     assert agree > float((before.argmax(-1) == after.argmax(-1)).float().mean()) + 0.3, name
+
+
+def test_verify_allows_a_gpu_merge_one_step_and_no_more(tmp_path_factory, tmp_path):
+    """A shard fused on a GPU may round a code of a quantized weight the other way: verify accepts one step
+    of the format there (and nothing on a CPU), and names the weight beyond it."""
+    from merge_core.inputs.adapter import load_adapter
+    from merge_core.inputs.checkpoint import load_base, read_shard_header
+    from merge_core.io.registry import open_storage
+    from merge_core.planning.planner import plan_merge
+    from merge_core.publish.verify import verify_shard
+    from merge_core.worker.job import MergeJob
+    from merge_core.worker.shard_merge import merge_shard
+
+    name, checkpoint, adapter, reference, root = built("W4A16_ASYM", tmp_path_factory)
+    plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
+    job = MergeJob.of(plan, str(tmp_path))
+    task = next(t for t in plan.tasks if any(f.quantized is not None and f.updates for f in t.targets))
+    merge_shard(task, job)
+    target = next(f for f in task.targets if f.quantized is not None and f.updates)
+    path = tmp_path / task.name
+    written = path.read_bytes()
+    header = read_shard_header(open_storage(str(tmp_path)), task.name)
+    at = header.data_start + header.tensor(target.parts[0].info.name).start  # the first word of the codes
+    word = int.from_bytes(written[at:at + 4], "little")
+    for change, on_gpu, found in ((1, 1, False), (1, 0, True), (3, 1, True)):
+        nibble = word & 0xF  # the row's first code, offset by 8 (bytes patched in place: the file's order stays)
+        moved = nibble - change if nibble >= change else nibble + change
+        path.write_bytes(written[:at] + ((word & ~0xF) | moved).to_bytes(4, "little") + written[at + 4:])
+        problems = verify_shard(task, job, None, None, on_gpu).problems
+        assert bool(problems) == found, (change, on_gpu, problems)
+        if found and on_gpu:
+            assert f"tensor {target.tensor}: 1 elements lie more than one ct_packed step" in problems[0]
