@@ -18,6 +18,7 @@ from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
 from tests.ct_models import save_preset
 from tests.jobs.conftest import cli
 from tests.jobs.test_bad_input import shard_of
+from tests.jobs.test_quantized_merge import _config
 from tests.quantized_merges import exact_base
 from tests.quantized_models import decode_checkpoint
 from tests.variant_reference import build_adapter
@@ -72,15 +73,6 @@ def _replace(base: str, name: str, value: torch.Tensor) -> None:
     tensors = load_file(path)
     tensors[name] = value
     save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _config(edit):
-    def apply(base: str) -> None:
-        path = os.path.join(base, "config.json")
-        config = json.load(open(path))
-        edit(config["quantization_config"])
-        json.dump(config, open(path, "w"))
-    return apply
 
 
 Q = "model.layers.0.self_attn.q_proj"
