@@ -193,3 +193,34 @@ def test_verify_allows_a_gpu_merge_one_step_and_no_more(tmp_path_factory, tmp_pa
         assert bool(problems) == found, (change, on_gpu, problems)
         if found and on_gpu:
             assert f"tensor {target.tensor}: 1 elements lie more than one ct_packed step" in problems[0]
+
+
+def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, tmp_path):
+    """The final task's float64 check decodes each format's stored parts: codes left as the base's (the
+    update lost) lie more than one step of the format from the merge."""
+    from merge_core.inputs.adapter import load_adapter
+    from merge_core.inputs.checkpoint import load_base, read_shard_header
+    from merge_core.io.registry import open_storage
+    from merge_core.planning.planner import plan_merge
+    from merge_core.publish.spot_check import _Sources, _spot_quantized
+    from merge_core.worker.job import MergeJob
+    from merge_core.worker.shard_merge import merge_shard
+
+    name, checkpoint, adapter, reference, root = case
+    plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
+    for task in plan.tasks:
+        merge_shard(task, MergeJob.of(plan, str(tmp_path)))
+    task, target = next((t, f) for t in plan.tasks for f in t.targets if f.quantized is not None and f.updates)
+    rows = [0, target.quantized.shape[0] - 1]
+    storages = (open_storage(checkpoint.path), [open_storage(adapter)], open_storage(str(tmp_path)))
+    header = read_shard_header(storages[2], task.name)
+    assert _spot_quantized(task, target, rows, _Sources(*storages, header)) == []
+    codes = header.tensor(target.parts[0].info.name)
+    source = target.parts[0]
+    original = storages[0].read_range(source.shard, source.data_start + source.info.start, source.info.nbytes)
+    path = tmp_path / task.name
+    written = path.read_bytes()
+    at = header.data_start + codes.start
+    path.write_bytes(written[:at] + original + written[at + codes.nbytes:])  # the base's codes back, in place
+    problems = _spot_quantized(task, target, rows, _Sources(*storages, read_shard_header(storages[2], task.name)))
+    assert problems and f"tensor {target.tensor} row " in problems[0] and "step" in problems[0]
