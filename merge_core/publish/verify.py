@@ -114,7 +114,8 @@ def _compare_decoded(infos: list[TensorInfo], stored: list, expected: dict, sour
             continue
         ours = {role: read[info.name] for role, info in names}
         fresh = {role: tensor_from_bytes(expected[info.name], info.dtype, info.shape) for role, info in names}
-        if all(torch.equal(ours[r].reshape(-1).view(torch.uint8), fresh[r].reshape(-1).view(torch.uint8)) for r in ours):
+        if all(torch.equal(ours[r].reshape(-1).view(torch.uint8), fresh[r].reshape(-1).view(torch.uint8))
+               for r in ours):
             continue
         off = (codecs.decode(member.quantized, ours) - codecs.decode(member.quantized, fresh)).abs()
         bad = int((off > codecs.step(member.quantized, fresh)).sum())

@@ -87,7 +87,8 @@ BAD = {
         _config(lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group")),
         "quantization_config.config_groups.group_0.weights.strategy: 'group': nvfp4-pack-quantized weights are"),
     "a group that names no stored tensor": (
-        _config(lambda q: q["config_groups"].update(group_1=q["config_groups"]["group_0"] | {"targets": ["re:.*vis.*"]})),
+        _config(lambda q: q["config_groups"].update(
+            group_1=q["config_groups"]["group_0"] | {"targets": ["re:.*vis.*"]})),
         "quantization_config.config_groups.group_1: names no stored tensor"),
 }
 

@@ -119,7 +119,8 @@ def actorder_weight(rows: int = 8, columns: int = 64, group: int = 16):
         "quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
             "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group,
                                                "symmetric": True, "actorder": "group"}}}}}, WHERE)
-    stored = infos(("m.weight_packed", "I32", (rows, columns // 8)), ("m.weight_scale", "BF16", (rows, columns // group)),
+    stored = infos(("m.weight_packed", "I32", (rows, columns // 8)),
+                   ("m.weight_scale", "BF16", (rows, columns // group)),
                    ("m.weight_shape", "I64", (2,)), ("m.weight_g_idx", "I32", (columns,)))
     return group_weights(scheme, stored, "base")["m.weight"]
 
