@@ -160,13 +160,24 @@ def _calibrate(model, fused: bool) -> None:
                 getattr(module, part).data.fill_(value)
 
 
-def save_ct(path: str, model, groups: dict[str, tuple[str, list[str]]], ignore: list[str], shards: int = 3,
-            fused: bool = True, text_config: bool = False) -> CtCheckpoint:
-    """`model` quantized by presets ({group key: (preset, targets)}) with compressed-tensors, saved in shards."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+def preset(name: str, targets: list[str], **weights):
+    """A preset's QuantizationScheme, its weights' args changed by `weights` (say strategy="channel")."""
+    from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+    scheme = preset_name_to_scheme(name, targets)
+    if weights:
+        scheme.weights = QuantizationArgs(**(scheme.weights.model_dump() | weights))
+    return scheme
 
-    schemes = {key: preset_name_to_scheme(preset, targets) for key, (preset, targets) in groups.items()}
+
+def save_ct(path: str, model, groups: dict[str, tuple], ignore: list[str], shards: int = 3,
+            fused: bool = True, text_config: bool = False) -> CtCheckpoint:
+    """`model` quantized by presets ({group key: (preset, targets[, weights args changed])}) with
+    compressed-tensors, saved in shards."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    schemes = {key: preset(name, list(targets), **(changes[0] if changes else {}))
+               for key, (name, targets, *changes) in groups.items()}
     config = QuantizationConfig(config_groups=schemes, ignore=ignore, quantization_status="frozen")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -216,9 +227,11 @@ def llama(**sizes):
     return random_model(LlamaForCausalLM, LlamaConfig(**(LLAMA | sizes)))
 
 
-def save_preset(path: str, preset: str, targets=("Linear",), ignore=("lm_head",), **options) -> CtCheckpoint:
-    """A tiny Llama whose decoder linears are quantized by one preset."""
-    return save_ct(path, llama(), {"group_0": (preset, list(targets))}, list(ignore), **options)
+def save_preset(path: str, name: str, targets=("Linear",), ignore=("lm_head",), weights=None,
+                **options) -> CtCheckpoint:
+    """A tiny Llama whose decoder linears are quantized by one preset (its weights' args changed by
+    `weights`)."""
+    return save_ct(path, llama(), {"group_0": (name, list(targets), weights or {})}, list(ignore), **options)
 
 
 # ---------------------------------------------------------------- a checkpoint's state dict, quantized by name

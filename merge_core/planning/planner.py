@@ -95,7 +95,7 @@ def _check_uncoded(base: BaseCheckpoint, name: str, subject: str) -> None:
     if base.quantization is None or name in base.quantized or base.part_of(name) is not None:
         return
     module = name.rsplit(".", 1)[0]
-    beside = sorted(n for n in base.weight_map if n.startswith(module + ".") and n != name)
+    beside = [n for n in base.stored_under(module) if n != name]
     stored = base.weight_map.get(name)
     quantized = (stored is not None and base.info(name).dtype not in FLOAT_DTYPES) or (stored is None and beside)
     if quantized:

@@ -61,6 +61,10 @@ def moe_experts(path: str) -> CtCheckpoint:
 # name: (builder, model class, LoRA config)
 CASES = {preset: (lambda p, preset=preset: save_preset(p, preset, fused=True), llama_cls,
                   lambda: lora(target_modules=LORA_ON)) for preset in PRESETS}
+# what the presets leave out: 8-bit packing per channel with zero points, and NVFP4's activations' global scale
+CASES["W8A16-channel-asym"] = (lambda p: save_preset(p, "W8A16", weights=dict(
+    strategy="channel", group_size=None, symmetric=False)), llama_cls, lambda: lora(target_modules=LORA_ON))
+CASES["NVFP4"] = (lambda p: save_preset(p, "NVFP4"), llama_cls, lambda: lora(target_modules=LORA_ON))
 CASES["mixed-precision"] = (mixed, llama_cls, lambda: lora(target_modules=LORA_ON))
 CASES["moe-nvfp4-experts"] = (moe_experts, mixtral_cls, lambda: lora(
     target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
@@ -101,7 +105,7 @@ def test_each_format_is_what_compressed_tensors_makes_of_the_peft_merge(case, sc
     manifest = json.load(open(f"{out}/merge_manifest.json"))
     assert manifest["requantization"]["scales"] == scales
     ties = manifest["requantization"]["tied"]
-    if scales == "fresh" and name in ("FP8", "NVFP4A16", "moe-nvfp4-experts", "mixed-precision"):  # shared scales
+    if scales == "fresh" and name in ("FP8", "NVFP4A16", "NVFP4", "moe-nvfp4-experts", "mixed-precision"):  # shared
         assert ties and all(len(group) > 1 for group in ties), ties
     else:
         assert ties == []
