@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.bench --storage s3         # S3→S3 on a local SeaweedFS, vs boto3 copy
     .venv/bin/python -m bench.bench --moe 64 --hidden 2048   # MoE experts stored one by one (target_parameters)
     .venv/bin/python -m bench.bench --quantized fp8          # the same checkpoint also as FP8 block-scaled
+    .venv/bin/python -m bench.bench --quantized nvfp4 --scales fresh   # ... or compressed-tensors NVFP4
     .venv/bin/python -m bench.bench --batch 3                # one batch of 3 outputs vs 3 merges one after another
 
 Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
@@ -23,7 +24,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.checkpoint import build, build_moe, more_adapters, quantize_fp8
+from bench.checkpoint import QUANTIZED, build, build_moe, more_adapters, quantize
 from bench.proctree import Measured, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +86,8 @@ def base_bytes_read(out: str) -> int:
     for name in sorted(os.listdir(out)):
         manifest = os.path.join(out, name, "merge_manifest.json")
         if os.path.exists(manifest):
-            total += sum(s["base_bytes_read"] / s.get("outputs", 1) for s in json.load(open(manifest))["output"]["shards"])
+            shards = json.load(open(manifest))["output"]["shards"]
+            total += sum(s["base_bytes_read"] / s.get("outputs", 1) for s in shards)
     return round(total)
 
 
@@ -104,7 +106,7 @@ def methods(args, base: str, adapter: str, out: str, quantized: str | None = Non
             "lora-merge": _sh(lora_merge(base))}
     if quantized:  # the same model stored FP8: decode, fuse, requantize each touched weight
         runs |= {f"copy (cp -r), {args.quantized}": _sh(["cp", "-r", quantized, out]),
-                 f"lora-merge, {args.quantized}": _sh(lora_merge(quantized))}
+                 f"lora-merge, {args.quantized}": _sh(lora_merge(quantized) + ["--scales", args.scales])}
     return runs
 
 
@@ -180,8 +182,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage", default="local", choices=("local", "s3"))
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-merge-bench"))
     parser.add_argument("--json", help="also write the raw measurements here")
-    parser.add_argument("--quantized", choices=("fp8",), help="also store the checkpoint FP8 block-scaled "
-                        "(128×128, DeepSeek-V3's layout) and measure the copy and the merge of that beside the dense")
+    parser.add_argument("--quantized", choices=QUANTIZED, help="also store the checkpoint quantized and measure the "
+                        "copy and the merge of that beside the dense: fp8 (block-scaled 128×128, DeepSeek-V3's layout) "
+                        "or a compressed-tensors preset (fp8-dynamic, fp8-block, w8a8, w4a16, w4a16-asym, nvfp4, "
+                        "mxfp4, mxfp8)")
+    parser.add_argument("--scales", choices=("keep", "fresh"), default="keep", help="with --quantized: lora-merge's "
+                        "--scales (default keep)")
     parser.add_argument("--batch", type=int, metavar="N", help="N adapters into N models: N merges one after "
                         "another against one `lora-merge batch` of N outputs (local storage)")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
@@ -231,7 +237,8 @@ def _rounds(args, base: str, adapter: str, out: str, quantized: str | None):
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     base, adapter, described = _checkpoint(args)
-    quantized = quantize_fp8(base, os.path.join(os.path.dirname(base), "base-fp8")) if args.quantized else None
+    quantized = (quantize(base, os.path.join(os.path.dirname(base), f"base-{args.quantized}"), args.quantized)
+                 if args.quantized else None)
     nbytes = checkpoint_bytes(base)
     server = None
     out = os.path.join(args.workdir, "out")

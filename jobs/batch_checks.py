@@ -41,7 +41,8 @@ def check_batch(batch: BatchOptions, merges: Sequence[MergeOptions]) -> None:
     seen: dict[str, MergeOptions] = {}
     for merge, place in zip(merges, places):
         if _within(place, base):
-            raise InputError(merge.output, f"lies inside the base {batch.checkpoint}", "choose an output outside --base")
+            raise InputError(merge.output, f"lies inside the base {batch.checkpoint}",
+                             "choose an output outside --base")
         if place in seen:
             if dataclasses.replace(seen[place], output=place) == dataclasses.replace(merge, output=place):
                 raise InputError(merge.output, "is listed twice in the batch, with the same adapters and options",

@@ -81,11 +81,20 @@ class MergeInputs:
         spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
     unmerge: bool = option(False)  # take the adapters out of --base, a merged model (set by unmerge, plan, verify)
     dequantize: bool = option(False, "--dequantize", {
-        "": "write a quantized base's weights (FP8, MXFP4, INT4) as bf16: no scales, no quantization_config "
-            "(default: each weight keeps the base's format)",
+        "": "write a quantized base's weights (FP8, MXFP4, compressed-tensors) as bf16: no scales, no "
+            "quantization_config (default: each weight keeps the base's format)",
         "verify": "the merge wrote a quantized base's weights as bf16 (merge --dequantize)",
         "plan": "plan a merge that writes a quantized base's weights as bf16 (merge --dequantize)"},
         spec=BOOL, action="store_true", per_output=True)
+    scales: str = option("keep", "--scales", {
+        "": "how a quantized base's weights an adapter updates are stored again: keep (the base's scales, zero "
+            "points and global scales, only the codes re-rounded) or fresh (recomputed from the merged weight as "
+            "the format's own quantizer does; fused siblings share one again) (default keep; see README.md, "
+            "Quantized bases)",
+        "verify": "the merge kept the base's scales or made fresh ones (default: as the merged model's manifest "
+                  "records)",
+        "plan": "plan a merge that keeps the base's scales or makes fresh ones (default keep)"},
+        spec=(str, "fresh or keep"), choices=("fresh", "keep"), per_output=True)
     part_size_mb: int = option(DEFAULT_PART_BYTES // 2**20, "--part-size-mb", "multipart upload part size for "
                                f"s3:// output (default {DEFAULT_PART_BYTES // 2**20}, at least 5)",
                                spec=(int, "a whole number of MiB"), type=int, metavar="MB",

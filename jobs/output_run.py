@@ -31,7 +31,14 @@ from merge_core.inputs.checkpoint import BaseCheckpoint
 from merge_core.io.pipeline import sha256_of
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions
-from merge_core.names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, STAGING_DIR
+from merge_core.names import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    SINGLE_NAME,
+    STAGING_DIR,
+)
 from merge_core.publish.journal import fingerprint
 from merge_core.publish.lineage import check_not_merged_twice, unrecorded
 from merge_core.publish.manifest import adapter_record
@@ -149,7 +156,8 @@ def publish_output(out: OutputRun, executor: Executor, lanes, retries: Mapping[s
                "lanes": {lane.name: lane.slots for lane in lanes}, "executor": executor.name}
     publication = Publication(results=tuple(results), extra_files=out.prepared.base.extra_files,
                               index_metadata=out.prepared.base.index_metadata, adapter_records=tuple(out.records),
-                              timings={"plan_seconds": out.planned - out.started, "merge_seconds": merged - out.planned},
+                              timings={"plan_seconds": out.planned - out.started,
+                                       "merge_seconds": merged - out.planned},
                               cluster=cluster, retries=dict(retries),
                               retry_reasons={k: tuple(v) for k, v in reasons.items()},
                               reused=tuple(r.name for r in out.reused), lineage=out.prepared.base.manifest,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobs.prepare import prepare
 from jobs.options import MergeInputs
+from jobs.prepare import prepare
 from jobs.progress import plural, size_text
 from jobs.scheduling import TASKS_PER_GPU
 from merge_core.format.codecs import describe
@@ -25,6 +25,7 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
         "operation": "unmerge" if plan.arithmetic.unmerge else "merge",
         "model_changes": plan.model_changes,
         "quantization": quantization,
+        "scales": plan.scales if quantization else None,
         "shards": [{
             "name": t.name,
             "size": t.shard.size,
@@ -33,7 +34,8 @@ def plan_as_dict(plan: MergePlan, device: str, quantization: str | None = None) 
                       for i, uri in enumerate(plan.adapter_uris)},
             "read_bytes": t.read_bytes,
             # quantized weights decoded, fused and encoded again in their format, or written as bf16
-            "requantized": [f.tensor for f in t.targets if f.quantized is not None and not f.dequantize],
+            "requantized": [m.tensor for f in t.targets if f.quantized is not None and not f.dequantize
+                            for m in f.members],
             "dequantized": [f.tensor for f in t.targets if f.quantized is not None and f.dequantize],
             "resources": {"num_cpus": 1, "num_gpus": gpus, "memory": t.memory_bytes},
         } for t in plan.tasks],
@@ -53,7 +55,8 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
                      f"{sum(len(v) for v in shard['fused'].values()):5d} "
                      f"{size_text(shard['resources']['memory']):>10}  {touching}")
     for shard in data["shards"]:
-        for verb, key in (("requantizes", "requantized"), ("dequantizes to bf16", "dequantized")):
+        kept = "keeping the base's scales" if plan.scales == "keep" else "with fresh scales"
+        for verb, key in ((f"requantizes ({kept})", "requantized"), ("dequantizes to bf16", "dequantized")):
             if shard[key]:
                 shown = ", ".join(shard[key][:3]) + (f" and {len(shard[key]) - 3} more" if len(shard[key]) > 3 else "")
                 lines.append(f"{shard['name']}: {verb} {len(shard[key])} quantized weights ({shown})")
@@ -167,12 +170,14 @@ def _batch_text(data: dict, device: str) -> str:
     for output in data["outputs"]:
         adapters = ", ".join(output["adapters"])
         lines.append(f"{output['output']:<44} {output['fused_tensors']:5d} "
-                     f"{size_text(output['read_bytes'] - data['base_bytes']):>13} {size_text(output['write_bytes']):>10}"
+                     f"{size_text(output['read_bytes'] - data['base_bytes']):>13} "
+                     f"{size_text(output['write_bytes']):>10}"
                      f"  {adapters}")
     gpu = f"1/{TASKS_PER_GPU} of a GPU" if device == "cuda" else "no GPU" if device == "cpu" else \
         f"1/{TASKS_PER_GPU} of a GPU where the cluster has GPUs"
     lines += [f"in all: read {size_text(data['read_bytes'])} (the base once, and each output's adapters), write "
               f"{size_text(data['write_bytes'])} ({plural(count, 'output')})",
               f"one task per shard writes every output: each asks Ray for 1 CPU, {gpu}, and at most "
-              f"{size_text(data['memory_bytes'])} of memory (one base tensor at a time, whatever the number of outputs)"]
+              f"{size_text(data['memory_bytes'])} of memory (one base tensor at a time, whatever the number of "
+              "outputs)"]
     return "\n".join(lines)

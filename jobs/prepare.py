@@ -54,7 +54,7 @@ def prepare(inputs: MergeInputs, pickle_staging: str | None = None, base: BaseCh
         adapters.append(load_adapter(storage))
     restorable = bool(getattr(inputs, "original_base", None))  # unmerge --base: DoRA and copies restored from it
     plan = plan_merge(base, adapters, weights, inputs.arithmetic, allow_base_mismatch=inputs.allow_base_mismatch,
-                      dequantize=inputs.dequantize, restorable=restorable)
+                      dequantize=inputs.dequantize, restorable=restorable, scales=inputs.scales)
     _warn_surprises(base, adapters, weights)
     return Prepared(base, tuple(adapters), weights, plan)
 

@@ -158,7 +158,8 @@ def batch_rows(summary) -> list[tuple[str, str]]:
             state = "already complete: its manifest records this very merge; nothing was written"
         else:
             state = (f"{plural(done.shards, 'shard')}, {done.fused_tensors} fused tensors, "
-                     f"{size_text(done.bytes_written)} written" + (f", {done.reused} shards reused" if done.reused else "")
+                     f"{size_text(done.bytes_written)} written"
+                     + (f", {done.reused} shards reused" if done.reused else "")
                      + (f", {plural(done.retries, 'retry')}" if done.retries else ""))
             if done.adapter_kept:
                 state += f"; adapter kept {done.adapter_kept}"

@@ -62,8 +62,8 @@ def finalize_task(*args):
     return finalize_work(*args, _placement())
 
 
-REMOTE = {merge_shard_work: merge_shard_task, merge_outputs_work: merge_outputs_task, verify_shard_work: verify_shard_task,
-          finalize_work: finalize_task}
+REMOTE = {merge_shard_work: merge_shard_task, merge_outputs_work: merge_outputs_task,
+          verify_shard_work: verify_shard_task, finalize_work: finalize_task}
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:

@@ -1,5 +1,5 @@
 """How a merged model was made, as its manifest records it: `verify` and `unmerge` take the
-adapters' weights and the arithmetic (--sequential, --combine, --density, --seed) from there
+adapters' weights, the arithmetic (--sequential, --combine, --density, --seed) and --scales from there
 unless they are given, and say in one line when what is given disagrees with the record."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from merge_core.io.registry import open_storage
 from merge_core.names import MANIFEST_NAME
 
 log = logging.getLogger("lora_merge")
-ARITHMETIC = ("weights", "sequential", "combine", "density", "seed")
+ARITHMETIC = ("weights", "sequential", "combine", "density", "seed", "scales")
 FLAGS = {"weights": "--weight", "sequential": "--sequential", "combine": "--combine", "density": "--density",
-         "seed": "--seed"}
+         "seed": "--seed", "scales": "--scales"}
 
 
 def _same_place(uri: str) -> str:
@@ -47,7 +47,9 @@ def recorded_arithmetic(manifest: Mapping, adapters: Sequence[str]) -> dict | No
     return {"weights": weights if any(w != 1.0 for w in weights) else (),
             "sequential": arithmetic.get("rounding") == "after each adapter",
             "combine": combine.get("method"), "density": float(combine.get("density", 1.0)),
-            "seed": int(combine.get("seed", 0))}
+            "seed": int(combine.get("seed", 0)),
+            # merges before --scales made fresh scales, and recorded nothing
+            "scales": (manifest.get("requantization") or {}).get("scales", "fresh")}
 
 
 def _shown(name: str, value) -> str:

@@ -23,3 +23,6 @@ class FuseStats:
     # largest distance of the others in units of the last place. None when not compared.
     recovered_equal: int | None = None
     recovered_max_ulps: int | None = None
+    # Fresh scales of fused siblings whose base shares one tensor-level scale: the siblings that share
+    # the new one with this weight (merge_core.worker.quantized_tensor)
+    tied_with: tuple[str, ...] = ()

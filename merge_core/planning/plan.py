@@ -59,6 +59,10 @@ class FuseTarget:
     quantized: QuantizedWeight | None = None
     parts: tuple[StoredPart, ...] = ()  # the quantized weight's stored tensors, the codes first
     dequantize: bool = False
+    keep_scales: bool = False  # --scales keep: the base's scales, zero points and global scales kept
+    # Fused siblings (q/k/v, gate/up, w1/w3) that may share this weight's tensor-level scale: merged
+    # with it, so that a fresh shared scale covers them all, and written after it (--scales fresh)
+    siblings: tuple["FuseTarget", ...] = ()
     # An unmerge of what cannot be computed back (DoRA, a whole copy): the original base's tensor
     restore: bool = False
 
@@ -67,12 +71,22 @@ class FuseTarget:
         return self.source or self.tensor
 
     @property
+    def members(self) -> tuple["FuseTarget", ...]:
+        """This target and its fused siblings, in the order they are read and written."""
+        return (self, *self.siblings)
+
+    @property
+    def stored_parts(self) -> tuple[StoredPart, ...]:
+        """Every stored tensor a quantized target reads and writes: its parts, then its siblings'."""
+        return tuple(p for member in self.members for p in member.parts)
+
+    @property
     def output_tensors(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-        """What the worker writes for a quantized target, in this order: each part as stored, or the
-        one bf16 tensor."""
+        """What the worker writes for a quantized target, in this order: each part as stored (then its
+        siblings'), or the one bf16 tensor."""
         if self.dequantize:
             return ((self.tensor, self.quantized.dtype, self.quantized.shape),)
-        return tuple((p.info.name, p.info.dtype, p.info.shape) for p in self.parts)
+        return tuple((p.info.name, p.info.dtype, p.info.shape) for p in self.stored_parts)
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,8 @@ class ShardTask:
     @property
     def adapter_bytes(self) -> int:
         """Adapter bytes the worker reads (a factor several experts share, once)."""
-        factors = {(u.adapter, f.start, f.nbytes) for t in self.targets for u in t.updates for f in u.factors}
+        factors = {(u.adapter, f.start, f.nbytes) for t in self.targets for m in t.members for u in m.updates
+                   for f in u.factors}
         return sum(nbytes for _, _, nbytes in factors)
 
     # Stored tensors of this shard the task does not copy where they stand: the other parts of the
@@ -100,7 +115,7 @@ class ShardTask:
         """The shard, the adapter factors, again the base tensors new tensors start from, and the parts
         of quantized weights read beside their codes."""
         again = sum(self.shard.header.tensor(t.source).nbytes for t in self.targets if t.source is not None)
-        parts = sum(p.info.nbytes for t in self.targets for p in t.parts[1:])
+        parts = sum(p.info.nbytes for t in self.targets for p in t.stored_parts[1:])
         return self.shard.size + self.adapter_bytes + again + parts
 
     @property
@@ -141,9 +156,10 @@ class ShardTask:
         by_name = {name: (dtype, shape) for name, dtype, shape in self.output_tensors}
         largest = 0
         for target in self.targets:
-            if target.quantized is not None:
-                stored = sum(p.info.nbytes for p in target.parts)
-                need = (16 if target.updates else 4) * math.prod(target.quantized.shape) + 2 * stored
+            if target.quantized is not None:  # siblings are held together
+                need = sum((16 if m.updates else 4) * math.prod(m.quantized.shape) + 2 * sum(p.info.nbytes
+                                                                                          for p in m.parts)
+                           for m in target.members)
             else:
                 dtype, shape = by_name[target.tensor]
                 compute = 8 if dtype == "F64" else 4
@@ -180,6 +196,7 @@ class MergePlan:
     file_sources: Mapping[str, str] = field(default_factory=dict)
     files_left_out: tuple[str, ...] = ()
     config_removed: tuple[str, ...] = ()  # config.json keys the merge drops (--dequantize: quantization_config)
+    scales: str = "keep"  # --scales: how a quantized weight is requantized, fresh or keep
 
     @property
     def model_changes(self) -> dict:
@@ -187,7 +204,7 @@ class MergePlan:
         resized = {f.tensor: [list(t.shard.header.tensor(f.tensor).shape), list(f.shape)]
                    for t in self.tasks for f in t.targets if f.shape is not None and f.source is None}
         added = {f.tensor: f.source for t in self.tasks for f in t.targets if f.source is not None}
-        quantized = [f for t in self.tasks for f in t.targets if f.quantized is not None]
+        quantized = [m for t in self.tasks for f in t.targets if f.quantized is not None for m in f.members]
         return {"config": dict(self.config_updates), "config_removed": list(self.config_removed),
                 "resized_tensors": resized, "added_tensors": added,
                 "files_from_adapters": dict(self.file_sources), "base_files_left_out": list(self.files_left_out),

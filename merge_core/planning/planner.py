@@ -14,13 +14,14 @@ shard in the base's file order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from merge_core.errors import InputError
-from merge_core.format.codecs import QUANT_METHODS, codec_of
+from merge_core.format.codecs import FORMATS, UNCODED_FIX, codec_of, format_of, tensor_level
 from merge_core.format.header import FLOAT_DTYPES
 from merge_core.inputs.adapter import LoraAdapter, ModuleUpdate
 from merge_core.inputs.checkpoint import BaseCheckpoint
@@ -30,9 +31,11 @@ from merge_core.planning.experts import expert_targets
 from merge_core.planning.model_config import config_updates
 from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, StoredPart, Update
 from merge_core.planning.shapes import expected_shape, fits
+from merge_core.planning.siblings import sibling_groups
 from merge_core.planning.vocabulary import UNTIED_HEAD, check_vocabulary, resizes, tied_target
 
 log = logging.getLogger("lora_merge")
+SCALES = ("keep", "fresh")  # --scales: the base's scales kept (the default), or fresh ones from W'
 
 
 def _check_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float], allow_base_mismatch: bool) -> None:
@@ -57,6 +60,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     """The update fits the tensor it targets (at its current shape, `shapes`: a resized
     vocabulary's); records the new shape when it resizes it."""
     name = source or update.target
+    _check_uncoded(base, name, subject)
     if not base.has(name):
         stored = " (neither whole nor one tensor per expert)" if update.kind.facts.per_parameter else ""
         raise InputError(subject, f"targets {update.target}, which the base checkpoint does not have{stored}",
@@ -69,7 +73,7 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
     if quantized is None and info.dtype not in FLOAT_DTYPES:
         raise InputError(f"{base.uri}/{base.shard_of(name)}: tensor {name}", f"is {info.dtype}; an adapter can only "
                          f"be merged into {', '.join(FLOAT_DTYPES)} or a supported quantized format "
-                         f"({', '.join(QUANT_METHODS)})", "merge into an unquantized base checkpoint")
+                         f"({', '.join(FORMATS)})", "merge into an unquantized base checkpoint")
     shape = shapes.get(update.target, tuple(info.shape))
     if resizes(update, shape):
         if quantized is not None:
@@ -82,6 +86,23 @@ def _check_target(base: BaseCheckpoint, update: ModuleUpdate, subject: str, sour
                 f"delta shape {list(expected) if expected else [f.shape for f in update.factors]} does not fit "
                 f"{update.target} of shape {list(shape)}")
         raise InputError(subject, what, "check that the adapter was trained on this base model")
+
+
+def _check_uncoded(base: BaseCheckpoint, name: str, subject: str) -> None:
+    """An update of a weight a quantized base stores in a format without a codec (GPTQ's qweight,
+    bitsandbytes' packed bytes, an F8 ModelOpt weight, compressed-tensors' mxfp6) is refused, naming the
+    tensor and its format; the base's other tensors merge as usual."""
+    if base.quantization is None or name in base.quantized or base.part_of(name) is not None:
+        return
+    module = name.rsplit(".", 1)[0]
+    beside = [n for n in base.stored_under(module) if n != name]
+    stored = base.weight_map.get(name)
+    quantized = (stored is not None and base.info(name).dtype not in FLOAT_DTYPES) or (stored is None and beside)
+    if quantized:
+        fmt = format_of(base.quantization, module)
+        shown = [name] if stored is not None else beside[:4] + (["..."] if len(beside) > 4 else [])
+        raise InputError(subject, f"targets {name}, which the base stores quantized by {fmt} "
+                         f"({', '.join(shown)}), a format lora-merge has no codec for", UNCODED_FIX)
 
 
 def _check_unmergeable(update: ModuleUpdate, subject: str) -> None:
@@ -185,18 +206,32 @@ class _Placement:
                                  "whose deltas PEFT rounds differently: --combine cannot combine them",
                                  "merge these adapters without --combine")
 
-    def quantized_targets(self, dequantize: bool) -> dict[str, FuseTarget]:
+    def quantized_target(self, name: str, dequantize: bool, keep: bool) -> FuseTarget:
+        """A quantized weight with its updates and its parts, wherever they are stored."""
+        base, weight = self.base, self.base.quantized[name]
+        parts = tuple(StoredPart(role, base.weight_map[info.name],
+                                 base.shard(base.weight_map[info.name]).header.data_start, info)
+                      for role, info in sorted(weight.parts, key=lambda p: p[1].name != weight.primary.name))
+        return FuseTarget(tensor=name, updates=tuple(self.updates.get(name, ())), quantized=weight, parts=parts,
+                          dequantize=dequantize, keep_scales=keep)
+
+    def quantized_targets(self, dequantize: bool, keep: bool) -> dict[str, FuseTarget]:
         """The quantized weights the merge re-encodes (those an adapter updates; every one with
-        --dequantize), each with its parts wherever they are stored."""
-        base, targets = self.base, {}
-        for name, weight in base.quantized.items():
-            if name not in self.updates and not dequantize:
+        --dequantize). With fresh scales, fused siblings that may share a tensor-level scale are merged
+        together: the target of the first one the adapters touch carries the others."""
+        targets = {name: self.quantized_target(name, dequantize, keep) for name in self.base.quantized
+                   if name in self.updates or dequantize}
+        if dequantize or keep:
+            return targets
+        for group in sibling_groups(self.base.quantized):
+            weights = [self.base.quantized[n] for n in group]
+            touched = [n for n in group if n in self.updates]
+            if not touched or not all(tensor_level(w) for w in weights) or \
+                    len({(w.codec, w.args, w.shape[1:]) for w in weights}) != 1:
                 continue
-            parts = tuple(StoredPart(role, base.weight_map[info.name],
-                                     base.shard(base.weight_map[info.name]).header.data_start, info)
-                          for role, info in sorted(weight.parts, key=lambda p: p[1].name != weight.primary.name))
-            targets[name] = FuseTarget(tensor=name, updates=tuple(self.updates.get(name, ())), quantized=weight,
-                                       parts=parts, dequantize=dequantize)
+            siblings = tuple(targets.pop(n, None) or self.quantized_target(n, dequantize, keep)
+                             for n in group if n != touched[0])
+            targets[touched[0]] = dataclasses.replace(targets[touched[0]], siblings=siblings)
         return targets
 
     def target(self, name: str) -> FuseTarget:
@@ -205,14 +240,15 @@ class _Placement:
         return FuseTarget(tensor=name, updates=() if restore else tuple(self.updates.get(name, ())),
                           source=self.added.get(name), shape=self.shapes.get(name), restore=restore)
 
-    def tasks(self, dequantize: bool) -> tuple[ShardTask, ...]:
+    def tasks(self, dequantize: bool, keep: bool) -> tuple[ShardTask, ...]:
         """One task per base shard, its targets in the shard's file order (a quantized weight where its
-        codes are), new tensors last."""
-        quantized = self.quantized_targets(dequantize)
-        moved = {p.info.name for t in quantized.values() for p in t.parts[1:]}
+        codes are, its siblings' after it), new tensors last."""
+        quantized = self.quantized_targets(dequantize, keep)
+        moved = {p.info.name for t in quantized.values() for p in t.stored_parts[1:]}
         tasks = []
         for shard in self.base.shards:
-            names = [t.name for t in shard.header.tensors if t.name in self.updates and t.name not in quantized]
+            names = [t.name for t in shard.header.tensors if t.name in self.updates and t.name not in quantized
+                     and t.name not in self.base.quantized]
             names += [name for name, source in self.added.items() if source in shard.header.names]
             names += [t.name for t in shard.header.tensors if t.name in self.restored and t.name not in names]
             targets = [self.target(name) for name in names]
@@ -226,11 +262,12 @@ class _Placement:
 
 def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: Sequence[float],
                arithmetic: Arithmetic = Arithmetic(), *, allow_base_mismatch: bool = False, dequantize: bool = False,
-               restorable: bool = False) -> MergePlan:
+               restorable: bool = False, scales: str = "keep") -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
-    a quantized base's weights are all written as bf16. With `arithmetic.unmerge`, `base` is a merged
-    model and the adapters' updates are taken back out of it; with `restorable` (the original base is
-    at hand), what cannot be taken out is restored from it whole."""
+    a quantized base's weights are all written as bf16; otherwise `scales` says how a quantized weight
+    an adapter updates is requantized: "fresh" scales, or "keep" the base's. With `arithmetic.unmerge`,
+    `base` is a merged model and the adapters' updates are taken back out of it; with `restorable` (the
+    original base is at hand), what cannot be taken out is restored from it whole."""
     arithmetic.check()
     _check_adapters(adapters, weights, allow_base_mismatch)
     placement = _Placement(base=base, arithmetic=arithmetic, restorable=restorable)
@@ -244,9 +281,16 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
     if dequantize and base.quantization is None:
         log.warning("--dequantize: %s is not quantized; its weights are written as they are", base.uri)
     dequantizing = dequantize and base.quantization is not None
+    if dequantizing and base.quantization.uncoded:
+        raise InputError(f"{base.uri}/config.json: quantization_config", f"--dequantize: lora-merge has no codec for "
+                         f"{', '.join(base.quantization.uncoded)}, so its weights cannot be written as bf16",
+                         "merge without --dequantize: those tensors are then copied as they are")
+    if scales not in SCALES:
+        raise InputError("--scales", f"{scales!r} is not one of {', '.join(SCALES)}", "give --scales fresh or keep")
     updates, removed = config_updates(base, vocab_size, bool(placement.added), dequantizing)
     return MergePlan(base_uri=base.uri, adapter_uris=tuple(a.uri for a in adapters),
-                     tasks=placement.tasks(dequantizing), arithmetic=arithmetic, config_updates=updates,
+                     tasks=placement.tasks(dequantizing, scales == "keep"), arithmetic=arithmetic,
+                     config_updates=updates, scales=scales,
                      file_sources={name: resizer.uri for name in tokenizer},
                      files_left_out=tuple(n for n in base.extra_files
                                           if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),

@@ -55,6 +55,7 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
         "output": [t.output_tensors for t in plan.tasks],
         "settings": dict(settings),
         "arithmetic": plan.arithmetic.as_json(),
+        "scales": plan.scales,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=list).encode()).hexdigest()
 

@@ -57,6 +57,14 @@ def recovery(plan: MergePlan, results: Sequence[ShardResult], original: str) -> 
             "max_ulps": max((s.recovered_max_ulps or 0 for s in compared.values()), default=0)}
 
 
+def requantization(plan: MergePlan, results: Sequence[ShardResult]) -> dict:
+    """How quantized weights were stored again: --scales, and the fused siblings whose base shares one
+    tensor-level scale and that share a fresh one again (--scales fresh; kept scales stay shared)."""
+    tied = {tuple(sorted((name, *stats.tied_with))) for r in results for name, stats in r.fused_stats
+            if stats.tied_with}
+    return {"scales": plan.scales, "tied": [list(group) for group in sorted(tied)]}
+
+
 def build_manifest(plan: MergePlan, publication: Publication, *, copied_files: Sequence[Mapping[str, object]],
                    total_size: int, timings: Mapping[str, float]) -> dict:
     results, reused = publication.results, publication.reused
@@ -85,6 +93,7 @@ def build_manifest(plan: MergePlan, publication: Publication, *, copied_files: S
         "arithmetic": plan.arithmetic.as_json(),
         # config.json keys rewritten, tensors resized (a new vocabulary) or added (an untied head)
         "model_changes": plan.model_changes,
+        "requantization": requantization(plan, results),
         "fused_tensor_count": plan.fused_tensor_count,
         "reused_shards": len(reused),
         "fingerprint": publication.fingerprint,

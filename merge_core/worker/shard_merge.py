@@ -144,14 +144,15 @@ class _SharedShard:
 
     def _fuse_into(self, output: _Output, tag: Fuse, data: list, before_writing) -> None:
         task, job, target = output.task, output.job, tag.target
-        outputs, stats = merged_tensor(task, target, data, job, self.workspace, before_writing)
-        if stats.nonfinite_introduced and not job.allow_nonfinite:
-            raise ValidationError([f"{self.base.describe(task.name)}: tensor {target.tensor}: fusing produced "
-                                   f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
-                                   "(check the adapter, or pass --allow-nonfinite)"])
+        outputs, fused = merged_tensor(task, target, data, job, self.workspace, before_writing)
+        for name, stats in fused:
+            if stats.nonfinite_introduced and not job.allow_nonfinite:
+                raise ValidationError([f"{self.base.describe(task.name)}: tensor {name}: fusing produced "
+                                       f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
+                                       "(check the adapter, or pass --allow-nonfinite)"])
         if output.original is not None and target.quantized is None and not target.restore:
-            stats = output.original.compare(target.tensor, outputs[0][1], stats)
-        output.fused.append((target.tensor, stats))
+            fused = [(target.tensor, output.original.compare(target.tensor, outputs[0][1], fused[0][1]))]
+        output.fused += fused
         output.fuse_seconds += self.laps.lap("fuse")
         for name, tensor in outputs:
             output.stream.write_tensor(output.layout[name], tensor)

@@ -46,9 +46,9 @@ def test_fp8_merge_validates_verifies_and_plans(fp8, ray_session, tmp_path):
     base, merged = stored_tensors(checkpoint.path), stored_tensors(out)
     assert {k: (v.dtype, v.shape) for k, v in merged.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
     changed = {k for k in base if not torch.equal(base[k].view(torch.uint8), merged[k].view(torch.uint8))}
-    assert changed == {f"model.layers.{i}.{m}.{s}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj",
-                                                                              "mlp.down_proj")
-                       for s in ("weight", "weight_scale_inv")}
+    # --scales keep (the default): only the touched weights' codes move, never a scale
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj",
+                                                                                 "self_attn.v_proj", "mlp.down_proj")}
     verified = cli("verify", "--base", checkpoint.path, "--adapter", adapter, "--merged", out,
                        "--ray-address", cluster.address)
     assert verified.returncode == 0, verified.stderr
@@ -131,8 +131,9 @@ BAD = {
     "an unknown fmt": (_config(lambda q: q.update(fmt="e5m2")), "quantization_config.fmt: FP8 format 'e5m2' is not "
                        "supported (supported: e4m3, float8_e4m3fn)"),
     "an unknown scale_fmt": (_config(lambda q: q.update(scale_fmt="e8m0x")), "scale format 'e8m0x' is not supported"),
-    "GPTQ": (_config(lambda q: q.update(quant_method="gptq")), "quantization 'gptq' is not supported (supported: "
-             "fp8, mxfp4, compressed-tensors) (merge with an unquantized (bf16) base)"),
+    "an adapter on a weight of a format without a codec": (
+        _config(lambda q: q.update(quant_method="gptq")), "targets model.layers.0.mlp.down_proj.weight, which the base "
+        "stores quantized by gptq (model.layers.0.mlp.down_proj.weight), a format lora-merge has no codec for"),
 }
 
 

@@ -1,17 +1,21 @@
 """The quantized formats lora-merge keeps a weight in: one codec each (a file here implementing
-merge_core.format.quantization.Codec, and a line in CODECS), and the entry points the rest of the
-project uses, none of which names a format.
+merge_core.format.quantization.Codec, and a line in CODECS), the quant_methods that name them (METHODS),
+and the entry points the rest of the project uses, none of which names a format.
 
     scheme = read_scheme(config, where)              # config.json's quantization_config, or None
     weights = group_weights(scheme, infos, where)    # the quantized weights among the stored tensors
     weight = decode(w, parts)                        # float32, exact: code × scale
-    parts = encode(w, merged)                        # each part with its stored dtype and shape
-    parts = encode(w, merged, scales_from=base)      # the base's scales kept, only the codes computed
+    parts = encode(w, merged, stored)                # fresh scales, as the format's reference quantizer
+    parts = encode(w, merged, stored, keep=True)     # the base's scales kept, only the codes computed
 
-encode requantizes with the reference quantizer of each format, fresh scales included. Keeping the
-base's scales (scales_from) gives the weight back bit for bit when unchanged, whatever made its scales
-(quantization-aware training, an older quantizer), and scales do not drift on requantization (INT4's
-amax / 7.5 moves every scale by 16/15 or 14/15 otherwise); values past a block's range saturate.
+Fresh scales follow each format's reference quantizer. Keeping the base's scales, zero points and global
+scales (--scales keep) gives an unchanged weight back bit for bit, whatever made its scales
+(quantization-aware training, an older quantizer), and scales do not drift on requantization (a 4-bit
+amax / 7.5 moves every scale by 16/15 or 14/15 otherwise); values past a scale's range saturate.
+
+A quant_method without a codec (GPTQ, AWQ, bitsandbytes, ModelOpt, ...) is no error: its tensors are
+copied as they are, and only an adapter on one of its quantized weights is refused (the planner asks
+`format_of` for the words).
 
 Torch-free to import: the driver reads config.json and the headers through it; the tensor entry
 points load torch when first called.
@@ -22,18 +26,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping
 
 from merge_core.errors import InputError
-from merge_core.format.codecs import fp8_block, int4_packed, mxfp4
-from merge_core.format.codecs.checks import UNQUANTIZED_FIX
+from merge_core.format.codecs import compressed_tensors, fp8_block, mxfp4
 from merge_core.format.codecs.deferred import tensors
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
+from merge_core.format.quantization import Codec, Method, QuantizedWeight, QuantScheme
 
 if TYPE_CHECKING:
     import torch
 
-CODECS: dict[str, Codec] = {codec.name: codec for codec in (fp8_block.CODEC, mxfp4.CODEC, int4_packed.CODEC)}
-_BY_METHOD = {codec.quant_method: codec for codec in CODECS.values()}
-QUANT_METHODS = tuple(_BY_METHOD)
+CODECS: dict[str, Codec] = {codec.name: codec for codec in (fp8_block.CODEC, mxfp4.CODEC,
+                                                            *compressed_tensors.FORMAT_CODECS)}
+METHODS: dict[str, Method] = {method.quant_method: method for method in (fp8_block.CODEC, mxfp4.CODEC,
+                                                                          compressed_tensors.METHOD)}
+QUANT_METHODS = tuple(METHODS)
+FORMATS = ("fp8 (block-scaled)", "mxfp4 (GPT-OSS)", *(f"compressed-tensors {fmt}" for codec in
+                                                      compressed_tensors.FORMAT_CODECS for fmt in codec.formats))
+UNCODED_FIX = "merge with an unquantized (bf16) base, or an adapter that leaves this module alone"
 
 
 def codec_of(weight: QuantizedWeight) -> Codec:
@@ -42,7 +50,8 @@ def codec_of(weight: QuantizedWeight) -> Codec:
 
 def read_scheme(config: Mapping, where: str) -> QuantScheme | None:
     """The base's quantization scheme from config.json, None when it has none. Multimodal configs
-    (Kimi K2.5) keep it under text_config."""
+    (Kimi K2.5, K3) keep it under text_config. A quant_method without a codec reads as a scheme whose
+    weights are all `uncoded`."""
     subject = f"{where}: quantization_config"
     qc = config.get("quantization_config")
     if qc is None and isinstance(config.get("text_config"), dict):
@@ -52,23 +61,32 @@ def read_scheme(config: Mapping, where: str) -> QuantScheme | None:
         return None
     if not isinstance(qc, dict):
         raise InputError(subject, f"{qc!r} is not a JSON object", "fix config.json")
-    codec = _BY_METHOD.get(qc.get("quant_method"))
-    if codec is None:
-        raise InputError(f"{subject}.quant_method", f"quantization {qc.get('quant_method')!r} is not supported "
-                         f"(supported: {', '.join(QUANT_METHODS)})", UNQUANTIZED_FIX)
-    return codec.read_scheme(qc, subject)
+    method = METHODS.get(qc.get("quant_method"))
+    if method is None:
+        return QuantScheme(str(qc.get("quant_method")), uncoded=(str(qc.get("quant_method")),))
+    return method.read_scheme(qc, subject)
 
 
 def group_weights(scheme: QuantScheme, infos: Mapping[str, TensorInfo], where: str) -> dict[str, QuantizedWeight]:
-    """Every quantized logical weight of the checkpoint (all shards' tensors, by name), each checked.
-    Tensors that are not part of one are left out."""
-    weights = _BY_METHOD[scheme.method].group(scheme, infos, where)
+    """Every quantized logical weight lora-merge has a codec for (all shards' tensors, by name), each
+    checked. Tensors that are not part of one are left out."""
+    method = METHODS.get(scheme.method)
+    weights = method.group(scheme, infos, where) if method is not None else ()
     return {w.name: w for w in sorted(weights, key=lambda w: w.name)}
 
 
 def describe(scheme: QuantScheme) -> str:
     """The base's format as a user names it, e.g. 'fp8 e4m3, 128×128 blocks'."""
-    return _BY_METHOD[scheme.method].describe(scheme)
+    method = METHODS.get(scheme.method)
+    if method is None:
+        return f"{scheme.method} (no codec: its tensors are copied as they are)"
+    return method.describe(scheme)
+
+
+def format_of(scheme: QuantScheme, module: str) -> str:
+    """The format a module without a codec is stored in, for the line that refuses an adapter on it."""
+    method = METHODS.get(scheme.method)
+    return method.format_of(scheme, module) if method is not None else scheme.method
 
 
 def check_stored(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], where: Mapping[str, str]) -> None:
@@ -79,30 +97,47 @@ def check_stored(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], whe
 def decode(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The float32 logical weight, `weight.shape`, from its stored parts by role."""
     codec = codec_of(weight)
-    _check_parts(weight, parts, roles=[role for role, _ in weight.parts if role not in codec.described_by])
+    _check_parts(weight, parts, roles=[r for r in weight.roles if r not in codec.described_by + codec.passed_through])
     return codec.decode(weight, parts)
 
 
-def encode(weight: QuantizedWeight, merged: torch.Tensor,
-           scales_from: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def encode(weight: QuantizedWeight, merged: torch.Tensor, stored: Mapping[str, torch.Tensor], *,
+           keep: bool = False, fixed: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The stored parts by role, each with the stored dtype and shape, for a float32 logical weight.
-    With `scales_from` (the base's parts), its scales are kept and only the codes are recomputed."""
+    `stored`: the base's parts. With `keep`, its scales (zero points, global scales) are kept and only the
+    codes computed; `fixed`: parts given their values (siblings' shared tensor-level scale)."""
     if tuple(merged.shape) != weight.shape:
         raise ValueError(f"{weight.name}: merged shape {tuple(merged.shape)} is not {weight.shape}")
     codec = codec_of(weight)
-    kept = None
-    if scales_from is not None:
-        _check_parts(weight, scales_from, roles=[codec.scale_role])
-        kept = scales_from[codec.scale_role]
-    parts = codec.encode(weight, merged, kept)
-    _check_parts(weight, parts, roles=[role for role, _ in weight.parts])
-    return parts
+    carried = codec.described_by + codec.passed_through + (codec.scale_roles if keep else ())
+    given = {role: stored[role] for role in weight.roles if role in carried} | dict(fixed or {})
+    _check_parts(weight, given, roles=list(given))
+    parts = codec.encode(weight, merged, given)
+    _check_parts(weight, parts, roles=list(weight.roles))
+    return {role: parts[role] for role in weight.roles}
 
 
 def step(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """float32, `weight.shape`: the spacing of the format's values around each stored element, scaled.
     The final task's spot check allows a merged quantized weight that much from the exact merge."""
     return codec_of(weight).step(weight, parts)
+
+
+def reach(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32, `weight.shape`: the lowest and highest value each element can hold with these scales."""
+    return codec_of(weight).reach(weight, parts)
+
+
+def tensor_level(weight: QuantizedWeight) -> tuple[str, ...]:
+    """The parts holding one value for the whole weight (a per-tensor scale, NVFP4's global scale)."""
+    return codec_of(weight).tensor_level(weight)
+
+
+def tensor_level_for(weight: QuantizedWeight, low: torch.Tensor, high: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Those parts, fresh, for values spanning [low, high] (fused siblings seen as one tensor)."""
+    parts = codec_of(weight).tensor_level_for(weight, low, high)
+    _check_parts(weight, parts, roles=list(parts))
+    return parts
 
 
 def _check_parts(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], roles: list[str]) -> None:

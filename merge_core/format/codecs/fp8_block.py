@@ -29,7 +29,7 @@ from merge_core.format.codecs.checks import CORRUPT_FIX, UNQUANTIZED_FIX, module
 from merge_core.format.codecs.deferred import tensors, torch
 from merge_core.format.codecs.floats import round_up_to_power_of_two
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
+from merge_core.format.quantization import Codec, Method, QuantizedWeight, QuantScheme
 
 E4M3_MAX = 448.0
 E4M3_MIN_EXPONENT = -6  # below 2^-6 e4m3 is subnormal, with the spacing of 2^-6's binade
@@ -155,10 +155,9 @@ def _block_options(n: int, blocks: int) -> set[int]:
 # ---------------------------------------------------------------- the codec
 
 
-class Fp8Block(Codec):
+class Fp8Block(Method, Codec):
     name = "fp8_block"
     quant_method = "fp8"
-    scale_role = "scale"
 
     def read_scheme(self, qc: Mapping, subject: str) -> QuantScheme:
         fmt = qc.get("fmt", "e4m3")
@@ -201,7 +200,8 @@ class Fp8Block(Codec):
         return dequantize(parts["codes"], parts["scale"], weight.block)
 
     def encode(self, weight: QuantizedWeight, merged: torch.Tensor,
-               scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scale = given.get("scale")
         if scale is None:
             scale_dtype = tensors.TORCH_DTYPES[weight.part("scale").dtype]
             codes, scale = quantize(merged, weight.block, scale_dtype, ue8m0=weight.scale_fmt == "ue8m0")
@@ -211,6 +211,11 @@ class Fp8Block(Codec):
 
     def step(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return block_steps(parts["codes"], parts["scale"], weight.block)
+
+    def reach(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        top = dequantize(torch.full(weight.shape, E4M3_MAX, device=parts["scale"].device).to(torch.float8_e4m3fn),
+                         parts["scale"], weight.block)
+        return -top, top
 
 
 CODEC = Fp8Block()

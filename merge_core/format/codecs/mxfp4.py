@@ -27,7 +27,7 @@ from merge_core.format.codecs.checks import module_names, refusal
 from merge_core.format.codecs.deferred import torch
 from merge_core.format.codecs.floats import round_up_to_power_of_two
 from merge_core.format.header import TensorInfo
-from merge_core.format.quantization import Codec, QuantizedWeight, QuantScheme
+from merge_core.format.quantization import Codec, Method, QuantizedWeight, QuantScheme
 
 GROUP = 32  # e2m1 values per E8M0 scale, fixed by the OCP MX format
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -137,10 +137,10 @@ def steps(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return dequantize(pack(e2m1_codes(spacing)), scales)
 
 
-class Mxfp4(Codec):
+class Mxfp4(Method, Codec):
     name = "mxfp4"
     quant_method = "mxfp4"
-    scale_role = "scales"
+    scale_roles = ("scales",)
 
     def read_scheme(self, qc: Mapping, subject: str) -> QuantScheme:
         return QuantScheme(self.quant_method, group_size=GROUP,
@@ -171,7 +171,8 @@ class Mxfp4(Codec):
         return dequantize(parts["blocks"], parts["scales"])
 
     def encode(self, weight: QuantizedWeight, merged: torch.Tensor,
-               scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scale = given.get("scales")
         if scale is None:
             blocks, scale = quantize(merged, ties=TIES)
         else:
@@ -180,6 +181,11 @@ class Mxfp4(Codec):
 
     def step(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return steps(parts["blocks"], parts["scales"])
+
+    def reach(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        sixes = torch.full(parts["blocks"].shape, 0x77, dtype=torch.uint8, device=parts["blocks"].device)
+        top = dequantize(sixes, parts["scales"])  # every code 6, the largest e2m1
+        return -top, top
 
 
 CODEC = Mxfp4()

@@ -100,31 +100,31 @@ def test_round_trip_is_bit_identical(scale_dtype, scale_fmt):
     """Untouched weights survive: requantizing the dequantized weight gives back the reference's own bits."""
     codes, scale = fp8_reference_quantize(weight_like(seed=1), BLOCK, scale_dtype, scale_fmt == "ue8m0")
     weight = described(codes.shape, BLOCK, scale_dtype, scale_fmt)
-    again = encode(weight, decode(weight, {"codes": codes, "scale": scale}))
+    again = encode(weight, decode(weight, {"codes": codes, "scale": scale}), {})
     assert torch.equal(again["scale"], scale)
     assert torch.equal(again["codes"].view(torch.uint8), codes.view(torch.uint8))
 
 
-def test_foreign_scales_survive_with_scales_from():
+def test_foreign_scales_survive_when_kept():
     """Scales another quantizer made (any float32, not amax/448) come back only when kept."""
     g = torch.Generator().manual_seed(2)
     codes = (torch.randn(256, 256, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     scale = torch.rand(2, 2, generator=g) + 0.5
     parts = {"codes": codes, "scale": scale}
     weight = described((256, 256))
-    kept = encode(weight, decode(weight, parts), scales_from=parts)
+    kept = encode(weight, decode(weight, parts), parts, keep=True)
     assert torch.equal(kept["scale"], scale) and torch.equal(kept["codes"].view(torch.uint8), codes.view(torch.uint8))
-    fresh = encode(weight, decode(weight, parts))
+    fresh = encode(weight, decode(weight, parts), parts)
     assert not torch.equal(fresh["scale"], scale)  # the largest code was not 448: amax / 448 is another scale
 
 
 def test_encode_gives_the_stored_dtypes_and_shapes():
     weight = described((200, 300), scale_dtype=torch.bfloat16)
-    parts = encode(weight, weight_like())
+    parts = encode(weight, weight_like(), {})
     assert parts["codes"].dtype == torch.float8_e4m3fn and parts["codes"].shape == (200, 300)
     assert parts["scale"].dtype == torch.bfloat16 and parts["scale"].shape == (2, 3)
     with pytest.raises(ValueError, match="merged shape"):
-        encode(weight, torch.zeros(300, 200))
+        encode(weight, torch.zeros(300, 200), {})
     with pytest.raises(ValueError, match="part scale"):
         decode(weight, {"codes": parts["codes"], "scale": parts["scale"].float()})
 

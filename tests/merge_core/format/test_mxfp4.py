@@ -105,26 +105,26 @@ def canonical_parts(seed=0):
 def test_round_trip_of_canonical_groups_is_bit_identical():
     blocks, scales = canonical_parts()
     weight = described(3, 128, 24)
-    again = encode(weight, decode(weight, {"blocks": blocks, "scales": scales}))
+    again = encode(weight, decode(weight, {"blocks": blocks, "scales": scales}), {})
     assert torch.equal(again["blocks"], blocks) and torch.equal(again["scales"], scales)
 
 
 def test_non_canonical_groups_keep_their_values_not_their_bits():
     """A group whose largest code is 3 (or less) gets the scale amax / 6 rounds up to, a smaller one, and
-    doubled codes: the same values. scales_from keeps the stored bits instead."""
+    doubled codes: the same values. Keeping the scales keeps the stored bits instead."""
     blocks, scales = canonical_parts()
     blocks[1, 2, 3] = 0x35  # codes 5 and 3: 3.0 and 1.5, largest 3
     blocks[2, 0, 1] = 0  # all zeros, scale still 120-ish
     weight = described(3, 128, 24)
     parts = {"blocks": blocks, "scales": scales}
     values = decode(weight, parts)
-    again = encode(weight, values)
+    again = encode(weight, values, {})
     assert torch.equal(decode(weight, again), values)
     assert again["scales"][1, 2, 3] == scales[1, 2, 3] - 1 and again["blocks"][1, 2, 3, 0] == 0x57
     assert again["scales"][2, 0, 1] == 0 and not again["blocks"][2, 0, 1].any()
     differing = (again["scales"] != scales).nonzero().tolist()
     assert differing == [[1, 2, 3], [2, 0, 1]]
-    kept = encode(weight, values, scales_from=parts)
+    kept = encode(weight, values, parts, keep=True)
     assert torch.equal(kept["blocks"], blocks) and torch.equal(kept["scales"], scales)
 
 
@@ -133,7 +133,7 @@ def test_quantize_codes_saturates_against_kept_scales():
     weight = described(3, 128, 24)
     values = decode(weight, {"blocks": blocks, "scales": scales})
     values[0, 0, 0] *= 100  # far past its group's range
-    kept = encode(weight, values, scales_from={"blocks": blocks, "scales": scales})
+    kept = encode(weight, values, {"blocks": blocks, "scales": scales}, keep=True)
     assert decode(weight, kept)[0, 0, 0].abs() == 6 * 2.0 ** (int(scales[0, 0, 0]) - 127)
 
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from merge_core.errors import InputError
-from merge_core.format.codecs import QUANT_METHODS, group_weights, read_scheme
+from merge_core.format.codecs import describe, group_weights, read_scheme
+from merge_core.format.codecs.ct_packed import check_packed_shape
 from merge_core.format.codecs.fp8_block import fitting_block
-from merge_core.format.codecs.int4_packed import check_packed_shape
 from merge_core.format.header import DTYPE_BYTES, TensorInfo
 from merge_core.format.quantization import QuantScheme
 
@@ -79,20 +79,27 @@ def test_real_configs_parse():
     assert read_scheme({"quantization_config": GPT_OSS}, WHERE) == QuantScheme(
         "mxfp4", group_size=32, not_converted=tuple(GPT_OSS["modules_to_not_convert"]))
     kimi = read_scheme({"quantization_config": KIMI_K2_THINKING}, WHERE)
-    assert (kimi.method, kimi.group_size, kimi.not_converted[0]) == ("compressed-tensors", 32, "lm_head")
+    group = kimi.groups[0]
+    assert (kimi.method, group.format, group.args.group_size, kimi.not_converted[0]) == (
+        "compressed-tensors", "pack-quantized", 32, "lm_head")
+    assert (group.args.num_bits, group.args.strategy, group.args.symmetric, kimi.uncoded) == (4, "group", True, ())
     nested = read_scheme({"text_config": {"quantization_config": KIMI_K2_THINKING}}, WHERE)  # Kimi K2.5
     assert nested == kimi
+    assert describe(kimi) == "compressed-tensors pack-quantized (int4, group 32)"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "bnb", None])
-def test_other_methods_are_refused_by_name(method):
-    message = refused({"quantization_config": {"quant_method": method, "bits": 4}},
-                      "quantization_config.quant_method", repr(method), "merge with an unquantized (bf16) base")
-    assert all(m in message for m in QUANT_METHODS)
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "modelopt", None])
+def test_other_methods_read_as_formats_without_a_codec(method):
+    """Not refused: their tensors are copied, and only an adapter on one of their weights is refused."""
+    scheme = read_scheme({"quantization_config": {"quant_method": method, "bits": 4}}, WHERE)
+    assert (scheme.method, scheme.uncoded) == (str(method), (str(method),))
+    assert group_weights(scheme, infos(("m.qweight", "I32", (8, 8))), "base") == {}
+    assert "no codec" in describe(scheme)
 
 
 def test_nested_config_is_named_in_the_error():
-    refused({"text_config": {"quantization_config": {"quant_method": "awq"}}}, "text_config.quantization_config")
+    refused({"text_config": {"quantization_config": KIMI_K2_THINKING | {"config_groups": {}}}},
+            "text_config.quantization_config.config_groups")
 
 
 @pytest.mark.parametrize("change, fragments", [
@@ -115,29 +122,45 @@ def kimi_with(**weights) -> dict:
 
 
 @pytest.mark.parametrize("config, fragments", [
-    (kimi_with(num_bits=8), ["group_0.weights.num_bits", "8"]),
-    (kimi_with(symmetric=False), ["weights.symmetric", "False"]),
-    (kimi_with(strategy="channel"), ["weights.strategy", "'channel'"]),
-    (kimi_with(type="float"), ["weights.type", "'float'"]),
-    (kimi_with(actorder="group"), ["weights.actorder"]),
-    (kimi_with(group_size=12), ["weights.group_size", "multiple of 8"]),
-    (KIMI_K2_THINKING | {"format": "nvfp4-pack-quantized"}, ["group_0.format", "'nvfp4-pack-quantized'"]),
-    (KIMI_K2_THINKING | {"format": "float-quantized"}, ["format", "pack-quantized"]),
+    (kimi_with(num_bits=9), ["group_0.weights.num_bits", "9", "1 to 8 bits"]),
+    (kimi_with(type="float"), ["weights.type", "'float'", "integers"]),
+    (kimi_with(strategy="block", block_structure=[128, 128]), ["weights.strategy", "'block'"]),
+    (kimi_with(strategy="token"), ["weights.strategy", "'token'", "no stored scales"]),
+    (kimi_with(dynamic=True), ["weights.dynamic", "no stored scales"]),
+    (kimi_with(group_size=None, strategy="group"), ["weights.group_size", "positive group size"]),
+    (kimi_with(strategy="tile"), ["weights.strategy", "'tile'"]),
+    (kimi_with(symmetric="yes"), ["weights.symmetric"]),
+    (KIMI_K2_THINKING | {"format": "nvfp4-pack-quantized"}, ["group_0.weights", "nvfp4-pack-quantized weights"]),
+    (KIMI_K2_THINKING | {"format": "mixed-precision"}, ["group_0.format", "'mixed-precision'"]),
     (KIMI_K2_THINKING | {"quantization_status": "frozen"}, ["quantization_status", "'frozen'"]),
     (KIMI_K2_THINKING | {"sparsity_config": {"format": "sparse-24-bitmask"}}, ["sparsity_config"]),
+    (KIMI_K2_THINKING | {"transform_config": {"config_groups": {"u": {}}}}, ["transform_config", "rotated"]),
     (KIMI_K2_THINKING | {"config_groups": {}}, ["config_groups", "missing or empty"]),
     (KIMI_K2_THINKING | {"config_groups": {"group_0": {"weights": None}}}, ["no group quantizes weights"]),
+    (KIMI_K2_THINKING | {"config_groups": {"group_0": {"weights": {}, "targets": "Linear"}}}, ["targets"]),
 ])
 def test_bad_compressed_tensors_configs(config, fragments):
     refused({"quantization_config": config}, *fragments)
 
 
-def test_per_group_format_and_several_groups():
-    two = copy.deepcopy(KIMI_K2_THINKING)
-    two["config_groups"]["group_1"] = copy.deepcopy(two["config_groups"]["group_0"]) | {"format": "pack-quantized"}
-    assert read_scheme({"quantization_config": two}, WHERE).group_size == 32
-    two["config_groups"]["group_1"]["weights"]["group_size"] = 128
-    refused({"quantization_config": two}, "different group sizes [32, 128]")
+def test_what_compressed_tensors_writes_parses():
+    """The strategies, widths and formats of compressed-tensors 0.20's presets, and mixed precision."""
+    assert read_scheme({"quantization_config": kimi_with(num_bits=8)}, WHERE).groups[0].args.num_bits == 8
+    asym = read_scheme({"quantization_config": kimi_with(symmetric=False, strategy="channel", group_size=None)},
+                       WHERE).groups[0].args
+    assert (asym.symmetric, asym.strategy, asym.group_size) == (False, "channel", None)
+    mixed = copy.deepcopy(KIMI_K2_THINKING) | {"format": "mixed-precision"}
+    mixed["config_groups"]["group_0"]["format"] = "pack-quantized"
+    mixed["config_groups"]["group_1"] = {"format": "nvfp4-pack-quantized", "targets": ["re:.*mlp.*"], "weights": {
+        "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+        "scale_dtype": "torch.float8_e4m3fn", "dynamic": False}}
+    scheme = read_scheme({"quantization_config": mixed}, WHERE)
+    assert [(g.key, g.format, g.args.scale_dtype) for g in scheme.groups] == [
+        ("group_0", "pack-quantized", None), ("group_1", "nvfp4-pack-quantized", "float8_e4m3fn")]
+    assert "mixed-precision" in describe(scheme)
+    mxfp6 = copy.deepcopy(mixed)
+    mxfp6["config_groups"]["group_1"]["format"] = "mxfp6-pack-quantized"
+    assert read_scheme({"quantization_config": mxfp6}, WHERE).uncoded == ("mxfp6-pack-quantized",)
     refused({"quantization_config": ["fp8"]}, "is not a JSON object")
 
 
@@ -264,9 +287,9 @@ def test_mxfp4_misshapen_parts():
              "tensor e.w_scales", "F8_E8M0")
 
 
-# ---------------------------------------------------------------- INT4 grouping
+# ---------------------------------------------------------------- INT4 pack-quantized grouping
 
-INT4 = QuantScheme("compressed-tensors", group_size=32)
+INT4 = read_scheme({"quantization_config": KIMI_K2_THINKING}, WHERE)
 
 
 def kimi_expert(module: str = "model.layers.1.mlp.experts.0.gate_proj", rows: int = 2048, cols: int = 7168,
@@ -283,7 +306,8 @@ def test_int4_groups_kimi_experts():
     assert sorted(weights) == ["model.layers.1.mlp.experts.0.down_proj.weight",
                                "model.layers.1.mlp.experts.0.gate_proj.weight"]
     gate = weights["model.layers.1.mlp.experts.0.gate_proj.weight"]
-    assert (gate.codec, gate.shape, gate.group_size, gate.dtype) == ("int4_packed", (2048, 7168), 32, "BF16")
+    assert (gate.codec, gate.shape, gate.args.group_size, gate.dtype) == ("ct_packed", (2048, 7168), 32, "BF16")
+    assert gate.roles == ("codes", "scale", "shape")
     assert gate.stored_names == tuple(name for name, _, _ in kimi_expert())
     assert weights["model.layers.1.mlp.experts.0.down_proj.weight"].shape == (7168, 2048)
 
@@ -292,24 +316,23 @@ def test_int4_groups_kimi_experts():
 def test_int4_incomplete_triples(role):
     tensors = infos(*kimi_expert())
     del tensors["model.layers.1.mlp.experts.0.gate_proj" + role]
-    rejected(INT4, tensors, "base: tensor model.layers.1.mlp.experts.0.gate_proj.weight_",
-             "no model.layers.1.mlp.experts.0.gate_proj" + role)
+    rejected(INT4, tensors, "base", "model.layers.1.mlp.experts.0.gate_proj")
 
 
 def test_int4_misshapen_parts():
-    rejected(INT4, infos(*kimi_expert(scale_cols=56)), "tensor model.layers.1.mlp.experts.0.gate_proj.weight_scale",
-             "group_size 32", "make [2048, 224]", "made with group_size 128")
+    rejected(INT4, infos(*kimi_expert(scale_cols=56)), "tensor model.layers.1.mlp.experts.0.gate_proj.weight_packed",
+             "896 words a row", "1792 columns", "group_size 32")
     entries = kimi_expert()
     entries[0] = (entries[0][0], "I64", entries[0][2])
     rejected(INT4, infos(*entries), "weight_packed", "I64[2048, 896]")
     entries = kimi_expert()
     entries[2] = (entries[2][0], "I32", (3,))
-    rejected(INT4, infos(*entries), "weight_shape", "I32[3]")
+    rejected(INT4, infos(*entries), "weight_shape", "I32[3]", "I32/I64[2]")
     entries = kimi_expert()
     entries[1] = (entries[1][0], "F8_E4M3", entries[1][2])
     rejected(INT4, infos(*entries), "weight_scale", "F8_E4M3")
     zero_point = infos(*kimi_expert(), ("model.layers.1.mlp.experts.0.gate_proj.weight_zero_point", "I32", (256, 224)))
-    rejected(INT4, zero_point, "weight_zero_point", "asymmetric")
+    rejected(INT4, zero_point, "weight_zero_point", "is stored, but", "symmetric int4")
 
 
 def test_check_packed_shape():
@@ -323,8 +346,10 @@ def test_check_packed_shape():
 
 def test_plain_tensors_are_left_out():
     plain = infos(("model.embed_tokens.weight", "BF16", (96, 64)), ("lm_head.weight", "BF16", (96, 64)))
-    for scheme in (FP8, MXFP4, INT4):
+    for scheme in (FP8, MXFP4):
         assert group_weights(scheme, plain, "base") == {}
+    # a compressed-tensors config group that names no stored tensor is refused by name
+    rejected(INT4, plain, "quantization_config.config_groups.group_0", "names no stored tensor", "['Linear']")
 
 
 def test_the_module_is_torch_free():
