@@ -91,28 +91,32 @@ def test_three_adapters_into_three_outputs_from_one_read_of_each_shard(three, co
 
 
 def test_each_output_is_what_its_own_merge_writes_whatever_its_options(tmp_path):
-    """An FP8 base: one output kept in FP8, one dequantized to bf16, one of another adapter; each
-    output's files are byte for byte those of its own merge (the manifest apart: its times)."""
+    """An FP8 base: one output kept in FP8, one with fresh scales, one dequantized to bf16, one of
+    another adapter; each output's files are byte for byte those of its own merge (the manifest apart: its times)."""
     checkpoint = save_fp8_llama(str(tmp_path / "base"))
-    from transformers import LlamaForCausalLM
     from peft import LoraConfig
+    from transformers import LlamaForCausalLM
 
     adapters = [build_adapter((LlamaForCausalLM, None), checkpoint.path, str(tmp_path / f"a{i}"), LoraConfig(
         r=4, lora_alpha=8, target_modules=targets)) for i, targets in enumerate([["q_proj", "v_proj", "down_proj"],
                                                                                    ["k_proj", "up_proj"]])]
-    wanted = [{"adapters": [adapters[0]]}, {"adapters": [adapters[0]], "dequantize": True},
+    wanted = [{"adapters": [adapters[0]]}, {"adapters": [adapters[0]], "scales": "fresh"},
+              {"adapters": [adapters[0]], "dequantize": True},
               {"adapters": [adapters[1], adapters[0]], "weights": [0.5, 2.0]}]
     outs = [{"output": str(tmp_path / f"batch{i}")} | w for i, w in enumerate(wanted)]
     assert batch(checkpoint.path, outs).ok
     for i, w in enumerate(wanted):
         alone = str(tmp_path / f"alone{i}")
         merge_without_ray(checkpoint.path, w["adapters"], alone, weights=w.get("weights"),
-                          dequantize=w.get("dequantize", False))
+                          dequantize=w.get("dequantize", False), scales=w.get("scales", "keep"))
         names = sorted(os.listdir(alone))
         assert sorted(os.listdir(outs[i]["output"])) == names
         for name in (n for n in names if n != MANIFEST_NAME):
             assert open(os.path.join(alone, name), "rb").read() == open(os.path.join(outs[i]["output"], name),
                                                                          "rb").read(), (i, name)
+    shards = [n for n in os.listdir(outs[0]["output"]) if n.endswith(".safetensors")]
+    assert any(open(os.path.join(outs[0]["output"], n), "rb").read() != open(os.path.join(outs[1]["output"], n),
+                                                                            "rb").read() for n in shards)  # fresh
 
 
 def test_an_outputs_failure_is_its_own_and_resume_finishes_it(three, tmp_path, monkeypatch):
@@ -139,7 +143,8 @@ def test_an_outputs_failure_is_its_own_and_resume_finishes_it(three, tmp_path, m
     entries = [{"output": o, "adapters": [a]} for o, a in zip(outs, adapters)]
     summary = batch(base, entries)
     assert [o.ok for o in summary.outputs] == [False, False, True]
-    assert isinstance(summary.outputs[0].error, InputError) and "another job is writing" in str(summary.outputs[0].error)
+    assert isinstance(summary.outputs[0].error, InputError)
+    assert "another job is writing" in str(summary.outputs[0].error)
     assert "Permission denied" in str(summary.outputs[1].error)
     assert_bit_identical(load_checkpoint(outs[2]), references[2])
     assert os.listdir(outs[0]) == [CLAIM_NAME], "the held output was not touched"
