@@ -28,7 +28,8 @@ from merge_core.errors import InputError, TransientStorageError
 from merge_core.inputs.adapter import LoraAdapter
 from merge_core.inputs.adapter_files import scan_adapter
 from merge_core.inputs.checkpoint import BaseCheckpoint
-from merge_core.io.pipeline import sha256_of
+from merge_core.io.hashing import hex_of
+from merge_core.io.pipeline import digest_of
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions
 from merge_core.names import (
@@ -123,7 +124,8 @@ def open_output(options: MergeOptions, run: Run, lease: Lease, base: BaseCheckpo
     out = OutputRun(options=options, run=run, lease=lease)
     out.prepared, out.records = _check_and_plan(output, options, base)
     run.key = fingerprint(out.plan, [_weights_sha256(r) for r in out.records],
-                          {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate})
+                          {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate,
+                           "digest": options.digest})
     if finished and already_complete(output, options, run.key):
         out.summary = _done_before(out)
         return out
@@ -141,7 +143,7 @@ def hold_output(out: OutputRun) -> None:
     claim(out.run, options, out.reused, out.clearing)
     out.original = _original(options, out.plan, out.prepared.base)
     out.job = MergeJob.of(out.plan, out.uri, storage=options.storage, device=options.device,
-                          allow_nonfinite=options.allow_nonfinite, read_back=options.validate,
+                          allow_nonfinite=options.allow_nonfinite, read_back=options.validate, digest=options.digest,
                           original_uri=out.original)
 
 
@@ -187,11 +189,12 @@ def remove_staging(output: Storage, options: StorageOptions) -> None:
 
 def _adapter_record(adapter: LoraAdapter, weight: float, given_as: str, storage: StorageOptions) -> dict:
     """The manifest's record of an adapter, with its files' sizes and sha256 (the weights read
-    whole, which also proves them finite)."""
+    whole, which also proves them finite). Adapters keep sha256 whatever --digest says: it is their
+    identity in every manifest's lineage (the double-merge guard), and they are small beside a base."""
     files = open_storage(adapter.uri, storage)
     config_size = files.size(ADAPTER_CONFIG_NAME)
     hashed = [{"name": ADAPTER_CONFIG_NAME, "size": config_size,
-               "sha256": sha256_of(files, ADAPTER_CONFIG_NAME, config_size)},
+               "sha256": hex_of(digest_of(files, ADAPTER_CONFIG_NAME, config_size, "sha256"))},
               {"name": ADAPTER_WEIGHTS_NAME, "size": files.size(ADAPTER_WEIGHTS_NAME),
                "sha256": scan_adapter(files, adapter)}]
     return adapter_record(adapter, weight, hashed) | {"given_as": given_as}

@@ -58,11 +58,11 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def verify_shard_work(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,
+def verify_shard_work(task: ShardTask, job: MergeJob, expected_size: int | None, expected_digest: str | None,
                       fused_ulps: int, where: Placement):
     from merge_core.publish.verify import verify_shard
 
-    return verify_shard(task, job, expected_size, expected_sha256, fused_ulps)
+    return verify_shard(task, job, expected_size, expected_digest, fused_ulps)
 
 
 def finalize_work(plan: MergePlan, job: MergeJob, publication: Publication, where: Placement) -> dict:

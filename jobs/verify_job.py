@@ -17,6 +17,7 @@ from jobs.runner import run_over_lanes
 from jobs.scheduling import plan_lanes
 from jobs.tasks import verify_shard_work
 from merge_core.errors import InputError
+from merge_core.io.hashing import record_digest
 from merge_core.io.registry import open_storage
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from merge_core.publish.validate import check_config, check_headers, check_index
@@ -62,7 +63,7 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
                          "point --merged at the output of a finished lora-merge run")
     manifest = _read_json(merged, MANIFEST_NAME)
     shard_records = (manifest or {}).get("output", {}).get("shards", [])
-    recorded = {s["name"]: (s["size"], s["sha256"]) for s in shard_records}
+    recorded = {s["name"]: (s["size"], record_digest(s)) for s in shard_records}  # sha256 in older manifests
     # Shards fused on a GPU may differ from this CPU's recomputation by one ulp in a few elements.
     on_gpu = {s["name"] for s in shard_records if str(s.get("device", "")).startswith("cuda")}
     problems = [] if manifest else [f"{merged.describe(MANIFEST_NAME)}: missing, so shard hashes cannot be checked"]

@@ -12,21 +12,21 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from merge_core.format.header import TensorInfo, encode_header
-from merge_core.io.hashing import TimedSha256
+from merge_core.io.hashing import DEFAULT_DIGEST, TimedDigest
 from merge_core.io.pipeline import Behind, Window
 from merge_core.io.storage import ObjectWriter
 
 
 class ShardStreamWriter:
     def __init__(self, writer: ObjectWriter, tensors: Sequence[tuple[str, str, Sequence[int]]],
-                 metadata: Mapping[str, str] | None, window: Window | None = None):
+                 metadata: Mapping[str, str] | None, window: Window | None = None, digest: str = DEFAULT_DIGEST):
         """`window`: a budget of queued bytes shared with other writers (the outputs of one task);
         by default each of its two threads has its own."""
         header, self.layout = encode_header(tensors, metadata)
         self._writer = writer
         self._behind = Behind("write", window=window)
         self._hashing = Behind("hash-output", window=window)
-        self._sha = TimedSha256()
+        self._digest = TimedDigest(digest)
         self._size = 0
         self._data_written = 0  # bytes of tensor data so far
         self._emit(header)
@@ -34,7 +34,7 @@ class ShardStreamWriter:
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._behind.submit(self._writer.write, data)
-        self._hashing.submit(self._sha.update, data)
+        self._hashing.submit(self._digest.update, data)
         self._size += len(data)
 
     def write_data(self, data: bytes | memoryview) -> None:
@@ -53,7 +53,7 @@ class ShardStreamWriter:
         self.write_data(data)
 
     def commit(self) -> tuple[int, str]:
-        """Publish the file; returns (size, sha256)."""
+        """Publish the file; returns (size, tagged digest)."""
         end = self.layout[-1].end if self.layout else 0
         if self._data_written != end:
             raise RuntimeError(f"shard incomplete: {self._data_written} of {end} data bytes written")
@@ -62,11 +62,11 @@ class ShardStreamWriter:
         self._behind.close()
         self._hashing.close()
         self._writer.commit()
-        return self._size, self._sha.hexdigest()
+        return self._size, self._digest.value()
 
     @property
     def hash_seconds(self) -> float:
-        return self._sha.seconds
+        return self._digest.seconds
 
     def abort(self) -> None:
         self._behind.close()

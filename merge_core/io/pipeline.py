@@ -10,7 +10,6 @@ the next ones are already arriving.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy
 
+from merge_core.io.hashing import DEFAULT_DIGEST, TimedDigest
 from merge_core.io.storage import Storage
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
@@ -121,13 +121,14 @@ def read_ahead(items: Sequence[Item[Tag]], chunk: int = DEFAULT_CHUNK_BYTES, ahe
                     future.cancel()
 
 
-def sha256_of(storage: Storage, name: str, size: int) -> str:
-    """sha256 of the first `size` bytes of an object, read with read-ahead."""
-    digest = hashlib.sha256()
+def digest_of(storage: Storage, name: str, size: int, algorithm: str = DEFAULT_DIGEST) -> str:
+    """The tagged digest (merge_core.io.hashing) of the first `size` bytes of an object, read with
+    read-ahead."""
+    digest = TimedDigest(algorithm)
     for _, (data,) in read_ahead([Item(None, (Read(storage, name, start, min(DEFAULT_CHUNK_BYTES, size - start)),))
                                   for start in range(0, size, DEFAULT_CHUNK_BYTES)]):
         digest.update(data)
-    return digest.hexdigest()
+    return digest.value()
 
 
 class Window:
@@ -155,7 +156,7 @@ class Window:
 class Behind:
     """Runs calls one at a time, in submission order, on a thread of its own.
 
-    hashlib and file writes release the GIL, so hashing and writing proceed while the caller
+    Digests and file writes release the GIL, so hashing and writing proceed while the caller
     reads and fuses the next tensor. At most `max_bytes` of submitted data wait at once (or what
     a shared `window` allows), which bounds the memory it holds. After a failure the calls
     still queued are skipped, and the next submit() or drain() raises it.

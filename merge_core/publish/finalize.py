@@ -12,6 +12,7 @@ import time
 from typing import Mapping, Sequence
 
 from merge_core.errors import ValidationError
+from merge_core.io.hashing import record_digest
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions, copy_object
 from merge_core.names import CONFIG_JSON, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME, REPORT_NAME
@@ -108,8 +109,9 @@ def _check_published(output: Storage, index_bytes: bytes, shards: Sequence[Mappi
     """The index is already there: fine if it is this merge's (the same index, and a manifest that
     records the same shard bytes); another job's otherwise."""
     try:
-        same = output.read_bytes(INDEX_NAME) == index_bytes and [(s["name"], s["sha256"]) for s in json.loads(
-            output.read_bytes(MANIFEST_NAME))["output"]["shards"]] == [(s["name"], s["sha256"]) for s in shards]
+        stored = json.loads(output.read_bytes(MANIFEST_NAME))["output"]["shards"]
+        same = output.read_bytes(INDEX_NAME) == index_bytes and \
+            [(s["name"], record_digest(s)) for s in stored] == [(s["name"], record_digest(s)) for s in shards]
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         same = False
     if not same:
@@ -129,6 +131,7 @@ def finalize_merge(plan: MergePlan, job: MergeJob, publication: Publication) -> 
         validate_merge(plan, publication.results, index, base, adapters, output)
     copied = copy_extra_files(plan, base, output, publication.extra_files, job.storage)
     timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
-    manifest = build_manifest(plan, publication, copied_files=copied, total_size=total_size, timings=timings)
+    manifest = build_manifest(plan, publication, copied_files=copied, total_size=total_size, timings=timings,
+                              digest=job.digest)
     publish(output, plan, index, manifest, build_report(plan, publication.results))
     return manifest

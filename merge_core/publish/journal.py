@@ -4,7 +4,7 @@ they hashed to; and the test-only pause points that hold a run in each window it
 The driver writes it before any task can write to the output (so an interrupted run of the same
 merge is always recognised, whenever it stopped) and rewrites it after every finished shard. A
 later `--resume` run reuses a shard only if the journal was written for the very same inputs (the
-fingerprint) and storage still holds exactly the recorded bytes (size and sha256 re-read);
+fingerprint) and storage still holds exactly the recorded bytes (size and digest re-read);
 everything else is merged again. The final task publishes only while the journal vouches for the
 shards it is publishing, and removes it once the index is written.
 """
@@ -19,7 +19,8 @@ import time
 from typing import Mapping, Sequence
 
 from merge_core.errors import InputError, ValidationError
-from merge_core.io.pipeline import sha256_of
+from merge_core.io.hashing import algorithm_of, record_digest, tagged
+from merge_core.io.pipeline import digest_of
 from merge_core.io.storage import Storage
 from merge_core.names import JOURNAL_NAME
 from merge_core.numerics.stats import FuseStats
@@ -62,6 +63,9 @@ def fingerprint(plan: MergePlan, adapter_sha256: Sequence[str], settings: Mappin
 
 def _result_from_dict(record: Mapping[str, object]) -> ShardResult:
     fields = dict(record)
+    for old, new in (("sha256", "digest"), ("base_sha256", "base_digest")):  # a journal from before the choice
+        if old in fields:
+            fields[new] = tagged("sha256", fields.pop(old))
     fields["fused_stats"] = tuple((name, FuseStats(**stats)) for name, stats in fields.get("fused_stats", ()))
     return ShardResult(**fields)
 
@@ -95,16 +99,17 @@ def read_journal(storage: Storage, print_: str) -> Journal:
 
 
 def vouches_for(storage: Storage, shards: Sequence[Mapping[str, object]]) -> bool:
-    """Whether the stored journal records each of `shards` ({name, sha256}) with the same sha256.
+    """Whether the stored journal records each of `shards` (manifest records: name and digest) with
+    the same digest.
     A final task whose driver died and whose output a newer run has since claimed (that run's
     journal holds only what it proved) finds it does not, and must leave the output alone."""
     if not shards:
         return True
     try:
-        recorded = {r.name: r.sha256 for r in _load(storage).shards}
+        recorded = {r.name: r.digest for r in _load(storage).shards}
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
-    return all(recorded.get(s["name"]) == s["sha256"] for s in shards)
+    return all(recorded.get(s["name"]) == record_digest(s) for s in shards)
 
 
 def proven(storage: Storage, base: Storage, results: Sequence[ShardResult], plan: MergePlan) -> list[ShardResult]:
@@ -115,8 +120,9 @@ def proven(storage: Storage, base: Storage, results: Sequence[ShardResult], plan
         if result.name not in tasks:
             continue
         try:
-            check_stored(storage, tasks[result.name].output_name, result.size, result.sha256)
-            if sha256_of(base, result.name, tasks[result.name].shard.size) != result.base_sha256:
+            check_stored(storage, tasks[result.name].output_name, result.size, result.digest)
+            size = tasks[result.name].shard.size
+            if digest_of(base, result.name, size, algorithm_of(result.base_digest)) != result.base_digest:
                 continue  # the base changed since: this shard was merged from other bytes
         except (ValidationError, FileNotFoundError):
             continue

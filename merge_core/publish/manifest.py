@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Mapping, Sequence
 
 from merge_core.inputs.adapter import LoraAdapter
+from merge_core.io.hashing import DEFAULT_DIGEST, record_fields
 from merge_core.planning.plan import MergePlan
 from merge_core.publish.publication import Publication
 from merge_core.worker.shard_result import ShardResult
@@ -37,8 +38,11 @@ def adapter_record(adapter: LoraAdapter, weight: float, files: Sequence[Mapping[
 
 
 def shard_record(result: ShardResult, plan: MergePlan, retries: int = 0, reused: bool = False) -> dict:
-    record = {k: v for k, v in dataclasses.asdict(result).items() if k != "fused_stats"}
+    record = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("fused_stats", "digest", "base_digest")}
     task = next(t for t in plan.tasks if t.name == result.name)
+    # each digest under its algorithm's name: {"blake3": hex}, or {"sha256": hex} as registries read it
+    record = {"name": record.pop("name"), "size": record.pop("size")} | record_fields(result.digest) | \
+        record_fields(result.base_digest, "base_") | record
     return record | {"fused_tensors": [f.tensor for f in task.targets], "retries": retries, "reused": reused}
 
 
@@ -66,7 +70,7 @@ def requantization(plan: MergePlan, results: Sequence[ShardResult]) -> dict:
 
 
 def build_manifest(plan: MergePlan, publication: Publication, *, copied_files: Sequence[Mapping[str, object]],
-                   total_size: int, timings: Mapping[str, float]) -> dict:
+                   total_size: int, timings: Mapping[str, float], digest: str = DEFAULT_DIGEST) -> dict:
     results, reused = publication.results, publication.reused
     retry_reasons = dict(publication.retry_reasons) | (
         {"final task": publication.final_retries} if publication.final_retries else {})
@@ -77,10 +81,13 @@ def build_manifest(plan: MergePlan, publication: Publication, *, copied_files: S
     return history | recovered | {
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "lora-merge", "version": tool_version()},
+        # the algorithm of the shards' digests (each record names its own too: a resumed run keeps
+        # the shards an earlier one proved, with the digests it recorded)
+        "digest": digest,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base": {
             "uri": plan.base_uri,
-            "shards": [{"name": t.name, "size": t.shard.size, "sha256": by_name[t.name].base_sha256}
+            "shards": [{"name": t.name, "size": t.shard.size} | record_fields(by_name[t.name].base_digest)
                        for t in plan.tasks],
         },
         "adapters": list(publication.adapter_records),

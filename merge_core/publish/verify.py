@@ -4,7 +4,6 @@ manifest, and each tensor compared with a fresh merge of the base through the wo
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from merge_core.format import codecs
 from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import tensor_from_bytes
 from merge_core.inputs.checkpoint import read_shard_header
+from merge_core.io.hashing import DEFAULT_DIGEST, TimedDigest, algorithm_of
 from merge_core.io.pipeline import Item, Read, read_ahead
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage
@@ -26,10 +26,10 @@ from merge_core.worker.merged_tensor import merged_tensor, tensor_reads
 
 @dataclass(frozen=True, kw_only=True)
 class ShardVerdict:
-    """What one merged shard's check found: its problems, and the size and sha256 of the bytes read."""
+    """What one merged shard's check found: its problems, and the size and digest of the bytes read."""
     name: str
     problems: tuple[str, ...]  # none: the shard is what its inputs make
-    sha256: str
+    digest: str  # tagged (merge_core.io.hashing), with the manifest's algorithm for this shard
     size: int
     tensors_checked: int
 
@@ -125,20 +125,23 @@ def _compare_decoded(infos: list[TensorInfo], stored: list, expected: dict, sour
     return problems
 
 
-def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,
+def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expected_digest: str | None,
                  fused_ulps: int = 0) -> ShardVerdict:
     """Re-read every byte of one merged shard (at job.output_uri) and compare it with a fresh merge
     of the base shard. Fused tensors may differ by `fused_ulps` (1 for shards fused on a GPU, whose
     products sum in another order), a quantized weight's decoded values then by one step of its format;
-    untouched tensors and the sha256 must match exactly."""
+    untouched tensors and the digest (tagged: recomputed with the manifest's own algorithm, sha256 in
+    manifests written before BLAKE3) must match exactly."""
     merged = open_storage(job.output_uri, job.storage)
     where = merged.describe(task.name)
     try:
         header = read_shard_header(merged, task.name)
     except (InputError, FileNotFoundError) as exc:
-        return ShardVerdict(name=task.name, problems=(str(exc),), sha256="", size=0, tensors_checked=0)
+        return ShardVerdict(name=task.name, problems=(str(exc),), digest="", size=0, tensors_checked=0)
     problems: list[str] = []
-    digest = hashlib.sha256(merged.read_range(task.name, 0, header.data_start))
+    algorithm = algorithm_of(expected_digest) if expected_digest else DEFAULT_DIGEST
+    digest = TimedDigest(algorithm)
+    digest.update(merged.read_range(task.name, 0, header.data_start))
     planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
     checked = 0
     for (infos, source), data in read_ahead(_items(task, header, job, merged, problems)):
@@ -150,8 +153,8 @@ def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expe
     missing = sorted(set(planned) - set(header.names))
     if missing:
         problems.append(f"{where}: {len(missing)} tensors missing, e.g. {missing[:3]}")
-    size, sha = merged.size(task.name), digest.hexdigest()
-    if expected_sha256 is not None and (sha != expected_sha256 or size != expected_size):
-        problems.append(f"{where}: sha256 {sha} ({size} bytes) differs from the manifest's {expected_sha256} "
+    size, found = merged.size(task.name), digest.value()
+    if expected_digest is not None and (found != expected_digest or size != expected_size):
+        problems.append(f"{where}: {algorithm} {found} ({size} bytes) differs from the manifest's {expected_digest} "
                         f"({expected_size} bytes)")
-    return ShardVerdict(name=task.name, problems=tuple(problems), sha256=sha, size=size, tensors_checked=checked)
+    return ShardVerdict(name=task.name, problems=tuple(problems), digest=found, size=size, tensors_checked=checked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from merge_core.io.hashing import DEFAULT_DIGEST
 from merge_core.io.storage import StorageOptions
 from merge_core.numerics.arithmetic import Arithmetic
 from merge_core.planning.plan import MergePlan
@@ -17,7 +18,8 @@ class MergeJob:
     storage: StorageOptions = StorageOptions()
     device: str = "cpu"  # auto, cpu or cuda: where a task fuses, given what Ray assigned it
     allow_nonfinite: bool = False  # publish a tensor the fuse gave NaN/Inf it did not have
-    read_back: bool = True  # read each published shard back and check its sha256
+    read_back: bool = True  # read each published shard back and check its digest
+    digest: str = DEFAULT_DIGEST  # the algorithm of the shards' digests (merge_core.io.hashing)
     arithmetic: Arithmetic = Arithmetic()
     original_uri: str | None = None  # unmerge: the original base, to count what came back bit for bit
 

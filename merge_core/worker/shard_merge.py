@@ -25,7 +25,7 @@ import torch
 
 from merge_core.errors import ValidationError
 from merge_core.format.shard_writer import ShardStreamWriter
-from merge_core.io.hashing import TimedSha256
+from merge_core.io.hashing import TimedDigest
 from merge_core.io.pipeline import DEFAULT_AHEAD_BYTES, Behind, Window, read_ahead
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import CountedReads
@@ -69,7 +69,7 @@ class _Output:
             self.storage = open_storage(job.output_uri, job.storage)
             self.adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
             self.stream = ShardStreamWriter(self.storage.open_writer(task.output_name), task.output_tensors,
-                                            task.shard.header.metadata, window)
+                                            task.shard.header.metadata, window, job.digest)
             self.layout = {i.name: i for i in self.stream.layout}
             self.original = OriginalShard(job, task.name) if job.original_uri else None
         except Exception as exc:  # this output's storage, not the task's
@@ -95,7 +95,7 @@ class _SharedShard:
         # hold the same bytes), so that what waits to be written is bounded however many there are.
         window = Window(2 * DEFAULT_AHEAD_BYTES) if len(tasks) > 1 else None
         self.outputs = [_Output(task, job, window) for task, job in zip(tasks, jobs)]
-        self.base_sha = TimedSha256()
+        self.base_digest = TimedDigest(jobs[0].digest)
         self.hasher = Behind("hash-base")
         self.laps = _Laps()
 
@@ -111,7 +111,7 @@ class _SharedShard:
             if isinstance(tag, Fuse):
                 self.fuse(self.outputs[tag.output], tag, data, current, hashed)
                 continue
-            hashed = self.hasher.submit(self.base_sha.update, data[0]).result
+            hashed = self.hasher.submit(self.base_digest.update, data[0]).result
             if isinstance(tag, BaseTensor):
                 current = data[0]
                 self.copy([o for o in self.live if o.roles.copies(tag.info.name)], current)
@@ -134,7 +134,7 @@ class _SharedShard:
         try:
             if tag.new:
                 data, before_writing = extras, None
-            elif tag.in_place:  # the base's sha256 must have its bytes before the fuse changes them
+            elif tag.in_place:  # the base's digest must have its bytes before the fuse changes them
                 data, before_writing = [current, *extras], hashed
             else:
                 data, before_writing = [memoryview(numpy.frombuffer(current, numpy.uint8).copy()), *extras], None
@@ -184,14 +184,14 @@ class _SharedShard:
     def result(self, output: _Output, device: str, seconds: float) -> ShardResult | BaseException:
         if output.failure is not None:
             return output.failure
-        size, sha = output.stored
+        size, digest = output.stored
         laps = self.laps.seconds
-        return ShardResult(name=output.task.name, size=size, sha256=sha, base_sha256=self.base_sha.hexdigest(),
+        return ShardResult(name=output.task.name, size=size, digest=digest, base_digest=self.base_digest.value(),
                            tensors=len(output.stream.layout), fused=len(output.task.targets),
                            read_wait_seconds=laps["wait"], fuse_seconds=output.fuse_seconds,
                            write_seconds=laps["write"], seconds=seconds, device=str(torch.device(device)),
                            node=socket.gethostname(), fused_stats=tuple(output.fused),
-                           hash_seconds=self.base_sha.seconds + output.stream.hash_seconds,
+                           hash_seconds=self.base_digest.seconds + output.stream.hash_seconds,
                            base_bytes_read=self.base.bytes_read, outputs=len(self.outputs))
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from merge_core.errors import ValidationError
-from merge_core.io.pipeline import sha256_of
+from merge_core.io.hashing import algorithm_of
+from merge_core.io.pipeline import digest_of
 from merge_core.io.storage import Storage
 from merge_core.numerics.stats import FuseStats
 
@@ -18,8 +19,8 @@ class ShardResult:
     """What a task returns through Ray: small, no tensors."""
     name: str
     size: int
-    sha256: str
-    base_sha256: str
+    digest: str  # tagged ("blake3:<hex>", merge_core.io.hashing) digest of the shard written
+    base_digest: str  # of the base shard read, with the same algorithm
     tensors: int
     fused: int
     read_wait_seconds: float  # time spent waiting for reads the read-ahead had not finished
@@ -29,22 +30,25 @@ class ShardResult:
     device: str
     node: str
     fused_stats: tuple[tuple[str, FuseStats], ...] = ()  # per fused tensor, in file order
-    hash_seconds: float = 0.0  # sha256 of the base and of the output, on threads beside the fuse
+    hash_seconds: float = 0.0  # digests of the base and of the output, on threads beside the fuse
     # Bytes the task fetched from the base (counted as they arrived), and how many outputs it wrote
     # from them: a batch reads each base shard once for all its outputs.
     base_bytes_read: int = 0
     outputs: int = 1
+    # Bytes of the output the store copied from the base itself (S3 UploadPartCopy/CopyObject, a
+    # local copy_file_range), not sent by the task: what no adapter changed.
+    bytes_copied: int = 0
 
 
-def check_stored(storage: Storage, name: str, size: int, sha256: str, rehash: bool = True) -> None:
+def check_stored(storage: Storage, name: str, size: int, digest: str, rehash: bool = True) -> None:
     """Read the published object back: storage must hold exactly the bytes that were hashed (with
-    `rehash` False, only as many)."""
+    `rehash` False, only as many). `digest` is tagged: it is recomputed with its own algorithm."""
     stored = storage.size(name)
     if stored != size:
         raise ValidationError([f"{storage.describe(name)}: storage holds {stored} bytes, the worker wrote {size}"])
     if not rehash:
         return
-    digest = sha256_of(storage, name, size)
-    if digest != sha256:
-        raise ValidationError([f"{storage.describe(name)}: sha256 of the stored bytes is {digest}, "
-                               f"the worker wrote {sha256}"])
+    stored_digest = digest_of(storage, name, size, algorithm_of(digest))
+    if stored_digest != digest:
+        raise ValidationError([f"{storage.describe(name)}: {algorithm_of(digest)} of the stored bytes is "
+                               f"{stored_digest}, the worker wrote {digest}"])

@@ -47,7 +47,7 @@ def test_verify_returns_its_findings_instead_of_exiting(models, ray_session, tmp
         f.seek(-3, os.SEEK_END)
         f.write(b"\x7f\x7f\x7f")
     checked = lora_merge.verify(models.base, models.adapter, out)
-    assert not checked.ok and any(name in p and "sha256" in p for p in checked.problems), checked.problems
+    assert not checked.ok and any(name in p and "blake3" in p for p in checked.problems), checked.problems
     run = cli("verify", "--base", models.base, "--adapter", models.adapter, "--merged", out)
     assert run.returncode == 4 and "\nerror: validation failed: " in run.stderr
 

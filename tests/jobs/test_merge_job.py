@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 
+import blake3
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,6 +17,10 @@ from tests.reference import assert_bit_identical, load_checkpoint
 
 def sha256(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def b3(path: str) -> str:
+    return blake3.blake3(open(path, "rb").read()).hexdigest()
 
 
 def test_merge_equals_peft_and_publishes_a_complete_checkpoint(models, ray_session, tmp_path):
@@ -38,10 +43,11 @@ def test_merge_equals_peft_and_publishes_a_complete_checkpoint(models, ray_sessi
     shards = {s["name"]: s for s in manifest["output"]["shards"]}
     assert set(shards) == set(base_index["weight_map"].values())
     for name, shard in shards.items():
-        assert shard["sha256"] == sha256(os.path.join(out, name))
+        assert shard["blake3"] == b3(os.path.join(out, name))  # b3sum's digest of the file
         assert shard["size"] == os.path.getsize(os.path.join(out, name))
     for shard in manifest["base"]["shards"]:
-        assert shard["sha256"] == sha256(os.path.join(models.base, shard["name"]))
+        assert shard["blake3"] == b3(os.path.join(models.base, shard["name"]))
+    assert manifest["digest"] == "blake3"
     adapter = manifest["adapters"][0]
     assert adapter["config"]["use_rslora"] is True and adapter["weight"] == 1.0
     assert adapter["files"][1]["sha256"] == sha256(os.path.join(models.adapter, "adapter_model.safetensors"))

@@ -3,6 +3,8 @@ only what it vouches for."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import threading
@@ -13,7 +15,9 @@ import pytest
 from merge_core.errors import InputError
 from merge_core.inputs.adapter import load_adapter
 from merge_core.inputs.checkpoint import load_base
+from merge_core.io.hashing import hex_of, record_digest, record_fields
 from merge_core.io.local import LocalStorage
+from merge_core.io.pipeline import digest_of
 from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.planning.planner import plan_merge
 from merge_core.publish.finalize import build_index, publish
@@ -27,6 +31,7 @@ from merge_core.publish.journal import (
     vouches_for,
     write_journal,
 )
+from merge_core.publish.verify import verify_shard
 from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_merge import merge_shard
 from tests.reference import make_adapter, make_base
@@ -68,7 +73,7 @@ def merged_shards(tmp_path):
     plan = plan_merge(checkpoint, [load_adapter(LocalStorage(make_adapter(str(tmp_path / "adapter"))))], [1.0])
     out = LocalStorage(str(tmp_path / "out"))
     results = [merge_shard(t, MergeJob.of(plan, out.root)) for t in plan.tasks]
-    manifest = {"output": {"shards": [{"name": r.name, "sha256": r.sha256} for r in results]}}
+    manifest = {"output": {"shards": [{"name": r.name} | record_fields(r.digest) for r in results]}}
     return plan, out, results, build_index(plan, checkpoint.index_metadata)[0], manifest
 
 
@@ -100,7 +105,7 @@ def test_a_retried_publish_knows_its_own_index_and_refuses_another_jobs(tmp_path
     publish(out, plan, index, manifest, b"")
     assert out.exists(INDEX_NAME) and not out.exists(JOURNAL_NAME)
     publish(out, plan, index, manifest, b"")  # the worker died after the index; the retry finds it
-    other = {"output": {"shards": [{"name": r.name, "sha256": "0" * 64} for r in results]}}
+    other = {"output": {"shards": [{"name": r.name, "blake3": "0" * 64} for r in results]}}
     with pytest.raises(RuntimeError, match="another job published a model here while this one ran"):
         publish(out, plan, index, other, b"")
 
@@ -120,3 +125,28 @@ def test_pause_point_holds_the_first_arrival_until_released(tmp_path, monkeypatc
     assert not held.is_alive()
     pause_point("somewhere")  # a later arrival (a retried task) passes
     pause_point("nowhere")
+
+
+def test_a_journal_and_a_manifest_written_with_sha256_are_still_recognized(tmp_path):
+    """Every record before BLAKE3 was the default holds sha256 under "sha256" (and "base_sha256"):
+    --resume reuses its shards, the final task and verify check them with sha256."""
+    plan, out, results, index, _ = merged_shards(tmp_path)
+    base = LocalStorage(str(tmp_path / "base"))
+    old = []
+    for r in results:
+        record = dataclasses.asdict(r)
+        del record["digest"], record["base_digest"]
+        old.append(record | {"sha256": hex_of(digest_of(out, r.name, r.size, "sha256")),
+                             "base_sha256": hex_of(digest_of(base, r.name, base.size(r.name), "sha256"))})
+    out.write_bytes(JOURNAL_NAME, json.dumps({"fingerprint": "key", "shards": old}).encode())
+    journal = read_journal(out, "key")
+    assert [r.digest for r in journal.shards] == [f"sha256:{r['sha256']}" for r in old]
+    assert [r.name for r in proven(out, base, journal.shards, plan)] == [t.name for t in plan.tasks]
+    manifest = {"output": {"shards": [{"name": r["name"], "size": r["size"], "sha256": r["sha256"]} for r in old]}}
+    assert vouches_for(out, manifest["output"]["shards"])
+    for task, r in zip(plan.tasks, old):
+        verdict = verify_shard(task, MergeJob.of(plan, out.root), r["size"], record_digest(r))
+        assert not verdict.problems and verdict.digest == record_digest(r), verdict.problems
+    publish(out, plan, index, manifest, b"")
+    publish(out, plan, index, manifest, b"")  # a retry finds its own index, recorded in sha256
+    assert out.exists(INDEX_NAME)

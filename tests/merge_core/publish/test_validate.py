@@ -59,8 +59,8 @@ def test_good_output_passes_every_check(merged):
     validate_merge(plan, results, build_index(plan, {})[0], LocalStorage(base), [LocalStorage(adapter)],
                    LocalStorage(out))
     for task, result in zip(plan.tasks, results):
-        check_stored(LocalStorage(out), task.name, result.size, result.sha256)
-        verdict = verify_shard(task, MergeJob.of(plan, out), result.size, result.sha256)
+        check_stored(LocalStorage(out), task.name, result.size, result.digest)
+        verdict = verify_shard(task, MergeJob.of(plan, out), result.size, result.digest)
         assert verdict.problems == () and verdict.tensors_checked == len(task.shard.header.tensors)
 
 
@@ -114,8 +114,8 @@ def test_read_back_catches_bytes_that_differ_from_what_was_hashed(merged, tmp_pa
     data = bytearray(open(path, "rb").read())
     data[-3] ^= 0x01
     open(path, "wb").write(bytes(data))
-    with pytest.raises(ValidationError, match="sha256 of the stored bytes is"):
-        check_stored(LocalStorage(out), task.name, result.size, result.sha256)
+    with pytest.raises(ValidationError, match="blake3 of the stored bytes is"):
+        check_stored(LocalStorage(out), task.name, result.size, result.digest)
 
 
 def test_spot_check_catches_a_wrong_fused_tensor(merged, tmp_path):
@@ -160,7 +160,7 @@ def test_verify_catches_one_flipped_byte_anywhere(merged, tmp_path, where):
     data = bytearray(open(path, "rb").read())
     data[offset] ^= 0x40
     open(path, "wb").write(bytes(data))
-    verdict = verify_shard(task, MergeJob.of(plan, out), result.size, result.sha256)
+    verdict = verify_shard(task, MergeJob.of(plan, out), result.size, result.digest)
     assert verdict.problems, "the flipped byte was caught"
     if where == "header":  # the JSON no longer parses, or names something else
         assert "model-0000" in verdict.problems[0]
@@ -189,7 +189,7 @@ def test_checks_pass_a_fan_in_fan_out_merge_and_catch_a_wrong_one(tmp_path):
                    LocalStorage(out))
     for task, result in zip(plan.tasks, results):
         verdict = verify_shard(task, MergeJob.of(plan, out), result.size,
-                               result.sha256)
+                               result.digest)
         assert verdict.problems == ()
     name = "transformer.h.0.attn.c_attn.weight"
     rewrite_shard(out, shard_with(plan, name), lambda t: t.update({name: t[name].T.contiguous().reshape(t[name].shape)}))
