@@ -29,20 +29,38 @@ class ShardStreamWriter:
         self._digest = TimedDigest(digest)
         self._size = 0
         self._data_written = 0  # bytes of tensor data so far
-        self._emit(header)
+        self._header: bytes | None = header  # until the first bytes after it, or offer_header()
         self.data_start = len(header)
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._behind.submit(self._writer.write, data)
+    def _emit(self, data: bytes | memoryview, source: tuple | None = None) -> None:
+        if self._header is not None:
+            self._emit_header()
+        if source is None:
+            self._behind.submit(self._writer.write, data)
+        else:
+            storage, name, offset = source
+            self._behind.submit(lambda d: self._writer.write_copy(d, storage, name, offset), data)
         self._hashing.submit(self._digest.update, data)
         self._size += len(data)
 
-    def write_data(self, data: bytes | memoryview) -> None:
-        """Raw tensor bytes, continuing where the previous call stopped (may span tensors)."""
+    def _emit_header(self, source: tuple | None = None) -> None:
+        header, self._header = self._header, None
+        self._emit(header, source)
+
+    def offer_header(self, raw: bytes | memoryview, storage, name: str) -> None:
+        """The base shard's own header, `raw`, as read from `storage`: where it is this shard's header
+        byte for byte (nothing renamed, resized or added), the store may copy it with the tensors
+        after it, and an untouched shard is copied whole."""
+        if self._header is not None and bytes(raw) == self._header:
+            self._emit_header((storage, name, 0))
+
+    def write_data(self, data: bytes | memoryview, source: tuple | None = None) -> None:
+        """Raw tensor bytes, continuing where the previous call stopped (may span tensors). `source`:
+        (storage, name, offset) where the same bytes lie, which the store may copy itself."""
         end = self.layout[-1].end if self.layout else 0
         if self._data_written + len(data) > end:
             raise RuntimeError(f"{len(data)} bytes would run past the end of the shard's data ({end} bytes)")
-        self._emit(data)
+        self._emit(data, source)
         self._data_written += len(data)
 
     def write_tensor(self, info: TensorInfo, data: bytes | memoryview) -> None:
@@ -57,12 +75,19 @@ class ShardStreamWriter:
         end = self.layout[-1].end if self.layout else 0
         if self._data_written != end:
             raise RuntimeError(f"shard incomplete: {self._data_written} of {end} data bytes written")
+        if self._header is not None:  # a shard without tensors
+            self._emit_header()
         self._behind.drain()
         self._hashing.drain()
         self._behind.close()
         self._hashing.close()
         self._writer.commit()
         return self._size, self._digest.value()
+
+    @property
+    def bytes_copied(self) -> int:
+        """Bytes the store copied itself rather than receiving them (after commit)."""
+        return self._writer.bytes_copied
 
     @property
     def hash_seconds(self) -> float:

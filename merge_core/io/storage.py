@@ -39,6 +39,14 @@ class ObjectWriter(ABC):
     @abstractmethod
     def write(self, data: bytes | memoryview) -> None: ...
 
+    # Bytes the store copied itself (write_copy), which this writer never sent.
+    bytes_copied: int = 0
+
+    def write_copy(self, data: bytes | memoryview, source: "Storage", name: str, offset: int) -> None:
+        """Write `data`, which are also bytes `offset`... of `source`'s object `name`: a store that can
+        copy them itself (S3's UploadPartCopy) may do that instead of sending them. By default, written."""
+        self.write(data)
+
     @abstractmethod
     def commit(self, exclusive: bool = False) -> None:
         """Publish. With exclusive=True, fail with FileExistsError if the name already exists."""
@@ -66,6 +74,10 @@ class Storage(ABC):
         """Memory one writer holds while it writes here, whatever the object's size: the parts an
         object store's multipart upload fills and sends; nothing for a file."""
         return 0
+
+    def copy_source(self) -> "Storage":
+        """The storage itself, under whatever wraps it (CountedReads): what a writer may copy from."""
+        return self
 
     def describe(self, name: str) -> str:
         """The name as a user would type it, for messages."""

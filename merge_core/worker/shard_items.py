@@ -21,7 +21,14 @@ from merge_core.io.storage import Storage
 from merge_core.planning.plan import FuseTarget, ShardTask
 from merge_core.worker.merged_tensor import shared_factors, tensor_reads
 
-HEADER, COPY = "header", "copy"
+HEADER = "header"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Bytes at `offset` of the base shard that every output copies as they are (a store may copy
+    them itself: merge_core.io.storage.ObjectWriter.write_copy)."""
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -93,4 +100,4 @@ def shard_items(tasks: Sequence[ShardTask], base: Storage,
 
 def _chunks(base: Storage, name: str, offset: int, length: int) -> Iterator[Item]:
     for start in range(offset, offset + length, DEFAULT_CHUNK_BYTES):
-        yield Item(COPY, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
+        yield Item(Copy(start), (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))

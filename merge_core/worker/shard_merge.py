@@ -34,7 +34,7 @@ from merge_core.planning.plan import ShardTask
 from merge_core.worker.job import MergeJob
 from merge_core.worker.merged_tensor import merged_tensor
 from merge_core.worker.original import OriginalShard
-from merge_core.worker.shard_items import COPY, BaseTensor, Fuse, Roles, shard_items
+from merge_core.worker.shard_items import HEADER, BaseTensor, Copy, Fuse, Roles, shard_items
 from merge_core.worker.shard_result import ShardResult, check_stored
 
 
@@ -112,19 +112,26 @@ class _SharedShard:
                 self.fuse(self.outputs[tag.output], tag, data, current, hashed)
                 continue
             hashed = self.hasher.submit(self.base_digest.update, data[0]).result
+            name = self.outputs[0].task.name
             if isinstance(tag, BaseTensor):
                 current = data[0]
-                self.copy([o for o in self.live if o.roles.copies(tag.info.name)], current)
-            elif tag is COPY:
-                self.copy(self.live, data[0])
-            self.laps.lap("write")  # the base's own header is only hashed: each output has its own
+                self.copy([o for o in self.live if o.roles.copies(tag.info.name)], current,
+                          (self.base, name, self.outputs[0].task.shard.header.data_start + tag.info.start))
+            elif isinstance(tag, Copy):
+                self.copy(self.live, data[0], (self.base, name, tag.offset))
+            elif tag == HEADER:  # each output has its own header, which may be the base's byte for byte
+                for output in self.live:
+                    output.stream.offer_header(data[0], self.base, name)
+            self.laps.lap("write")
             if not self.live:
                 return
 
-    def copy(self, outputs: Sequence[_Output], data) -> None:
+    def copy(self, outputs: Sequence[_Output], data, source: tuple) -> None:
+        """Bytes of the base the outputs take as they are, from `source` (storage, name, offset): an
+        output stored where the base is may have its store copy them rather than receive them."""
         for output in outputs:
             try:
-                output.stream.write_data(data)
+                output.stream.write_data(data, source)
             except Exception as exc:
                 output.fail(exc)
 
@@ -192,7 +199,8 @@ class _SharedShard:
                            write_seconds=laps["write"], seconds=seconds, device=str(torch.device(device)),
                            node=socket.gethostname(), fused_stats=tuple(output.fused),
                            hash_seconds=self.base_digest.seconds + output.stream.hash_seconds,
-                           base_bytes_read=self.base.bytes_read, outputs=len(self.outputs))
+                           base_bytes_read=self.base.bytes_read, outputs=len(self.outputs),
+                           bytes_copied=output.stream.bytes_copied)
 
 
 def merge_shard_outputs(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], device: str = "cpu",
