@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.bench                      # ~4.5 GB Llama-shaped bf16, local disk
     .venv/bin/python -m bench.bench --size-gb 1 --rounds 3
     .venv/bin/python -m bench.bench --storage s3         # S3→S3 on a local SeaweedFS, vs boto3 copy
+    .venv/bin/python -m bench.bench --storage s3 --targets q_proj,v_proj   # ... an adapter on q and v only
     .venv/bin/python -m bench.bench --moe 64 --hidden 2048   # MoE experts stored one by one (target_parameters)
     .venv/bin/python -m bench.bench --quantized fp8          # the same checkpoint also as FP8 block-scaled
     .venv/bin/python -m bench.bench --quantized nvfp4 --scales fresh   # ... or compressed-tensors NVFP4
@@ -24,7 +25,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.checkpoint import QUANTIZED, build, build_moe, more_adapters, quantize
+from bench.checkpoint import QUANTIZED, adapter_on, build, build_moe, more_adapters, quantize
 from bench.proctree import Measured, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -188,6 +189,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "mxfp4, mxfp8)")
     parser.add_argument("--scales", choices=("keep", "fresh"), default="keep", help="with --quantized: lora-merge's "
                         "--scales (default keep)")
+    parser.add_argument("--targets", metavar="MODULES", help="the adapter on these linear layers only, comma-"
+                        "separated (e.g. q_proj,v_proj: most of each shard untouched; default every linear layer)")
     parser.add_argument("--batch", type=int, metavar="N", help="N adapters into N models: N merges one after "
                         "another against one `lora-merge batch` of N outputs (local storage)")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
@@ -207,6 +210,9 @@ def _checkpoint(args: argparse.Namespace) -> tuple[str, str, str]:
                                "attention and (target_parameters) on the experts")
     base, adapter = build(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}"), args.size_gb,
                           hidden=args.hidden, intermediate=int(args.hidden * 2.6875), shard_gb=args.shard_gb)
+    if args.targets:
+        targets = args.targets.split(",")
+        return base, adapter_on(adapter, targets), f"LoRA r=16 on {' and '.join(targets)} only"
     return base, adapter, "LoRA r=16 on every linear layer"
 
 

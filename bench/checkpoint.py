@@ -105,6 +105,28 @@ def build(path: str, size_gb: float = 4.5, hidden: int = 4096, intermediate: int
     return base, adapter
 
 
+def adapter_on(adapter: str, targets: list[str]) -> str:
+    """The adapter with only its factors on `targets` (module names such as q_proj), beside it as
+    adapter-on-q_proj-v_proj (kept if there): an adapter that leaves most of each shard as it is."""
+    from safetensors.torch import load_file
+
+    path = f"{adapter}-on-{'-'.join(targets)}"
+    if os.path.exists(os.path.join(path, "adapter_model.safetensors")):
+        return path
+    unknown = sorted(set(targets) - set(LINEAR))
+    if unknown:
+        raise ValueError(f"--targets {','.join(unknown)}: not a linear layer of the bench model ({', '.join(LINEAR)})")
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        config = json.load(f)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config | {"target_modules": list(targets)}, f, indent=2)
+    kept = {name: t for name, t in load_file(os.path.join(adapter, "adapter_model.safetensors")).items()
+            if name.split(".lora_")[0].rsplit(".", 1)[-1] in targets}
+    save_file(kept, os.path.join(path, "adapter_model.safetensors"))
+    return path
+
+
 def more_adapters(adapter: str, count: int, seed: int = 1) -> list[str]:
     """`adapter` and count - 1 others of its config and shapes, with their own random factors (as
     many fine-tunes of one base would be), beside it as adapter-2, adapter-3, ... (kept if there)."""
