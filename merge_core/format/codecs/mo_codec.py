@@ -26,7 +26,8 @@ from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import QuantArgs, QuantizedWeight
 
 SCALAR_SHAPES = ((), (1,))  # ModelOpt squeezes per-tensor values to []; [1] loads the same in vLLM
-SUFFIXES = {"codes": ".weight", "scale": ".weight_scale", "global_scale": ".weight_scale_2", "input_scale": ".input_scale"}
+SUFFIXES = {"codes": ".weight", "scale": ".weight_scale", "global_scale": ".weight_scale_2",
+            "input_scale": ".input_scale"}
 MARK = SUFFIXES["scale"]  # every ModelOpt weight format stores one
 
 

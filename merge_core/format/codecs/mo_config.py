@@ -26,7 +26,8 @@ from merge_core.format.quantization import QuantScheme
 MIXED = "MIXED_PRECISION"
 NV_GROUP = 16
 # vLLM's candidates for a layer name (ModelOptMixedPrecisionConfig._quantized_layer_prefix_candidates)
-PREFIX_ALIASES = (("language_model.model.", "model.language_model."), ("model.language_model.", "language_model.model."))
+PREFIX_ALIASES = (("language_model.model.", "model.language_model."),
+                  ("model.language_model.", "language_model.model."))
 
 
 @dataclass(frozen=True)

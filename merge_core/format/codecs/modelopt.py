@@ -49,7 +49,8 @@ class ModelOpt(Method):
         marked = set(modules)
         for name in infos:
             if name.endswith(SUFFIXES["global_scale"]) and name[: -len(SUFFIXES["global_scale"])] not in marked:
-                raise refusal(where, name, f"has no {name.removesuffix('_2')} beside it (the block scales it multiplies)")
+                raise refusal(where, name, f"has no {name.removesuffix('_2')} beside it (the block scales it "
+                              "multiplies)")
         for module in modules:
             algo = algo_of(scheme, module)
             if algo is None:

@@ -1,0 +1,144 @@
+"""Merges into ModelOpt checkpoints (NVFP4, FP8 per tensor, per channel and in 128×128 blocks, MXFP8, a
+MIXED_PRECISION DeepSeek-shaped MoE whose routed experts are NVFP4 and attention and shared experts FP8) and an
+fbgemm FP8 one, built from transformers models with the formats' published math (tests/modelopt_models.py),
+against that math's requantization of PEFT's float32 merge, tensor by tensor: `--scales fresh` (NVFP4's fused
+siblings sharing one weight_scale_2 from all of their W′), `--scales keep` (the base's scales, codes re-rounded);
+`--dequantize` equal to PEFT's float32 merge rounded to bf16, without hf_quant_config.json.
+
+The reference merge is PEFT's merge_and_unload in float32 into a model whose quantized weights hold their exact
+float32 dequantized values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.local_merge import merge_without_ray
+from tests.modelopt_models import LLAMA, ModelOptCheckpoint, expected_parts, save_fbgemm, save_modelopt
+from tests.quantized_merges import merged_in_format, reference_case
+from tests.quantized_models import DEEPSEEK_TINY, read_config, saved_state
+from tests.reference import load_checkpoint
+
+LORA_ON = ["q_proj", "gate_proj", "down_proj"]  # k/v and up stay untouched beside touched siblings
+HF_QUANT_CONFIG = "hf_quant_config.json"
+
+
+def random_model(model_cls, config, seed: int = 0):
+    torch.manual_seed(seed)
+    return model_cls(config).to(torch.bfloat16)
+
+
+def llama_cls():
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM
+
+
+def deepseek_cls():
+    from transformers import DeepseekV3ForCausalLM
+    return DeepseekV3ForCausalLM
+
+
+def llama():
+    from transformers import LlamaConfig
+    return random_model(llama_cls(), LlamaConfig(**LLAMA))
+
+
+def linears(model, keep=lambda name: True) -> list[str]:
+    """The decoder layers' linear modules (not norms, not the router), by their checkpoint names."""
+    tensors, _ = saved_state(model)
+    modules = [n[: -len(".weight")] for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2
+               and ".layers." in n and "norm" not in n.rsplit(".", 2)[-2] and not n.endswith("mlp.gate.weight")]
+    return sorted(m for m in modules if keep(m))
+
+
+def llama_in(algo: str, **options):
+    def build(path: str) -> ModelOptCheckpoint:
+        model = llama()
+        return save_modelopt(path, model, {m: algo for m in linears(model)}, exclude=["lm_head"], **options)
+    return build
+
+
+def mixed_deepseek(path: str) -> ModelOptCheckpoint:
+    """Routed experts NVFP4 (each expert's gate/up sharing weight_scale_2), attention and the shared expert FP8
+    per tensor, layer 0's dense MLP left in bf16: Nemotron 3 Ultra's and Qwen3.6 NVFP4's layout."""
+    from transformers import DeepseekV3Config
+    model = random_model(deepseek_cls(), DeepseekV3Config(**DEEPSEEK_TINY))
+    algos = {m: "NVFP4" if ".experts." in m and "shared" not in m else "FP8"
+             for m in linears(model, lambda m: ".layers.0.mlp." not in m)}
+    return save_modelopt(path, model, algos, exclude=[], mixed=True)
+
+
+def fbgemm_llama(path: str) -> ModelOptCheckpoint:
+    """Every decoder linear but layer 0's attention in FP8 per row, as Llama-3.1-405B-Instruct-FP8 leaves some
+    layers in bf16 (modules_to_not_convert)."""
+    model = llama()
+    kept = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    return save_fbgemm(path, model, linears(model, lambda m: m not in kept), kept + ["lm_head"])
+
+
+def lora(**extra):
+    from peft import LoraConfig
+    return LoraConfig(r=4, lora_alpha=8, **extra)
+
+
+# name: (builder, model class, LoRA config, whether fresh scales tie siblings)
+CASES = {
+    "nvfp4-llama": (llama_in("NVFP4"), llama_cls, lambda: lora(target_modules=LORA_ON), True),
+    "fp8-llama-in-config-json": (llama_in("FP8", in_config=True), llama_cls, lambda: lora(target_modules=LORA_ON),
+                                 False),
+    "fp8-per-channel-llama": (llama_in("FP8_PER_CHANNEL_PER_TOKEN"), llama_cls,
+                              lambda: lora(target_modules=LORA_ON), False),
+    "fp8-blocks-llama": (llama_in("FP8_PB_WO"), llama_cls, lambda: lora(target_modules=LORA_ON), False),
+    "mxfp8-llama": (llama_in("MXFP8"), llama_cls, lambda: lora(target_modules=LORA_ON), False),
+    "mixed-deepseek-moe": (mixed_deepseek, deepseek_cls, lambda: lora(
+        target_modules=["q_b_proj", "kv_a_proj_with_mqa", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), True),
+    "fbgemm-llama": (fbgemm_llama, llama_cls, lambda: lora(target_modules=LORA_ON + ["k_proj"]), False),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    build, model_cls, config, ties = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    checkpoint = build(str(root / "base"))
+    adapter, reference = reference_case(checkpoint, model_cls(), config(), root)
+    return checkpoint, adapter, reference, ties, root
+
+
+@pytest.mark.parametrize("scales", ["fresh", "keep"])
+def test_each_format_is_the_reference_requantization_of_the_peft_merge(case, scales):
+    checkpoint, adapter, reference, ties, root = case
+    out = str(root / f"out-{scales}")
+    base, merged = merged_in_format(checkpoint, adapter, out, scales=scales)
+    touched = {n for n in checkpoint.exact if not torch.equal(reference[n], checkpoint.exact[n])}
+    assert touched and len(touched) < len(checkpoint.exact), "the adapter updates some quantized weights, not all"
+    expected = expected_parts(checkpoint, base, reference, touched, scales)
+    assert {n.rsplit(".", 1)[0] for n in expected} >= {n.rsplit(".", 1)[0] for n in touched}
+    for stored in (n for n in base if n.rsplit(".", 1)[0] in checkpoint.algos):  # every part, input_scale too
+        want = expected.get(stored, base[stored])
+        assert torch.equal(merged[stored].reshape(-1).view(torch.uint8),
+                           want.reshape(-1).contiguous().view(torch.uint8)), (stored, scales)
+    for plain in (n for n in base if n.rsplit(".", 1)[0] not in checkpoint.algos and n in reference):
+        assert torch.equal(merged[plain], reference[plain].to(merged[plain].dtype)), plain  # bf16, as PEFT
+    manifest = json.load(open(f"{out}/merge_manifest.json"))
+    assert manifest["requantization"]["scales"] == scales
+    tied = manifest["requantization"]["tied"]
+    assert (bool(tied) and all(len(group) > 1 for group in tied)) if scales == "fresh" and ties else tied == []
+    assert os.path.exists(f"{out}/{HF_QUANT_CONFIG}") == os.path.exists(f"{checkpoint.path}/{HF_QUANT_CONFIG}")
+
+
+def test_dequantize_writes_the_peft_merge_rounded_to_bf16(case):
+    checkpoint, adapter, reference, _, root = case
+    out = str(root / "out-bf16")
+    merge_without_ray(checkpoint.path, [adapter], out, dequantize=True)
+    merged = load_checkpoint(out)
+    assert "quantization_config" not in read_config(out)
+    assert not os.path.exists(f"{out}/{HF_QUANT_CONFIG}"), "engines would read the bf16 output as quantized"
+    assert not any(n.endswith(("_scale", "_scale_2")) for n in merged)
+    for logical in checkpoint.exact:
+        assert torch.equal(merged[logical], reference[logical].to(torch.bfloat16)), logical
