@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.bench --storage s3         # S3→S3 on a local SeaweedFS, vs boto3 copy
     .venv/bin/python -m bench.bench --moe 64 --hidden 2048   # MoE experts stored one by one (target_parameters)
     .venv/bin/python -m bench.bench --quantized fp8          # the same checkpoint also as FP8 block-scaled
+    .venv/bin/python -m bench.bench --quantized nvfp4 --scales fresh   # ... or compressed-tensors NVFP4
 
 Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
 `sync`, so every method pays for getting its bytes to disk. Reported: median wall time, peak
@@ -22,7 +23,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.checkpoint import build, build_moe, quantize_fp8
+from bench.checkpoint import QUANTIZED, build, build_moe, quantize
 from bench.proctree import Measured, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +75,7 @@ def methods(args, base: str, adapter: str, out: str, quantized: str | None = Non
             "lora-merge": _sh(lora_merge(base))}
     if quantized:  # the same model stored FP8: decode, fuse, requantize each touched weight
         runs |= {f"copy (cp -r), {args.quantized}": _sh(["cp", "-r", quantized, out]),
-                 f"lora-merge, {args.quantized}": _sh(lora_merge(quantized))}
+                 f"lora-merge, {args.quantized}": _sh(lora_merge(quantized) + ["--scales", args.scales])}
     return runs
 
 
@@ -145,8 +146,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage", default="local", choices=("local", "s3"))
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-merge-bench"))
     parser.add_argument("--json", help="also write the raw measurements here")
-    parser.add_argument("--quantized", choices=("fp8",), help="also store the checkpoint FP8 block-scaled "
-                        "(128×128, DeepSeek-V3's layout) and measure the copy and the merge of that beside the dense")
+    parser.add_argument("--quantized", choices=QUANTIZED, help="also store the checkpoint quantized and measure the "
+                        "copy and the merge of that beside the dense: fp8 (block-scaled 128×128, DeepSeek-V3's layout) "
+                        "or a compressed-tensors preset (fp8-dynamic, fp8-block, w8a8, w4a16, w4a16-asym, nvfp4, "
+                        "mxfp4, mxfp8)")
+    parser.add_argument("--scales", choices=("keep", "fresh"), default="keep", help="with --quantized: lora-merge's "
+                        "--scales (default keep)")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
                         "experts per layer, stored one by one, and LoRA on them through target_parameters")
     return parser.parse_args(argv)
@@ -188,7 +193,8 @@ def _rounds(args, base: str, adapter: str, out: str, quantized: str | None):
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     base, adapter, described = _checkpoint(args)
-    quantized = quantize_fp8(base, os.path.join(os.path.dirname(base), "base-fp8")) if args.quantized else None
+    quantized = (quantize(base, os.path.join(os.path.dirname(base), f"base-{args.quantized}"), args.quantized)
+                 if args.quantized else None)
     nbytes = checkpoint_bytes(base)
     server = None
     out = os.path.join(args.workdir, "out")

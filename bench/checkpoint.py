@@ -219,3 +219,48 @@ def quantize_fp8(dense: str, path: str, block: int = 128) -> str:
     with open(index_path, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return path
+
+
+# --quantized's compressed-tensors choices: the preset each names (what RedHatAI's releases use)
+CT_PRESETS = {"fp8-dynamic": ("FP8_DYNAMIC", "float-quantized"), "fp8-block": ("FP8_BLOCK", "float-quantized"),
+              "w8a8": ("W8A8", "int-quantized"), "w4a16": ("W4A16", "pack-quantized"),
+              "w4a16-asym": ("W4A16_ASYM", "pack-quantized"), "nvfp4": ("NVFP4A16", "nvfp4-pack-quantized"),
+              "mxfp4": ("MXFP4A16", "mxfp4-pack-quantized"), "mxfp8": ("MXFP8A16", "mxfp8-quantized")}
+QUANTIZED = ("fp8", *CT_PRESETS)
+
+
+def quantize(dense: str, path: str, kind: str) -> str:
+    """The dense checkpoint stored in format `kind` (one of QUANTIZED), in shards of its names. Kept if complete."""
+    return quantize_fp8(dense, path) if kind == "fp8" else quantize_ct(dense, path, kind)
+
+
+def quantize_ct(dense: str, path: str, kind: str) -> str:
+    """The dense checkpoint's decoder linears quantized by a compressed-tensors preset, shard by shard, with
+    compressed-tensors' own compressors and llm-compressor's fused global scales (tests/ct_models.py)."""
+    from safetensors.torch import load_file
+
+    from tests.ct_models import compress_state, ct_schemes, quantization_config
+
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        return path
+    os.makedirs(path, exist_ok=True)
+    preset, fmt = CT_PRESETS[kind]
+    schemes, ignore = ct_schemes({"group_0": (preset, ["re:.*layers.*_proj$"])}, fmt), ["lm_head"]
+    with open(os.path.join(dense, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map, total = {}, 0
+    for shard in shards:
+        out, _, _ = compress_state(load_file(os.path.join(dense, shard)), schemes, ignore, fmt)
+        save_file({n: t.contiguous() for n, t in out.items()}, os.path.join(path, shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in out})
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        del out
+    with open(os.path.join(dense, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = quantization_config(schemes, ignore, fmt)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(index_path, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return path

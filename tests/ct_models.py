@@ -160,13 +160,24 @@ def _calibrate(model, fused: bool) -> None:
                 getattr(module, part).data.fill_(value)
 
 
-def save_ct(path: str, model, groups: dict[str, tuple[str, list[str]]], ignore: list[str], shards: int = 3,
-            fused: bool = True, text_config: bool = False) -> CtCheckpoint:
-    """`model` quantized by presets ({group key: (preset, targets)}) with compressed-tensors, saved in shards."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+def preset(name: str, targets: list[str], **weights):
+    """A preset's QuantizationScheme, its weights' args changed by `weights` (say strategy="channel")."""
+    from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+    scheme = preset_name_to_scheme(name, targets)
+    if weights:
+        scheme.weights = QuantizationArgs(**(scheme.weights.model_dump() | weights))
+    return scheme
 
-    schemes = {key: preset_name_to_scheme(preset, targets) for key, (preset, targets) in groups.items()}
+
+def save_ct(path: str, model, groups: dict[str, tuple], ignore: list[str], shards: int = 3,
+            fused: bool = True, text_config: bool = False) -> CtCheckpoint:
+    """`model` quantized by presets ({group key: (preset, targets[, weights args changed])}) with
+    compressed-tensors, saved in shards."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    schemes = {key: preset(name, list(targets), **(changes[0] if changes else {}))
+               for key, (name, targets, *changes) in groups.items()}
     config = QuantizationConfig(config_groups=schemes, ignore=ignore, quantization_status="frozen")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -216,26 +227,39 @@ def llama(**sizes):
     return random_model(LlamaForCausalLM, LlamaConfig(**(LLAMA | sizes)))
 
 
-def save_preset(path: str, preset: str, targets=("Linear",), ignore=("lm_head",), **options) -> CtCheckpoint:
-    """A tiny Llama whose decoder linears are quantized by one preset."""
-    return save_ct(path, llama(), {"group_0": (preset, list(targets))}, list(ignore), **options)
+def save_preset(path: str, name: str, targets=("Linear",), ignore=("lm_head",), weights=None,
+                **options) -> CtCheckpoint:
+    """A tiny Llama whose decoder linears are quantized by one preset (its weights' args changed by
+    `weights`)."""
+    return save_ct(path, llama(), {"group_0": (name, list(targets), weights or {})}, list(ignore), **options)
 
 
 # ---------------------------------------------------------------- a checkpoint's state dict, quantized by name
 
 
-def save_ct_state(path: str, tensors: dict[str, torch.Tensor], config: dict, groups: dict[str, tuple[str, list[str]]],
-                  ignore: list[str], fmt: str, shards: int = 3) -> CtCheckpoint:
-    """A saved state dict (say a MoE's per-expert weights, which transformers 5 holds fused in memory, out
-    of apply_quantization_config's reach) quantized weight by weight with compressed-tensors' compressors:
-    the modules a group's targets match (match_name: names and "re:" patterns), fused siblings sharing
-    global and per-tensor scales as llm-compressor gives them."""
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
-    from compressed_tensors.utils.match import match_name
-
+def ct_schemes(groups: dict[str, tuple[str, list[str]]], fmt: str) -> dict:
+    from compressed_tensors.quantization import preset_name_to_scheme
     schemes = {key: preset_name_to_scheme(preset, targets) for key, (preset, targets) in groups.items()}
     for scheme in schemes.values():
         scheme.format = fmt
+    return schemes
+
+
+def quantization_config(schemes: dict, ignore: list[str], fmt: str) -> dict:
+    """config.json's quantization_config as ModelCompressor.update_config writes it."""
+    from compressed_tensors.quantization import QuantizationConfig
+    qc = QuantizationConfig(config_groups=schemes, ignore=ignore, format=fmt, quantization_status="compressed")
+    return {"quant_method": "compressed-tensors", "sparsity_config": {}, "transform_config": {},
+            **qc.model_dump(exclude=["quant_method"])}
+
+
+def compress_state(tensors: dict[str, torch.Tensor], schemes: dict, ignore: list[str], fmt: str
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, dict[str, torch.Tensor]]]:
+    """(the stored tensors, module → scheme, module → its compressed state) of a state dict whose weights
+    a group's targets match (match_name: names and "re:" patterns) quantized with compressed-tensors'
+    compressors, fused siblings sharing global scales as llm-compressor gives them."""
+    from compressed_tensors.utils.match import match_name
+
     modules = {}
     for name in tensors:
         module = name[: -len(".weight")]
@@ -245,25 +269,31 @@ def save_ct_state(path: str, tensors: dict[str, torch.Tensor], config: dict, gro
                 modules[module] = scheme
     shared = {}
     for members in _siblings(modules):
-        args = modules[members[0]].weights
-        if args.strategy == "tensor_group":
+        if modules[members[0]].weights.strategy == "tensor_group":
             shared.update({m: gparam([tensors[m + ".weight"] for m in members]) for m in members})
-    stored = dict(tensors)
-    checkpoint = CtCheckpoint(path, {}, {}, modules)
+    stored, states = dict(tensors), {}
     for module, scheme in modules.items():
         weight = stored.pop(module + ".weight").float()
         gs = shared.get(module, gparam([weight]) if scheme.weights.strategy == "tensor_group" else None)
         scale, zero = qparams(weight, scheme.weights, gs)
-        state = compress(weight, scheme, fmt, scale, None if scheme.weights.symmetric else zero, gs, torch.bfloat16)
-        stored.update({f"{module}.{k}": v for k, v in state.items()})
-        checkpoint.exact[module + ".weight"] = decompress_exact(state, scheme, fmt)
-    qc = QuantizationConfig(config_groups=schemes, ignore=ignore, format=fmt, quantization_status="compressed")
-    config = dict(config) | {"quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {},
-                                                     "transform_config": {},
-                                                     **qc.model_dump(exclude=["quant_method"])}}
-    write_sharded(path, stored, config, shards)
-    checkpoint.dequantized = {n: t for n, t in tensors.items()} | {n: t.to(torch.bfloat16)
-                                                                   for n, t in checkpoint.exact.items()}
+        states[module] = compress(weight, scheme, fmt, scale, None if scheme.weights.symmetric else zero, gs,
+                                  torch.bfloat16)
+        stored.update({f"{module}.{k}": v for k, v in states[module].items()})
+    return stored, modules, states
+
+
+def save_ct_state(path: str, tensors: dict[str, torch.Tensor], config: dict, groups: dict[str, tuple[str, list[str]]],
+                  ignore: list[str], fmt: str, shards: int = 3) -> CtCheckpoint:
+    """A saved state dict (say a MoE's per-expert weights, which transformers 5 holds fused in memory, out
+    of apply_quantization_config's reach) quantized weight by weight (compress_state)."""
+    schemes = ct_schemes(groups, fmt)
+    stored, modules, states = compress_state(tensors, schemes, ignore, fmt)
+    checkpoint = CtCheckpoint(path, {}, {}, modules)
+    for module, scheme in modules.items():
+        checkpoint.exact[module + ".weight"] = decompress_exact(states[module], scheme, fmt)
+    write_sharded(path, stored, dict(config) | {"quantization_config": quantization_config(schemes, ignore, fmt)},
+                  shards)
+    checkpoint.dequantized = dict(tensors) | {n: t.to(torch.bfloat16) for n, t in checkpoint.exact.items()}
     return checkpoint
 
 

@@ -6,6 +6,7 @@ hundreds of shards is described in seconds without touching its weights.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,18 @@ class BaseCheckpoint:
         if weight is not None:
             return TensorInfo(name=name, dtype=weight.dtype, shape=weight.shape, start=0, end=0)
         return self.shard(self.weight_map[name]).header.tensor(name)
+
+    def stored_under(self, module: str) -> list[str]:
+        """The stored tensors whose names begin `module.`, in name order (a bisection, not a scan: the
+        planner asks once per update of a base that may hold hundreds of thousands of tensors)."""
+        names = self._sorted_names
+        start = bisect.bisect_left(names, module + ".")
+        end = bisect.bisect_left(names, module + "/")  # "/" follows "." in ASCII
+        return names[start:end]
+
+    @functools.cached_property
+    def _sorted_names(self) -> list[str]:
+        return sorted(self.weight_map)
 
     def part_of(self, stored: str) -> QuantizedWeight | None:
         """The quantized weight a stored tensor (codes, scales, ...) belongs to, if any."""

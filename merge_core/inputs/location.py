@@ -24,16 +24,21 @@ def _file_in_parent(storage: Storage) -> tuple[str, str] | None:
         return None
 
 
+def _nothing_there(storage: Storage, flag: str, folder: str) -> InputError:
+    """The error for a location that lists nothing: a file named where its `folder` was meant, or nothing."""
+    inside = _file_in_parent(storage)
+    if inside:
+        parent, name = inside
+        return InputError(storage.uri, f"is the file {name}, not {folder}", f"pass the folder that holds it: {flag} "
+                          f"{parent}")
+    return InputError(storage.uri, "does not exist or is empty", f"check the path given as {flag}")
+
+
 def not_a_model(storage: Storage, flag: str = "--base") -> InputError:
     """Why `storage` holds no checkpoint, as the error to raise."""
     names = set(storage.list_names())
     if not names:
-        inside = _file_in_parent(storage)
-        if inside:
-            parent, name = inside
-            return InputError(storage.uri, f"is the file {name}, not the folder of a checkpoint",
-                              f"pass the folder that holds it: {flag} {parent}")
-        return InputError(storage.uri, "does not exist or is empty", f"check the path given as {flag}")
+        return _nothing_there(storage, flag, "the folder of a checkpoint")
     if names & set(ADAPTER_FILES):
         return InputError(storage.uri, f"holds a PEFT adapter ({ADAPTER_CONFIG_NAME}), not a model",
                           f"were {flag} and --adapter swapped? pass the base model as {flag} and this folder as "
@@ -49,12 +54,7 @@ def not_an_adapter(storage: Storage) -> InputError | None:
     if names & set(ADAPTER_FILES):
         return None  # an adapter, perhaps a broken one: its own checks say what is wrong
     if not names:
-        inside = _file_in_parent(storage)
-        if inside:
-            parent, name = inside
-            return InputError(storage.uri, f"is the file {name}, not an adapter folder",
-                              f"pass the folder that holds it: --adapter {parent}")
-        return InputError(storage.uri, "does not exist or is empty", "check the path given as --adapter")
+        return _nothing_there(storage, "--adapter", "an adapter folder")
     if names & set(MODEL_FILES):
         return InputError(storage.uri, f"holds a model and no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter",
                           "were --base and --adapter swapped? pass this folder as --base and the adapter as "

@@ -95,7 +95,7 @@ def _check_uncoded(base: BaseCheckpoint, name: str, subject: str) -> None:
     if base.quantization is None or name in base.quantized or base.part_of(name) is not None:
         return
     module = name.rsplit(".", 1)[0]
-    beside = sorted(n for n in base.weight_map if n.startswith(module + ".") and n != name)
+    beside = [n for n in base.stored_under(module) if n != name]
     stored = base.weight_map.get(name)
     quantized = (stored is not None and base.info(name).dtype not in FLOAT_DTYPES) or (stored is None and beside)
     if quantized:
@@ -265,9 +265,9 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                restorable: bool = False, scales: str = "keep") -> MergePlan:
     """One task per base shard, each listing the updates for the tensors it holds. With `dequantize`,
     a quantized base's weights are all written as bf16; otherwise `scales` says how a quantized weight
-    an adapter updates is requantized: "fresh" scales, or "keep" the base's. With `arithmetic.unmerge`, `base` is a merged
-    model and the adapters' updates are taken back out of it; with `restorable` (the original base is
-    at hand), what cannot be taken out is restored from it whole."""
+    an adapter updates is requantized: "fresh" scales, or "keep" the base's. With `arithmetic.unmerge`,
+    `base` is a merged model and the adapters' updates are taken back out of it; with `restorable` (the
+    original base is at hand), what cannot be taken out is restored from it whole."""
     arithmetic.check()
     _check_adapters(adapters, weights, allow_base_mismatch)
     placement = _Placement(base=base, arithmetic=arithmetic, restorable=restorable)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import torch
+
 from merge_core.errors import InputError
+from merge_core.format import codecs
 from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import tensor_from_bytes
 from merge_core.inputs.checkpoint import read_shard_header
@@ -82,6 +85,8 @@ def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, job: 
     else:
         outputs, _ = merged_tensor(task, source, data[len(infos):], job, workspace_for("cpu"))
         expected = dict(outputs)
+        if fused_ulps and source.quantized is not None and not source.dequantize:
+            return _compare_decoded(infos, stored, expected, source, where)
     for info, raw in zip(infos, stored):
         dtype, shape = planned[info.name]
         if (info.dtype, tuple(info.shape)) != (dtype, shape) or info.name not in expected:
@@ -96,11 +101,36 @@ def _compare(infos: list[TensorInfo], data: list, source, task: ShardTask, job: 
     return problems
 
 
+def _compare_decoded(infos: list[TensorInfo], stored: list, expected: dict, source: FuseTarget,
+                     where: str) -> list[str]:
+    """A quantized weight fused on a GPU, whose W' may differ by an ulp from this CPU's: its codes (and
+    fresh scales) may differ too, but its decoded values by no more than one step of its format."""
+    read = {info.name: tensor_from_bytes(raw, info.dtype, info.shape) for info, raw in zip(infos, stored)}
+    problems = []
+    for member in source.members:
+        names = [(p.role, p.info) for p in member.parts]
+        if any(info.name not in read or tuple(read[info.name].shape) != info.shape for _, info in names):
+            problems.append(f"{where}: tensor {member.tensor}: its stored parts are not the base's layout")
+            continue
+        ours = {role: read[info.name] for role, info in names}
+        fresh = {role: tensor_from_bytes(expected[info.name], info.dtype, info.shape) for role, info in names}
+        if all(torch.equal(ours[r].reshape(-1).view(torch.uint8), fresh[r].reshape(-1).view(torch.uint8))
+               for r in ours):
+            continue
+        off = (codecs.decode(member.quantized, ours) - codecs.decode(member.quantized, fresh)).abs()
+        bad = int((off > codecs.step(member.quantized, fresh)).sum())
+        if bad:
+            problems.append(f"{where}: tensor {member.tensor}: {bad} elements lie more than one "
+                            f"{member.quantized.codec} step from a fresh merge")
+    return problems
+
+
 def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,
                  fused_ulps: int = 0) -> ShardVerdict:
     """Re-read every byte of one merged shard (at job.output_uri) and compare it with a fresh merge
     of the base shard. Fused tensors may differ by `fused_ulps` (1 for shards fused on a GPU, whose
-    products sum in another order); untouched tensors and the sha256 must match exactly."""
+    products sum in another order), a quantized weight's decoded values then by one step of its format;
+    untouched tensors and the sha256 must match exactly."""
     merged = open_storage(job.output_uri, job.storage)
     where = merged.describe(task.name)
     try:

@@ -51,6 +51,16 @@ def medium(tmp_path_factory) -> Models:
 
 
 @pytest.fixture(scope="session")
+def many_shards(tmp_path_factory) -> Models:
+    """16 shards of up to 1 MB, so that a job is still running when a test strikes."""
+    root = tmp_path_factory.mktemp("many")
+    sizes = MEDIUM | {"vocab_size": 2048}
+    base = make_base(str(root / "base"), max_shard_size="500KB", **sizes)
+    adapter = make_adapter(str(root / "adapter"), sizes=sizes)
+    return Models(base, adapter, peft_merged(base, adapter, str(root / "peft")))
+
+
+@pytest.fixture(scope="session")
 def two_node_cluster(s3):
     """Depends on the S3 server so that its nodes (and their workers) inherit the AWS settings."""
     from ray.cluster_utils import Cluster

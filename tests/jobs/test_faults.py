@@ -16,20 +16,10 @@ from lora_merge import s3_server
 from merge_core.names import INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
 from merge_core.publish.journal import PAUSE_ENV
 from tests.conftest import BUCKET, download, list_keys, open_uploads, upload_dir
-from tests.jobs.conftest import LORA_MERGE, OBJECT_STORE_BYTES, Beside, Models, cli, wait_until
-from tests.reference import MEDIUM, assert_bit_identical, load_checkpoint, make_adapter, make_base, peft_merged
+from tests.jobs.conftest import LORA_MERGE, OBJECT_STORE_BYTES, Beside, cli, wait_until
+from tests.reference import assert_bit_identical, load_checkpoint
 
 pytestmark = pytest.mark.processes  # each kills or stops a process: a worker, a node, a driver, the store
-
-
-@pytest.fixture(scope="module")
-def many_shards(tmp_path_factory) -> Models:
-    """About 30 shards, so that a job is still running when a test strikes."""
-    root = tmp_path_factory.mktemp("many")
-    sizes = MEDIUM | {"vocab_size": 2048}
-    base = make_base(str(root / "base"), max_shard_size="500KB", **sizes)
-    adapter = make_adapter(str(root / "adapter"), sizes=sizes)
-    return Models(base, adapter, peft_merged(base, adapter, str(root / "peft")))
 
 
 def start_merge(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -23,6 +23,15 @@ def args_for(models, out, *extra) -> tuple[str, ...]:
     return ("--base", models.base, "--adapter", models.adapter, "--output", str(out), *extra)
 
 
+def killed_at(point: str, models, out, tmp_path, cluster) -> Held:
+    """A run of its own SIGKILLed while held at `point`."""
+    run = Held(tmp_path, (*args_for(models, out), "--ray-address", cluster.address), point)
+    run.wait_paused(point)
+    run.job.kill()
+    run.finish()
+    return run
+
+
 def snapshot(out) -> dict[str, tuple[int, int]]:
     return {n: (os.stat(out / n).st_size, os.stat(out / n).st_mtime_ns) for n in sorted(os.listdir(out))}
 
@@ -50,10 +59,7 @@ def test_a_dead_holders_claim_is_taken_over_by_resume_only(models, ray_session, 
     """On this host a dead holder is seen at once; on another host only when its lease has ended."""
     cluster, _ = ray_session
     out = tmp_path / "out"
-    killed = Held(tmp_path, (*args_for(models, out), "--ray-address", cluster.address), "journal-written")
-    killed.wait_paused("journal-written")
-    killed.job.kill()
-    killed.finish()
+    killed_at("journal-written", models, out, tmp_path, cluster)
     line = one_error_line(cli("merge", *args_for(models, out)))
     assert line == (f"error: {out}: the output holds an unfinished merge (1 file) (pass --resume to finish it, "
                     "--overwrite to start over, or choose an empty --output)")
@@ -75,10 +81,7 @@ def test_a_finished_merge_run_again_does_nothing_and_tidies_a_stale_journal(mode
     the next run (plain or --resume) says so, exits 0, removes the stale journal and writes nothing."""
     cluster, _ = ray_session
     out = tmp_path / "out"
-    run = Held(tmp_path, (*args_for(models, out), "--ray-address", cluster.address), "index-written")
-    run.wait_paused("index-written")
-    run.job.kill()
-    run.finish()
+    killed_at("index-written", models, out, tmp_path, cluster)
     assert (out / INDEX_NAME).exists() and (out / JOURNAL_NAME).exists()
     before = snapshot(out)
 

@@ -46,9 +46,9 @@ def test_fp8_merge_validates_verifies_and_plans(fp8, ray_session, tmp_path):
     base, merged = stored_tensors(checkpoint.path), stored_tensors(out)
     assert {k: (v.dtype, v.shape) for k, v in merged.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
     changed = {k for k in base if not torch.equal(base[k].view(torch.uint8), merged[k].view(torch.uint8))}
-    assert changed == {f"model.layers.{i}.{m}.{s}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj",
-                                                                              "mlp.down_proj")
-                       for s in ("weight", "weight_scale_inv")}
+    # --scales keep (the default): only the touched weights' codes move, never a scale
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj",
+                                                                                 "self_attn.v_proj", "mlp.down_proj")}
     verified = cli("verify", "--base", checkpoint.path, "--adapter", adapter, "--merged", out,
                        "--ray-address", cluster.address)
     assert verified.returncode == 0, verified.stderr

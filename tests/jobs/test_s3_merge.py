@@ -6,8 +6,6 @@ import glob
 import json
 import os
 
-import pytest
-
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from tests.conftest import BUCKET, SENTINEL_SECRET, download, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import cli

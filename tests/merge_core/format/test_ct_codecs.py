@@ -119,7 +119,8 @@ def actorder_weight(rows: int = 8, columns: int = 64, group: int = 16):
         "quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
             "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group,
                                                "symmetric": True, "actorder": "group"}}}}}, WHERE)
-    stored = infos(("m.weight_packed", "I32", (rows, columns // 8)), ("m.weight_scale", "BF16", (rows, columns // group)),
+    stored = infos(("m.weight_packed", "I32", (rows, columns // 8)),
+                   ("m.weight_scale", "BF16", (rows, columns // group)),
                    ("m.weight_shape", "I64", (2,)), ("m.weight_g_idx", "I32", (columns,)))
     return group_weights(scheme, stored, "base")["m.weight"]
 
@@ -246,3 +247,22 @@ def test_a_later_group_and_a_narrower_target_win():
     assert group_of(groups, "layers.0.mlp.up_proj").key == "c"  # the same pattern, later group
     assert group_of(groups, "layers.0.self_attn.q_proj").key == "a"
     assert group_of(groups[1:], "layers.0.self_attn.q_proj") is None
+
+
+def test_zero_points_of_the_wrong_layout_are_refused_by_name():
+    """Asymmetric packed weights keep their zero points packed down the rows (I32), per tensor unpacked (I8)."""
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32,
+                                           "symmetric": False}}}}
+    scheme = read_scheme({"quantization_config": config}, WHERE)
+    good = [("m.weight_packed", "I32", (64, 8)), ("m.weight_scale", "BF16", (64, 2)), ("m.weight_shape", "I64", (2,))]
+    weight = group_weights(scheme, infos(*good, ("m.weight_zero_point", "I32", (8, 2))), "base")["m.weight"]
+    assert weight.roles == ("codes", "scale", "zero_point", "shape")
+    for zero_point, fragments in ((("I8", (64, 2)), ["is I8[64, 2]", "make I32[8, 2]"]),
+                                  (("I32", (64, 2)), ["is I32[64, 2]", "make I32[8, 2]"]),
+                                  (None, ["module m", "has no weight_zero_point"])):
+        stored = infos(*good, *([("m.weight_zero_point", *zero_point)] if zero_point else []))
+        with pytest.raises(InputError) as info:
+            group_weights(scheme, stored, "base")
+        for fragment in fragments:
+            assert fragment in str(info.value), str(info.value)

@@ -11,6 +11,7 @@ float32 values compressed-tensors decompresses them to.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -60,18 +61,32 @@ def moe_experts(path: str) -> CtCheckpoint:
 # name: (builder, model class, LoRA config)
 CASES = {preset: (lambda p, preset=preset: save_preset(p, preset, fused=True), llama_cls,
                   lambda: lora(target_modules=LORA_ON)) for preset in PRESETS}
+# what the presets leave out: 8-bit packing per channel with zero points, and NVFP4's activations' global scale
+CASES["W8A16-channel-asym"] = (lambda p: save_preset(p, "W8A16", weights=dict(
+    strategy="channel", group_size=None, symmetric=False)), llama_cls, lambda: lora(target_modules=LORA_ON))
+CASES["NVFP4"] = (lambda p: save_preset(p, "NVFP4"), llama_cls, lambda: lora(target_modules=LORA_ON))
 CASES["mixed-precision"] = (mixed, llama_cls, lambda: lora(target_modules=LORA_ON))
 CASES["moe-nvfp4-experts"] = (moe_experts, mixtral_cls, lambda: lora(
     target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
 
 
+_BUILT: dict[str, tuple] = {}
+
+
+def built(name: str, tmp_path_factory) -> tuple:
+    """(name, checkpoint, adapter, PEFT's float32 merge, folder) of a case, made once for the module."""
+    if name not in _BUILT:
+        build, model_cls, config = CASES[name]
+        root = tmp_path_factory.mktemp(name)
+        checkpoint = build(str(root / "base"))
+        adapter, reference = reference_case(checkpoint, model_cls(), config(), root)
+        _BUILT[name] = (name, checkpoint, adapter, reference, root)
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    build, model_cls, config = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    checkpoint = build(str(root / "base"))
-    adapter, reference = reference_case(checkpoint, model_cls(), config(), root)
-    return request.param, checkpoint, adapter, reference, root
+    return built(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("scales", ["fresh", "keep"])
@@ -90,7 +105,7 @@ def test_each_format_is_what_compressed_tensors_makes_of_the_peft_merge(case, sc
     manifest = json.load(open(f"{out}/merge_manifest.json"))
     assert manifest["requantization"]["scales"] == scales
     ties = manifest["requantization"]["tied"]
-    if scales == "fresh" and name in ("FP8", "NVFP4A16", "moe-nvfp4-experts", "mixed-precision"):  # shared scales
+    if scales == "fresh" and name in ("FP8", "NVFP4A16", "NVFP4", "moe-nvfp4-experts", "mixed-precision"):  # shared
         assert ties and all(len(group) > 1 for group in ties), ties
     else:
         assert ties == []
@@ -106,3 +121,110 @@ def test_dequantize_writes_the_peft_merge_rounded_to_bf16(case):
     assert not any(n.endswith(("_scale", "_packed", "_zero_point", "_shape")) for n in merged)
     for logical in checkpoint.exact:
         assert torch.equal(merged[logical], reference[logical].to(torch.bfloat16)), logical
+
+
+# How close the merged model's change of the logits comes to PEFT's base + adapter: cosine above, error (of
+# the logits, relative to the adapter's change of them) below. This adapter is large (‖ΔW‖ about twice ‖W‖):
+# kept scales saturate much of it (measured: cosine 0.82-0.98, error 0.19-0.61), fresh ones do not
+# (0.988-0.9999, 0.01-0.16).
+LOGITS_AGREE = {"fresh": (0.98, 0.2), "keep": (0.8, 0.65)}
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+@pytest.mark.parametrize("scales", ["keep", "fresh"])
+@pytest.mark.parametrize("name", ["FP8_BLOCK", "W8A8", "W4A16_ASYM", "NVFP4A16", "MXFP4A16", "MXFP8A16"])
+def test_the_merged_checkpoint_loads_in_transformers_and_predicts_as_base_and_adapter(name, scales,
+                                                                                    tmp_path_factory):
+    """compressed-tensors decompresses the merged model on load (a format per codec); what the adapter
+    changes in its logits is what PEFT's base + adapter change, up to the format's rounding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    name, checkpoint, adapter, reference, root = built(name, tmp_path_factory)
+    out = root / f"out-{scales}"
+    if not out.exists():
+        merge_without_ray(checkpoint.path, [adapter], str(out), scales=scales)
+    tokens = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, quantization_config=(
+            CompressedTensorsConfig(run_compressed=False)))
+        base = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, quantization_config=(
+            CompressedTensorsConfig(run_compressed=False)))
+        exact = llama_cls().from_pretrained(str(root / "exact"), dtype=torch.float32)
+        with_adapter = PeftModel.from_pretrained(exact, adapter)
+        before, after = logits(base, tokens), logits(with_adapter, tokens)
+        ours = logits(loaded, tokens)
+    change, wanted = (ours - before).flatten(), (after - before).flatten()
+    cosine, error = LOGITS_AGREE[scales]
+    assert float(torch.nn.functional.cosine_similarity(change, wanted, dim=0)) > cosine, name
+    assert float((ours - after).norm() / (after - before).norm()) < error, name
+    agree = float((ours.argmax(-1) == after.argmax(-1)).float().mean())
+    assert agree > float((before.argmax(-1) == after.argmax(-1)).float().mean()) + 0.3, name
+
+
+def test_verify_allows_a_gpu_merge_one_step_and_no_more(tmp_path_factory, tmp_path):
+    """A shard fused on a GPU may round a code of a quantized weight the other way: verify accepts one step
+    of the format there (and nothing on a CPU), and names the weight beyond it."""
+    from merge_core.inputs.adapter import load_adapter
+    from merge_core.inputs.checkpoint import load_base, read_shard_header
+    from merge_core.io.registry import open_storage
+    from merge_core.planning.planner import plan_merge
+    from merge_core.publish.verify import verify_shard
+    from merge_core.worker.job import MergeJob
+    from merge_core.worker.shard_merge import merge_shard
+
+    name, checkpoint, adapter, reference, root = built("W4A16_ASYM", tmp_path_factory)
+    plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
+    job = MergeJob.of(plan, str(tmp_path))
+    task = next(t for t in plan.tasks if any(f.quantized is not None and f.updates for f in t.targets))
+    merge_shard(task, job)
+    target = next(f for f in task.targets if f.quantized is not None and f.updates)
+    path = tmp_path / task.name
+    written = path.read_bytes()
+    header = read_shard_header(open_storage(str(tmp_path)), task.name)
+    at = header.data_start + header.tensor(target.parts[0].info.name).start  # the first word of the codes
+    word = int.from_bytes(written[at:at + 4], "little")
+    for change, on_gpu, found in ((1, 1, False), (1, 0, True), (3, 1, True)):
+        nibble = word & 0xF  # the row's first code, offset by 8 (bytes patched in place: the file's order stays)
+        moved = nibble - change if nibble >= change else nibble + change
+        path.write_bytes(written[:at] + ((word & ~0xF) | moved).to_bytes(4, "little") + written[at + 4:])
+        problems = verify_shard(task, job, None, None, on_gpu).problems
+        assert bool(problems) == found, (change, on_gpu, problems)
+        if found and on_gpu:
+            assert f"tensor {target.tensor}: 1 elements lie more than one ct_packed step" in problems[0]
+
+
+def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, tmp_path):
+    """The final task's float64 check decodes each format's stored parts: codes left as the base's (the
+    update lost) lie more than one step of the format from the merge."""
+    from merge_core.inputs.adapter import load_adapter
+    from merge_core.inputs.checkpoint import load_base, read_shard_header
+    from merge_core.io.registry import open_storage
+    from merge_core.planning.planner import plan_merge
+    from merge_core.publish.spot_check import _Sources, _spot_quantized
+    from merge_core.worker.job import MergeJob
+    from merge_core.worker.shard_merge import merge_shard
+
+    name, checkpoint, adapter, reference, root = case
+    plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
+    for task in plan.tasks:
+        merge_shard(task, MergeJob.of(plan, str(tmp_path)))
+    task, target = next((t, f) for t in plan.tasks for f in t.targets if f.quantized is not None and f.updates)
+    rows = [0, target.quantized.shape[0] - 1]
+    storages = (open_storage(checkpoint.path), [open_storage(adapter)], open_storage(str(tmp_path)))
+    header = read_shard_header(storages[2], task.name)
+    assert _spot_quantized(task, target, rows, _Sources(*storages, header)) == []
+    codes = header.tensor(target.parts[0].info.name)
+    source = target.parts[0]
+    original = storages[0].read_range(source.shard, source.data_start + source.info.start, source.info.nbytes)
+    path = tmp_path / task.name
+    written = path.read_bytes()
+    at = header.data_start + codes.start
+    path.write_bytes(written[:at] + original + written[at + codes.nbytes:])  # the base's codes back, in place
+    problems = _spot_quantized(task, target, rows, _Sources(*storages, read_shard_header(storages[2], task.name)))
+    assert problems and f"tensor {target.tensor} row " in problems[0] and "step" in problems[0]
