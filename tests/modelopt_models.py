@@ -27,8 +27,6 @@ from tests.quantized_models import e2m1_nearest, saved_state, write_sharded
 E4M3_MAX = 448.0
 NV_GROUP, MX_GROUP, PB_BLOCK = 16, 32, 128
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
-LLAMA = dict(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
 INPUT_SCALE = 0.0625  # a calibrated activation scale: carried through a merge unchanged
 
 

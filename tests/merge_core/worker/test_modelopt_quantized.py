@@ -11,40 +11,31 @@ float32 dequantized values.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
-from tests.local_merge import merge_without_ray
-from tests.modelopt_models import LLAMA, ModelOptCheckpoint, expected_parts, save_fbgemm, save_modelopt
-from tests.quantized_merges import merged_in_format, reference_case
-from tests.quantized_models import DEEPSEEK_TINY, read_config, saved_state
+from tests.ct_models import llama, random_model
+from tests.modelopt_models import ModelOptCheckpoint, expected_parts, save_fbgemm, save_modelopt
+from tests.quantized_merges import (
+    LORA_ON,
+    dequantized_as_peft,
+    llama_cls,
+    lora,
+    reference_case,
+    requantized_as_expected,
+    spot_check_finds_the_base_codes,
+)
+from tests.quantized_models import DEEPSEEK_TINY, saved_state
 from tests.reference import load_checkpoint
 
-LORA_ON = ["q_proj", "gate_proj", "down_proj"]  # k/v and up stay untouched beside touched siblings
 HF_QUANT_CONFIG = "hf_quant_config.json"
-
-
-def random_model(model_cls, config, seed: int = 0):
-    torch.manual_seed(seed)
-    return model_cls(config).to(torch.bfloat16)
-
-
-def llama_cls():
-    from transformers import LlamaForCausalLM
-    return LlamaForCausalLM
 
 
 def deepseek_cls():
     from transformers import DeepseekV3ForCausalLM
     return DeepseekV3ForCausalLM
-
-
-def llama():
-    from transformers import LlamaConfig
-    return random_model(llama_cls(), LlamaConfig(**LLAMA))
 
 
 def linears(model, keep=lambda name: True) -> list[str]:
@@ -80,11 +71,6 @@ def fbgemm_llama(path: str) -> ModelOptCheckpoint:
     return save_fbgemm(path, model, linears(model, lambda m: m not in kept), kept + ["lm_head"])
 
 
-def lora(**extra):
-    from peft import LoraConfig
-    return LoraConfig(r=4, lora_alpha=8, **extra)
-
-
 # name: (builder, model class, LoRA config, whether fresh scales tie siblings)
 CASES = {
     "nvfp4-llama": (llama_in("NVFP4"), llama_cls, lambda: lora(target_modules=LORA_ON), True),
@@ -114,20 +100,12 @@ def case(request, tmp_path_factory):
 def test_each_format_is_the_reference_requantization_of_the_peft_merge(case, scales):
     checkpoint, adapter, reference, ties, root = case
     out = str(root / f"out-{scales}")
-    base, merged = merged_in_format(checkpoint, adapter, out, scales=scales)
-    touched = {n for n in checkpoint.exact if not torch.equal(reference[n], checkpoint.exact[n])}
-    assert touched and len(touched) < len(checkpoint.exact), "the adapter updates some quantized weights, not all"
-    expected = expected_parts(checkpoint, base, reference, touched, scales)
-    assert {n.rsplit(".", 1)[0] for n in expected} >= {n.rsplit(".", 1)[0] for n in touched}
-    for stored in (n for n in base if n.rsplit(".", 1)[0] in checkpoint.algos):  # every part, input_scale too
-        want = expected.get(stored, base[stored])
-        assert torch.equal(merged[stored].reshape(-1).view(torch.uint8),
-                           want.reshape(-1).contiguous().view(torch.uint8)), (stored, scales)
-    for plain in (n for n in base if n.rsplit(".", 1)[0] not in checkpoint.algos and n in reference):
+    requantization = requantized_as_expected(checkpoint, adapter, reference, out, scales, expected_parts,
+                                             checkpoint.algos)
+    merged = load_checkpoint(out)
+    for plain in (n for n in checkpoint.dequantized if n not in checkpoint.exact and n in reference):
         assert torch.equal(merged[plain], reference[plain].to(merged[plain].dtype)), plain  # bf16, as PEFT
-    manifest = json.load(open(f"{out}/merge_manifest.json"))
-    assert manifest["requantization"]["scales"] == scales
-    tied = manifest["requantization"]["tied"]
+    tied = requantization["tied"]
     assert (bool(tied) and all(len(group) > 1 for group in tied)) if scales == "fresh" and ties else tied == []
     assert os.path.exists(f"{out}/{HF_QUANT_CONFIG}") == os.path.exists(f"{checkpoint.path}/{HF_QUANT_CONFIG}")
 
@@ -135,10 +113,10 @@ def test_each_format_is_the_reference_requantization_of_the_peft_merge(case, sca
 def test_dequantize_writes_the_peft_merge_rounded_to_bf16(case):
     checkpoint, adapter, reference, _, root = case
     out = str(root / "out-bf16")
-    merge_without_ray(checkpoint.path, [adapter], out, dequantize=True)
-    merged = load_checkpoint(out)
-    assert "quantization_config" not in read_config(out)
+    dequantized_as_peft(checkpoint, adapter, reference, out)
     assert not os.path.exists(f"{out}/{HF_QUANT_CONFIG}"), "engines would read the bf16 output as quantized"
-    assert not any(n.endswith(("_scale", "_scale_2")) for n in merged)
-    for logical in checkpoint.exact:
-        assert torch.equal(merged[logical], reference[logical].to(torch.bfloat16)), logical
+
+
+def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, tmp_path):
+    checkpoint, adapter, *_ = case
+    spot_check_finds_the_base_codes(checkpoint, adapter, str(tmp_path))
