@@ -82,14 +82,15 @@ def nvfp4_scale_2(weights: list[torch.Tensor]) -> torch.Tensor:
 
 def nvfp4_quantize(weight: torch.Tensor, scale_2: torch.Tensor | None = None, scale: torch.Tensor | None = None
                    ) -> dict[str, torch.Tensor]:
-    """NVFP4QTensor.quantize of a float32 (out, in) weight: block scales amax / (6 · weight_scale_2) in e4m3 (0 made
-    1), codes e2m1(W / fp32(scale · weight_scale_2)) packed two a byte, the low nibble first."""
+    """NVFP4QTensor.quantize of a float32 (out, in) weight: block scales amax / (6 · weight_scale_2) (0 made 1) in
+    e4m3 after _cast_per_block_scale_to_fp8's clamp to [2^-9, 448], codes e2m1(W / fp32(scale · weight_scale_2))
+    packed two a byte, the low nibble first."""
     scale_2 = nvfp4_scale_2([weight]) if scale_2 is None else scale_2
     w = weight.double()
     if scale is None:
         six = f32(6.0 * scale_2.double())
         block = f32(w.abs().unflatten(1, (-1, NV_GROUP)).amax(dim=-1) / six.double())
-        scale = e4m3_nearest(torch.where(block == 0, torch.ones_like(block), block))
+        scale = e4m3_nearest(torch.where(block == 0, torch.ones_like(block), block).clamp(min=2.0 ** -9))
     divisor = f32(scale.double() * scale_2.double()).double().repeat_interleave(NV_GROUP, dim=1)
     assert torch.all(divisor > 0)
     codes = e2m1_codes(f32(w / divisor))

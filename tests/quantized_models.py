@@ -350,6 +350,18 @@ def tensor_infos(path: str) -> dict:
     return infos
 
 
+def infos_of(*entries: tuple[str, str, tuple[int, ...]]) -> dict:
+    """name -> TensorInfo of tensors (name, dtype, shape) stored one after another, as a header lists them."""
+    from merge_core.format.header import DTYPE_BYTES, TensorInfo
+
+    out, position = {}, 0
+    for name, dtype, shape in entries:
+        size = DTYPE_BYTES[dtype] * math.prod(shape)
+        out[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=position, end=position + size)
+        position += size
+    return out
+
+
 def quantized_weights(path: str) -> dict:
     """The checkpoint's QuantizedWeights, from its config.json (or a file beside it, ModelOpt's
     hf_quant_config.json) and headers, as the driver will find them."""

@@ -9,11 +9,13 @@ NVFP4QTensor.dequantize and vLLM's kernels compute it (the product of the two sc
 
 Fresh scales as ModelOpt's exporter computes them (modelopt/torch/quantization/qtensor/nvfp4_tensor.py,
 NVFP4QTensor: get_weights_scaling_factor_2, get_weights_scaling_factor, quantize), in float32:
-weight_scale_2 = amax / (6 · 448); each block's scale = amax_block / (6 · weight_scale_2), 0 made 1, cast
-to e4m3 (torch's cast: nearest, ties to even); codes = e2m1(W′ / fp32(weight_scale · weight_scale_2)),
-nearest with ties to even (NVFP4QTensor._cast_fp4's bounds 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5 with the
-ties at 0.75, 1.75 and 3.5 going up: compressed-tensors' cast_to_fp4, ct_math.round_e2m1, rounds every
-value the same way, and a negative value rounding to zero keeps its sign bit as there).
+weight_scale_2 = amax / (6 · 448); each block's scale = amax_block / (6 · weight_scale_2), 0 made 1,
+clamped to [2^-9, 448] and cast to e4m3 (_cast_per_block_scale_to_fp8: torch's cast, nearest with ties to
+even; the clamp keeps a block far below the weight's amax from a zero scale); codes = e2m1(W′ /
+fp32(weight_scale · weight_scale_2)), nearest with ties to even (NVFP4QTensor._cast_fp4's bounds 0.25,
+0.75, 1.25, 1.75, 2.5, 3.5, 5 with the ties at 0.75, 1.75 and 3.5 going up: compressed-tensors'
+cast_to_fp4, ct_math.round_e2m1, rounds every value the same way, and a negative value rounding to zero
+keeps its sign bit as there).
 
 Fused siblings (q/k/v, gate/up, an expert's w1/w3) share one weight_scale_2: the export gives them the
 largest amax of theirs (quant_utils.preprocess_linear_fusion); merge_core.worker keeps it shared. An
@@ -25,13 +27,14 @@ from __future__ import annotations
 from typing import Mapping
 
 from merge_core.format.codecs import ct_packing
-from merge_core.format.codecs.ct_math import E2M1_MAX, GPARAM_NUMERATOR
+from merge_core.format.codecs.ct_math import E2M1_MAX, E4M3_MAX, GPARAM_NUMERATOR
 from merge_core.format.codecs.deferred import torch
 from merge_core.format.codecs.mo_codec import MoCodec
 from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import QuantArgs, QuantizedWeight
 
 NV_GROUP = 16
+SMALLEST_E4M3 = 2.0 ** -9  # the smallest positive e4m3 value (a subnormal)
 ARGS = QuantArgs(4, "float", "tensor_group", group_size=NV_GROUP, scale_dtype="float8_e4m3fn")
 
 
@@ -65,7 +68,7 @@ class MoNvfp4(MoCodec):
             scale_2 = out["global_scale"]
         amax = merged.float().abs().unflatten(1, (-1, NV_GROUP)).amax(dim=-1)
         block = amax / (E2M1_MAX * scale_2.float())
-        block = torch.where(block == 0, torch.ones_like(block), block)
+        block = torch.where(block == 0, torch.ones_like(block), block).clamp(SMALLEST_E4M3, E4M3_MAX)
         return out | {"scale": block.to(torch.float8_e4m3fn)}
 
     def tensor_level_for(self, weight: QuantizedWeight, low: torch.Tensor, high: torch.Tensor
