@@ -255,6 +255,21 @@ def save_modelopt(path: str, model, algos: dict[str, str], *, exclude: list[str]
     return ModelOptCheckpoint(path, dequantized, exact, dict(algos))
 
 
+def decoder_linears(model, keep=lambda name: True) -> list[str]:
+    """The decoder layers' linear modules (not norms, not the router), by their checkpoint names."""
+    tensors, _ = saved_state(model)
+    modules = [n[: -len(".weight")] for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2
+               and ".layers." in n and "norm" not in n.rsplit(".", 2)[-2] and not n.endswith("mlp.gate.weight")]
+    return sorted(m for m in modules if keep(m))
+
+
+def save_llama(path: str, algo: str, **options) -> ModelOptCheckpoint:
+    """The tests' tiny Llama with every decoder linear in `algo`, lm_head excluded (as NVIDIA's releases leave it)."""
+    from tests.ct_models import llama
+    model = llama()
+    return save_modelopt(path, model, {m: algo for m in decoder_linears(model)}, exclude=["lm_head"], **options)
+
+
 def save_fbgemm(path: str, model, modules: list[str], not_converted: list[str], shards: int = 3) -> ModelOptCheckpoint:
     """`model` with `modules` quantized as transformers' FbgemmFp8Quantize stores them, config.json's
     quantization_config as Llama-3.1-405B-Instruct-FP8's."""

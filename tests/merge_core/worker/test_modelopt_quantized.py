@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from tests.ct_models import llama, random_model
-from tests.modelopt_models import ModelOptCheckpoint, expected_parts, save_fbgemm, save_modelopt
+from tests.modelopt_models import (
+    ModelOptCheckpoint,
+    decoder_linears,
+    expected_parts,
+    save_fbgemm,
+    save_llama,
+    save_modelopt,
+)
 from tests.quantized_merges import (
     LORA_ON,
     dequantized_as_peft,
@@ -27,7 +34,7 @@ from tests.quantized_merges import (
     requantized_as_expected,
     spot_check_finds_the_base_codes,
 )
-from tests.quantized_models import DEEPSEEK_TINY, saved_state
+from tests.quantized_models import DEEPSEEK_TINY
 from tests.reference import load_checkpoint
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -38,19 +45,8 @@ def deepseek_cls():
     return DeepseekV3ForCausalLM
 
 
-def linears(model, keep=lambda name: True) -> list[str]:
-    """The decoder layers' linear modules (not norms, not the router), by their checkpoint names."""
-    tensors, _ = saved_state(model)
-    modules = [n[: -len(".weight")] for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2
-               and ".layers." in n and "norm" not in n.rsplit(".", 2)[-2] and not n.endswith("mlp.gate.weight")]
-    return sorted(m for m in modules if keep(m))
-
-
 def llama_in(algo: str, **options):
-    def build(path: str) -> ModelOptCheckpoint:
-        model = llama()
-        return save_modelopt(path, model, {m: algo for m in linears(model)}, exclude=["lm_head"], **options)
-    return build
+    return lambda path: save_llama(path, algo, **options)
 
 
 def mixed_deepseek(path: str) -> ModelOptCheckpoint:
@@ -59,7 +55,7 @@ def mixed_deepseek(path: str) -> ModelOptCheckpoint:
     from transformers import DeepseekV3Config
     model = random_model(deepseek_cls(), DeepseekV3Config(**DEEPSEEK_TINY))
     algos = {m: "NVFP4" if ".experts." in m and "shared" not in m else "FP8"
-             for m in linears(model, lambda m: ".layers.0.mlp." not in m)}
+             for m in decoder_linears(model, lambda m: ".layers.0.mlp." not in m)}
     return save_modelopt(path, model, algos, exclude=[], mixed=True)
 
 
@@ -68,7 +64,7 @@ def fbgemm_llama(path: str) -> ModelOptCheckpoint:
     layers in bf16 (modules_to_not_convert)."""
     model = llama()
     kept = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
-    return save_fbgemm(path, model, linears(model, lambda m: m not in kept), kept + ["lm_head"])
+    return save_fbgemm(path, model, decoder_linears(model, lambda m: m not in kept), kept + ["lm_head"])
 
 
 # name: (builder, model class, LoRA config, whether fresh scales tie siblings)
