@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.bench --moe 64 --hidden 2048   # MoE experts stored one by one (target_parameters)
     .venv/bin/python -m bench.bench --quantized fp8          # the same checkpoint also as FP8 block-scaled
     .venv/bin/python -m bench.bench --quantized nvfp4 --scales fresh   # ... or compressed-tensors NVFP4
+    .venv/bin/python -m bench.bench --batch 3                # one batch of 3 outputs vs 3 merges one after another
 
 Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
 `sync`, so every method pays for getting its bytes to disk. Reported: median wall time, peak
@@ -23,7 +24,7 @@ import statistics
 import sys
 import tempfile
 
-from bench.checkpoint import QUANTIZED, build, build_moe, quantize
+from bench.checkpoint import QUANTIZED, build, build_moe, more_adapters, quantize
 from bench.proctree import Measured, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,7 +63,37 @@ def _sh(command: list[str]) -> list[str]:
     return ["sh", "-c", " ".join(f"'{c}'" for c in command) + " && sync"]
 
 
+def _chain(commands: list[list[str]]) -> list[str]:
+    return ["sh", "-c", " && ".join(" ".join(f"'{c}'" for c in command) for command in commands) + " && sync"]
+
+
+def batch_methods(args, base: str, adapter: str, out: str) -> dict[str, list[str]]:
+    """N adapters into N models: N merges one after another (N reads of the base), and one batch."""
+    adapters = more_adapters(adapter, args.batch)
+    merge = os.path.join(VENV_BIN, "lora-merge")
+    outs = [os.path.join(out, f"model-{number}") for number in range(1, args.batch + 1)]
+    common = ["--base", base, "--device", args.device]
+    one_by_one = [[merge, "merge", *common, "--adapter", a, "--output", o] for a, o in zip(adapters, outs)]
+    groups = [arg for a, o in zip(adapters, outs) for arg in ("--output", o, "--adapter", a)]
+    return {f"{args.batch} merges, one after another": _chain(one_by_one),
+            f"1 batch of {args.batch} outputs": _chain([[merge, "batch", *common, *groups]])}
+
+
+def base_bytes_read(out: str) -> int:
+    """What the runs' tasks fetched from the base, from the manifests of the outputs under `out`: a
+    shard a task read for several outputs is recorded in each of them, once per output."""
+    total = 0.0
+    for name in sorted(os.listdir(out)):
+        manifest = os.path.join(out, name, "merge_manifest.json")
+        if os.path.exists(manifest):
+            shards = json.load(open(manifest))["output"]["shards"]
+            total += sum(s["base_bytes_read"] / s.get("outputs", 1) for s in shards)
+    return round(total)
+
+
 def methods(args, base: str, adapter: str, out: str, quantized: str | None = None) -> dict[str, list[str]]:
+    if args.batch:
+        return batch_methods(args, base, adapter, out)
     def lora_merge(source: str) -> list[str]:
         return [os.path.join(VENV_BIN, "lora-merge"), "merge", "--base", source, "--adapter", adapter,
                 "--output", out, "--device", args.device]
@@ -93,16 +124,21 @@ def checkpoint_bytes(base: str) -> int:
     return sum(os.path.getsize(os.path.join(base, n)) for n in os.listdir(base) if n.endswith(".safetensors"))
 
 
-def table(results: dict[str, list[Measured]], nbytes: dict[str, int], reference: str) -> str:
-    """Medians per method; GB/s of each method's own checkpoint (nbytes by method)."""
+def table(results: dict[str, list[Measured]], nbytes: dict[str, int], reference: str,
+          read: dict[str, list[int]] | None = None) -> str:
+    """Medians per method; GB/s of each method's own checkpoint (nbytes by method, all it writes);
+    with `read`, the bytes each method's tasks fetched from the base."""
     rows = []
     med = {name: statistics.median(m.seconds for m in runs) for name, runs in results.items()}
     peak = {name: statistics.median(m.peak_bytes for m in runs) for name, runs in results.items()}
-    rows.append("| method | median wall s | peak memory GB | GB/s | wall vs lora-merge | memory vs lora-merge |")
-    rows.append("|---|---:|---:|---:|---:|---:|")
+    extra = " base GB read |" if read else ""
+    rows.append(f"| method | median wall s | peak memory GB | GB/s |{extra} wall vs {reference} | memory vs "
+                f"{reference} |")
+    rows.append("|---|---:|---:|---:|" + ("---:|" if read else "") + "---:|---:|")
     for name in results:
-        rows.append(f"| {name} | {med[name]:.1f} | {peak[name] / 1e9:.2f} | {nbytes[name] / med[name] / 1e9:.2f} | "
-                    f"{med['lora-merge'] / med[name]:.2f}x | {peak['lora-merge'] / peak[name]:.2f}x |")
+        shown = f" {statistics.median(read[name]) / 1e9:.2f} |" if read else ""
+        rows.append(f"| {name} | {med[name]:.1f} | {peak[name] / 1e9:.2f} | {nbytes[name] / med[name] / 1e9:.2f} |"
+                    f"{shown} {med[reference] / med[name]:.2f}x | {peak[reference] / peak[name]:.2f}x |")
     return "\n".join(rows)
 
 
@@ -152,9 +188,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "mxfp4, mxfp8)")
     parser.add_argument("--scales", choices=("keep", "fresh"), default="keep", help="with --quantized: lora-merge's "
                         "--scales (default keep)")
+    parser.add_argument("--batch", type=int, metavar="N", help="N adapters into N models: N merges one after "
+                        "another against one `lora-merge batch` of N outputs (local storage)")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
                         "experts per layer, stored one by one, and LoRA on them through target_parameters")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch and (args.storage != "local" or args.moe or args.quantized):
+        parser.error("--batch compares merges of the dense checkpoint on local storage")
+    return args
 
 
 def _checkpoint(args: argparse.Namespace) -> tuple[str, str, str]:
@@ -173,6 +214,7 @@ def _rounds(args, base: str, adapter: str, out: str, quantized: str | None):
     """Every method, round after round; (measurements, lora-merge's per-stage breakdowns) by method."""
     results: dict[str, list[Measured]] = {}
     breakdowns: dict[str, list[dict[str, float]]] = {}
+    read: dict[str, list[int]] = {}
     for round_number in range(args.rounds):
         for name, command in methods(args, base, adapter, out, quantized).items():
             clear(out, args.storage)
@@ -181,13 +223,15 @@ def _rounds(args, base: str, adapter: str, out: str, quantized: str | None):
                 print(measured.output[-3000:], file=sys.stderr)
                 raise SystemExit(f"{name} failed with exit {measured.returncode}")
             results.setdefault(name, []).append(measured)
+            if args.batch:
+                read.setdefault(name, []).append(base_bytes_read(out))
             breakdown = stages(out, args.storage, measured.seconds) if name.startswith("lora-merge") else None
             if breakdown:
                 breakdowns.setdefault(name, []).append(breakdown)
             print(f"round {round_number + 1}: {name}: {measured.seconds:.1f} s, "
                   f"peak {measured.peak_bytes / 1e9:.2f} GB", file=sys.stderr)
     clear(out, args.storage)
-    return results, breakdowns
+    return results, breakdowns, read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,17 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter = upload_dir(server, base, "bench/base"), upload_dir(server, adapter, "bench/adapter")
         out = f"s3://{BUCKET}/bench/out"
     try:
-        results, breakdowns = _rounds(args, base, adapter, out, quantized)
+        results, breakdowns, read = _rounds(args, base, adapter, out, quantized)
     finally:
         if server:
             s3_server.stop(server)
     print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16, hidden {args.hidden}, {args.shard_gb:g} GB shards, "
-          f"{described}; storage {args.storage}; device {args.device}; "
+          f"{described}{f'; {args.batch} adapters like it into {args.batch} models' if args.batch else ''}; "
+          f"storage {args.storage}; device {args.device}; "
           f"{args.rounds} rounds; machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
-    sizes = {name: checkpoint_bytes(quantized) if args.quantized and name.endswith(args.quantized) else nbytes
-             for name in results}
-    print(table(results, sizes, "lora-merge"))
+    sizes = {name: checkpoint_bytes(quantized) if args.quantized and name.endswith(args.quantized) else
+             nbytes * (args.batch or 1) for name in results}
+    print(table(results, sizes, list(results)[0] if args.batch else "lora-merge", read or None))
     if breakdowns:
         print(stage_table(breakdowns))
     if args.json:

@@ -105,6 +105,29 @@ def build(path: str, size_gb: float = 4.5, hidden: int = 4096, intermediate: int
     return base, adapter
 
 
+def more_adapters(adapter: str, count: int, seed: int = 1) -> list[str]:
+    """`adapter` and count - 1 others of its config and shapes, with their own random factors (as
+    many fine-tunes of one base would be), beside it as adapter-2, adapter-3, ... (kept if there)."""
+    from safetensors.torch import load_file
+
+    paths = [adapter] + [f"{adapter}-{number}" for number in range(2, count + 1)]
+    first = None
+    for number, path in enumerate(paths[1:], 2):
+        if os.path.exists(os.path.join(path, "adapter_model.safetensors")):
+            continue
+        first = first if first is not None else load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        generator = torch.Generator().manual_seed(seed * 1000 + number)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(adapter, "adapter_config.json")) as f:
+            config = f.read()
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            f.write(config)
+        tensors = {name: (torch.randn(t.shape, generator=generator) * float(t.float().std())).to(t.dtype)
+                   for name, t in first.items()}
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    return paths
+
+
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 

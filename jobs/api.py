@@ -1,4 +1,4 @@
-"""lora-merge from Python: merge, unmerge, verify, plan and report as functions over URIs and
+"""lora-merge from Python: merge, unmerge, verify, plan, report and batch as functions over URIs and
 keyword options, returning typed results and raising the project's errors. The command line is a
 thin layer over these; both take the options jobs/options.py declares, with the same defaults.
 
@@ -14,11 +14,14 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from jobs.batch import BatchSummary, run_batch
 from jobs.driver import MergeSummary, ProgressCallback, run_merge
 from jobs.executor import Executor
 from jobs.options import (
+    OUTPUT_ONLY,
+    BatchOptions,
     MergeOptions,
     PlanOptions,
     ReportOptions,
@@ -27,8 +30,10 @@ from jobs.options import (
     build,
     defaults,
     key_of,
+    output_keys,
+    outputs_of,
 )
-from jobs.plan_view import PlanSummary, run_plan
+from jobs.plan_view import BatchPlanSummary, PlanSummary, run_batch_plan, run_plan
 from jobs.recorded import with_recorded
 from jobs.verify_job import VerifySummary, run_verify
 from merge_core.publish.report_view import ReportView
@@ -61,11 +66,37 @@ def run(options: MergeOptions, executor: Executor | None = None,
     """A merge (or unmerge) from its options: the picture (report_png) checked for before and drawn
     after, what the stored weights kept of the update measured for a quantized base, the JSON
     summary written (report)."""
+    _check_picture(options)
+    summary = run_merge(options, executor, progress)
+    _after_merge(options, summary)
+    write_json(options.report, summary.as_dict())
+    return summary
+
+
+def run_batch_job(options: BatchOptions, executor: Executor | None = None,
+                  progress: ProgressCallback | None = None) -> BatchSummary:
+    """A batch from its options: each published output's picture and survival as a merge's, the
+    batch's JSON summary written (report). An output's failure is in the summary, not raised."""
+    merges = outputs_of(options)
+    for merge in merges:
+        _check_picture(merge)
+    summary = run_batch(options, executor, progress)
+    for merge, outcome in zip(merges, summary.outputs):
+        if outcome.summary is not None and not outcome.summary.already_complete:
+            _after_merge(merge, outcome.summary)
+    write_json(options.report, summary.as_dict())
+    return summary
+
+
+def _check_picture(options: MergeOptions) -> None:
     if options.report_png:  # refused before the merge, not after it
         from merge_core.publish.report_plot import require_matplotlib
 
         require_matplotlib("--report-png")
-    summary = run_merge(options, executor, progress)
+
+
+def _after_merge(options: MergeOptions, summary: MergeSummary) -> None:
+    """What the stored weights kept of the update (a quantized base), and the picture (report_png)."""
     changes = summary.manifest.get("model_changes", {})
     view = None
     if options.report_png or changes.get("requantized_tensors") or changes.get("dequantized_tensors"):
@@ -77,8 +108,6 @@ def run(options: MergeOptions, executor: Executor | None = None,
             log.warning(warning)
         if options.report_png:
             summary.pictures = draw(view, options.report_png, None, "")
-    write_json(options.report, summary.as_dict())
-    return summary
 
 
 def merge(base: str, adapters: str | Sequence[str], output: str, *, weights: Sequence[float] | float = (),
@@ -113,6 +142,49 @@ def plan(base: str, adapters: str | Sequence[str], *, weights: Sequence[float] |
          **options) -> PlanSummary:
     """What a merge would read, fuse and write, from headers alone; writes nothing, starts no Ray."""
     return run_plan(options_for(PlanOptions, base=base, adapters=adapters, weights=weights, **options))
+
+
+def batch(base: str, outputs: Sequence[Mapping[str, object]], *, progress: ProgressCallback | None = None,
+          **options) -> BatchSummary:
+    """Several merged models from one read of `base`: each of `outputs` a mapping of that output's
+    options (`output`, `adapters`, and as it needs `weights`, `combine`, `density`, `dequantize`,
+    `resume`, ...: the keys of an entry of a job spec's `outputs`), each written exactly as its own
+    merge() would write it. `options`: the whole job's (device, ray_address, ...), and outputs'
+    options that apply to every output. Raises InputError for a bad batch (nothing written); an
+    output's own failure is its outcome's `error` in the BatchSummary (`ok` when none failed)."""
+    _check_batch_keywords(options)
+    if {"plan", "json"} & set(options):
+        raise TypeError("batch() merges; plan_batch() shows what it would do")
+    return run_batch_job(options_for(BatchOptions, base=base, outputs=_outputs(outputs), **options),
+                         progress=progress)
+
+
+def plan_batch(base: str, outputs: Sequence[Mapping[str, object]], **options) -> BatchPlanSummary:
+    """What batch() would read, fuse and write, from headers alone; writes nothing, starts no Ray."""
+    _check_batch_keywords(options)
+    return run_batch_plan(options_for(BatchOptions, base=base, outputs=_outputs(outputs), **options))
+
+
+def _check_batch_keywords(options: Mapping[str, object]) -> None:
+    own = sorted(set(options) & set(OUTPUT_ONLY))
+    if own:
+        raise TypeError(f"{', '.join(own)}: an output's own, given in its entry of outputs")
+
+
+def _outputs(outputs: Sequence[Mapping[str, object]]) -> list[dict]:
+    """The outputs as a batch takes them: an option an output does not take is a TypeError."""
+    known = set(output_keys()) | {"weights"}
+    entries = []
+    for entry in outputs:
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise TypeError(f"unknown output option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        entry = dict(entry)
+        for name in ("adapters", "weights"):
+            if isinstance(entry.get(name), (str, int, float)):
+                entry[name] = [entry[name]]
+        entries.append(entry)
+    return entries
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from jobs.cli_text import EXAMPLES, EXIT_CODES, OVERVIEW, SUMMARIES
 from jobs.options import (
+    BatchOptions,
     MergeOptions,
     PlanOptions,
     ReportOptions,
@@ -27,6 +28,8 @@ from merge_core.errors import InputError, ValidationError
 from merge_core.publish.manifest import tool_version
 
 EXIT_OK, EXIT_INPUT, EXIT_RUNTIME, EXIT_VALIDATION = 0, 2, 3, 4
+PER_OUTPUT = ("each output's own: after its --output, up to the next (given before the first --output, for every "
+              "output)")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors are bad input too: exit 2, one line
         self.exit(EXIT_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
@@ -39,6 +42,7 @@ COMMAND_OPTIONS = {
     "plan": (PlanOptions, False),
     "report": (ReportOptions, False),
     "unmerge": (UnmergeOptions, True),
+    "batch": (BatchOptions, True),
 }
 
 
@@ -48,21 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lora-merge {tool_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (options, configurable) in COMMAND_OPTIONS.items():
+        # a batch's --output starts a group of options: no abbreviation may stand for it
         sub = commands.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name],
                                   epilog=f"{EXAMPLES[name]}\n\n{EXIT_CODES[name]}",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=name != "batch")
         if configurable:
             sub.add_argument("--config", metavar="FILE", help="take options from this YAML job spec (local or "
                              "s3://; relative paths in it are from its own folder); flags given here override it")
-        add_flags(sub, options, name, from_config=configurable)
+        add_flags(sub, options, name, from_config=configurable, per_output=PER_OUTPUT if name == "batch" else None)
         sub.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         sub.add_argument("--log-format", choices=("text", "json"), default="text",
                          help="json: one JSON object per log line, for cluster log collectors")
     return parser
 
 
-def resolve_options(args: argparse.Namespace):
-    """The command's options: defaults, then the --config file, then the flags given."""
+def resolve_options(args: argparse.Namespace, argv: Sequence[str] = ()):
+    """The command's options: defaults, then the --config file, then the flags given (`argv`, the
+    command line, for a batch's groups of options: jobs.batch_args)."""
+    if args.command == "batch":
+        from jobs.batch_args import resolve_batch
+
+        return resolve_batch(args, list(argv)[list(argv).index("batch") + 1:])
     options_type = COMMAND_OPTIONS[args.command][0]
     values = defaults(options_type)
     from_file: dict = {}
@@ -130,7 +140,25 @@ def _plan(options: PlanOptions) -> tuple[str, dict]:
     return json.dumps(planned.data, indent=2) if options.json else planned.text, {"event": "plan"} | planned.data
 
 
-COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan, "report": _report, "unmerge": _merge}
+def _batch(options: BatchOptions) -> tuple[str, dict]:
+    from jobs.api import run_batch_job
+    from jobs.batch import PartlyFailed
+    from jobs.plan_view import run_batch_plan
+    from jobs.progress import batch_rows, summary_table
+
+    if options.plan:
+        planned = run_batch_plan(options)
+        return json.dumps(planned.data, indent=2) if options.json else planned.text, {"event": "plan"} | planned.data
+    summary = run_batch_job(options)
+    text = summary_table(batch_rows(summary))
+    data = {"event": "summary", "command": "batch"} | summary.as_dict()
+    if not summary.ok:
+        raise PartlyFailed(summary, text, data)
+    return text, data
+
+
+COMMANDS = {"merge": _merge, "verify": _verify, "plan": _plan, "report": _report, "unmerge": _merge,
+            "batch": _batch}
 
 
 class _JsonLines(logging.Formatter):
@@ -151,11 +179,12 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _configure_logging(args)
     options = None
     try:
-        options = resolve_options(args)
+        options = resolve_options(args, argv)
         text, data = COMMANDS[args.command](options)
         print(json.dumps(data, default=str) if args.log_format == "json" else text)
         return EXIT_OK
@@ -163,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = exc
         if args.debug:
             traceback.print_exception(exc)
+    if getattr(failure, "outcomes", None) is not None:  # a batch some of whose outputs failed
+        return _partly_failed(failure, args)
     code, message = _classify(failure)
     problems = failure.problems if isinstance(failure, ValidationError) else []
     if args.log_format == "json":
@@ -176,6 +207,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         write_json(getattr(options, "report", None), {"problems": problems})
     return code
+
+
+def _partly_failed(failure, args: argparse.Namespace) -> int:
+    """The outputs that were published, as the summary shows them; one line per failed output,
+    `error: OUTPUT: what went wrong`; the exit code of the worst failure (bad input 2, runtime 3,
+    validation 4), as a merge of that output alone would have ended."""
+    codes = []
+    print(json.dumps(failure.data, default=str) if args.log_format == "json" else failure.text)
+    for outcome in failure.outcomes:
+        code, message = _classify(outcome.error)
+        codes.append(code)
+        if args.log_format == "json":
+            logging.getLogger("lora_merge").error(f"{outcome.output}: {message}", extra={"fields": {
+                "exit_code": code, "output": outcome.output}})
+        else:
+            print(f"error: {outcome.output}: {message}", file=sys.stderr)
+            for problem in getattr(outcome.error, "problems", None) or []:  # a validation failure's, indented
+                print(f"  {problem}", file=sys.stderr)
+    return max(codes)
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:

@@ -4,7 +4,10 @@ Keys are the long flags with underscores (`part_size_mb`, `ray_address`, ...), p
 as a list of URIs or of {uri, weight}. Flags given on the command line override the file.
 Unknown keys are errors, so a typo never silently falls back to a default. A relative path in the
 file is relative to the file's own folder (so a spec kept in git beside its models means the same
-wherever it is run from, a Ray job's temporary working directory included).
+wherever it is run from, a Ray job's temporary working directory included). A batch's spec
+(`lora-merge batch --config`) lists its outputs under `outputs`, each a mapping of that output's
+own options (output, adapters, combine, dequantize, ...); the keys at the top are the whole job's,
+and an output's option there applies to every output.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Mapping
 
 import yaml
 
-from jobs.options import MergeOptions, spec_keys
+from jobs.options import MergeOptions, output_keys, spec_keys
 from merge_core.errors import InputError
 from merge_core.io.registry import open_storage, scheme_of
 
@@ -41,6 +44,16 @@ def load_job_config(uri: str, keys: Mapping[str, tuple] | None = None) -> dict:
         raise InputError(where, f"not valid YAML ({str(exc).splitlines()[0]})", "fix the file") from None
     if not isinstance(spec, dict):
         raise InputError(where, "is not a mapping of option names to values", "see README.md, Job specs")
+    folder = storage.uri.rstrip("/")
+    values = _checked(spec, keys, where, folder)
+    if "outputs" in values:  # a batch: each output's own options
+        values["outputs"] = [_output(entry, output_keys(), where, folder) for entry in values["outputs"]]
+    return values
+
+
+def _checked(spec: Mapping, keys: Mapping[str, tuple], where: str, folder: str) -> dict:
+    """The spec's values: every key known and of its type, adapters as URIs and weights, relative
+    locations taken from the spec's folder."""
     unknown = sorted(set(spec) - set(keys))
     if unknown:
         raise InputError(where, f"unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(keys)}")
@@ -51,12 +64,25 @@ def load_job_config(uri: str, keys: Mapping[str, tuple] | None = None) -> dict:
     values = {k: v for k, v in spec.items() if k != "adapters"}
     if "adapters" in spec:
         values["adapters"], values["weights"] = _adapters(spec["adapters"], where)
-    folder = storage.uri.rstrip("/")
     for key in LOCATION_KEYS:
         if isinstance(values.get(key), str):
             values[key] = beside(folder, values[key])
     if "adapters" in values:
         values["adapters"] = [beside(folder, uri) for uri in values["adapters"]]
+    return values
+
+
+def _output(entry, keys: Mapping[str, tuple], where: str, folder: str) -> dict:
+    """One entry of a batch's `outputs`: a mapping of that output's options, its output and adapters
+    among them."""
+    if not isinstance(entry, Mapping):
+        raise InputError(where, f"output entry {entry!r} is not a mapping of an output's options",
+                         "give each output as {output: URI, adapters: [...], ...}")
+    named = f"{where} (output {entry.get('output', '?')})"
+    values = _checked(entry, keys, named, folder)
+    for needed in ("output", "adapters"):
+        if needed not in values:
+            raise InputError(named, f"the output has no {needed}", f"give it {needed}")
     return values
 
 

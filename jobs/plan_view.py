@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobs.driver import prepare
 from jobs.options import MergeInputs
+from jobs.prepare import prepare
 from jobs.progress import plural, size_text
 from jobs.scheduling import TASKS_PER_GPU
 from merge_core.format.codecs import describe
@@ -109,9 +109,75 @@ class PlanSummary:
 
 def run_plan(inputs: MergeInputs) -> PlanSummary:
     prepared = prepare(inputs)
-    quantization = describe_quantization(prepared.base)
-    data = plan_as_dict(prepared.plan, inputs.device, quantization)
+    return _summary(prepared.plan, inputs.device, describe_quantization(prepared.base))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPlanSummary:
+    """What a batch would do: the base read once, each output written (`lora-merge batch --plan`)."""
+    base: str
+    outputs: tuple[PlanSummary, ...]  # each output's own plan, as `lora-merge plan` shows it
+    base_bytes: int
+    read_bytes: int  # the base once, and each output's adapters
+    separate_read_bytes: int  # what the outputs' own merges would read together
+    write_bytes: int
+    memory_bytes: int  # the most one shard task asks for
+    text: str = field(repr=False)
+    data: dict = field(repr=False)
+
+
+def run_batch_plan(batch) -> BatchPlanSummary:
+    """The plan of a batch (jobs.options.BatchOptions), from headers alone: writes nothing, starts no Ray."""
+    from jobs.batch_checks import check_batch
+    from jobs.options import outputs_of
+    from jobs.prepare import check_device
+    from merge_core.inputs.checkpoint import load_base
+    from merge_core.io.registry import open_storage
+    from merge_core.planning.plan import shared_memory_bytes
+
+    merges = outputs_of(batch)
+    check_batch(batch, merges)
+    check_device(batch)
+    base = load_base(open_storage(batch.checkpoint, batch.storage))
+    plans = [prepare(merge, base=base).plan for merge in merges]
+    shard_bytes = sum(s.size for s in base.shards)
+    uploads = sum(open_storage(m.output, m.storage).upload_buffer_bytes for m in merges)
+    memory = max(shared_memory_bytes([p.tasks[i] for p in plans]) for i in range(len(base.shards))) + uploads
+    outputs = tuple(_summary(plan, batch.device, describe_quantization(base)) for plan in plans)
+    data = {"base": base.uri, "shards": len(base.shards), "base_bytes": shard_bytes,
+            "read_bytes": shard_bytes + sum(p.read_bytes - shard_bytes for p in plans),
+            "separate_read_bytes": sum(p.read_bytes for p in plans), "write_bytes": sum(p.write_bytes for p in plans),
+            "memory_bytes": memory,
+            "outputs": [{"output": m.output} | o.data for m, o in zip(merges, outputs)]}
+    return BatchPlanSummary(base=base.uri, outputs=outputs, base_bytes=shard_bytes, read_bytes=data["read_bytes"],
+                            separate_read_bytes=data["separate_read_bytes"], write_bytes=data["write_bytes"],
+                            memory_bytes=memory, text=_batch_text(data, batch.device), data=data)
+
+
+def _summary(plan: MergePlan, device: str, quantization: str | None) -> PlanSummary:
+    data = plan_as_dict(plan, device, quantization)
     return PlanSummary(base=data["base"], adapters=tuple(data["adapters"]), operation=data["operation"],
                        shards=data["tasks"], fused_tensors=data["fused_tensors"], read_bytes=data["read_bytes"],
                        write_bytes=data["write_bytes"], quantization=quantization,
-                       text=render_plan(prepared.plan, inputs.device, quantization), data=data)
+                       text=render_plan(plan, device, quantization), data=data)
+
+
+def _batch_text(data: dict, device: str) -> str:
+    count = len(data["outputs"])
+    lines = [f"base {data['base']}: {plural(data['shards'], 'shard')}, {size_text(data['base_bytes'])}, read once for "
+             f"{plural(count, 'output')} ({count} separate merges would read {size_text(data['separate_read_bytes'])})",
+             f"{'output':<44} {'fused':>5} {'adapter bytes':>13} {'write':>10}  adapters"]
+    for output in data["outputs"]:
+        adapters = ", ".join(output["adapters"])
+        lines.append(f"{output['output']:<44} {output['fused_tensors']:5d} "
+                     f"{size_text(output['read_bytes'] - data['base_bytes']):>13} "
+                     f"{size_text(output['write_bytes']):>10}"
+                     f"  {adapters}")
+    gpu = f"1/{TASKS_PER_GPU} of a GPU" if device == "cuda" else "no GPU" if device == "cpu" else \
+        f"1/{TASKS_PER_GPU} of a GPU where the cluster has GPUs"
+    lines += [f"in all: read {size_text(data['read_bytes'])} (the base once, and each output's adapters), write "
+              f"{size_text(data['write_bytes'])} ({plural(count, 'output')})",
+              f"one task per shard writes every output: each asks Ray for 1 CPU, {gpu}, and at most "
+              f"{size_text(data['memory_bytes'])} of memory (one base tensor at a time, whatever the number of "
+              "outputs)"]
+    return "\n".join(lines)

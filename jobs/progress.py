@@ -142,3 +142,26 @@ def merge_rows(summary, resumed: bool) -> list[tuple[str, str]]:
     if summary.adapter_kept:
         rows.append(("adapter kept", summary.adapter_kept))
     return rows
+
+
+def batch_rows(summary) -> list[tuple[str, str]]:
+    """The closing table of a batch (a jobs.batch.BatchSummary): what was read once, and each output."""
+    read_once = f"{size_text(summary.bytes_read)} from the base ({size_text(summary.base_bytes)}: each shard once, " \
+                f"{plural(summary.tasks, 'task')}) for {plural(len(summary.outputs), 'output')}"
+    rows = [("base", summary.base), ("read", read_once), ("written", size_text(summary.bytes_written)),
+            ("wall time", f"{summary.seconds:.1f} s ({rate_text(summary.bytes_written, summary.seconds)} written)")]
+    for number, outcome in enumerate(summary.outputs, 1):
+        done = outcome.summary
+        if outcome.error is not None:
+            state = "FAILED (see the error below)"
+        elif done.already_complete:
+            state = "already complete: its manifest records this very merge; nothing was written"
+        else:
+            state = (f"{plural(done.shards, 'shard')}, {done.fused_tensors} fused tensors, "
+                     f"{size_text(done.bytes_written)} written"
+                     + (f", {done.reused} shards reused" if done.reused else "")
+                     + (f", {plural(done.retries, 'retry')}" if done.retries else ""))
+            if done.adapter_kept:
+                state += f"; adapter kept {done.adapter_kept}"
+        rows.append((f"output {number}", f"{outcome.output}: {state}"))
+    return rows

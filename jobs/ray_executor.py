@@ -18,7 +18,7 @@ import ray
 from ray import exceptions as ray_errors
 
 from jobs.executor import STORAGE_TRANSIENT
-from jobs.tasks import Placement, finalize_work, merge_shard_work, verify_shard_work
+from jobs.tasks import Placement, finalize_work, merge_outputs_work, merge_shard_work, verify_shard_work
 from merge_core.errors import InputError
 from merge_core.publish.journal import PAUSE_ENV
 
@@ -48,6 +48,11 @@ def merge_shard_task(*args):
 
 
 @ray.remote(max_retries=0, max_calls=0)
+def merge_outputs_task(*args):
+    return merge_outputs_work(*args, _placement())
+
+
+@ray.remote(max_retries=0, max_calls=0)
 def verify_shard_task(*args):
     return verify_shard_work(*args, _placement())
 
@@ -57,7 +62,8 @@ def finalize_task(*args):
     return finalize_work(*args, _placement())
 
 
-REMOTE = {merge_shard_work: merge_shard_task, verify_shard_work: verify_shard_task, finalize_work: finalize_task}
+REMOTE = {merge_shard_work: merge_shard_task, merge_outputs_work: merge_outputs_task,
+          verify_shard_work: verify_shard_task, finalize_work: finalize_task}
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 from jobs.executor import Executor
 from jobs.progress import Progress
@@ -53,7 +53,7 @@ class Outcome(Generic[Result]):
         self.reasons.setdefault(name, []).append(reason)
 
 
-def _is_transient(exc: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
+def is_transient(exc: BaseException, transient: tuple[type[BaseException], ...]) -> bool:
     if isinstance(exc, (InputError, ValidationError)):
         return False
     if isinstance(exc, transient):
@@ -64,10 +64,14 @@ def _is_transient(exc: BaseException, transient: tuple[type[BaseException], ...]
 
 def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane],
                    submit: Callable[[Job, dict], object], name_of: Callable[[Job], str],
-                   on_result: Callable[[Job, Result], None],
-                   progress: Progress | None = None) -> Outcome[Result]:
-    """Submit jobs into free lane slots (`submit` returns the executor's handle), wait for the
-    first to finish, retry transient failures after a backoff."""
+                   on_result: Callable[[Job, Result], Iterable[tuple[float, Job]] | None],
+                   progress: Progress | None = None,
+                   on_failure: Callable[[Job, BaseException], None] | None = None) -> Outcome[Result]:
+    """Submit jobs into free lane slots (`submit` returns the executor's handle, or None when the
+    job has nothing left to do), wait for the first to finish, retry transient failures after a
+    backoff. `on_result` may return jobs to run again, each after a delay (a part of the work that
+    failed by itself); `on_failure`, when given, takes a job's lasting failure instead of it
+    ending the run."""
     queue: list[tuple[float, Job]] = [(0.0, job) for job in jobs]  # (not before, job)
     attempts: dict[str, int] = {}
     pending: dict[object, tuple[Job, Lane]] = {}
@@ -78,8 +82,11 @@ def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane
             ready = next((i for i, (when, _) in enumerate(queue) if when <= time.monotonic()), None)
             if ready is not None and lane:
                 job = queue.pop(ready)[1]
+                handle = submit(job, lane.options)
+                if handle is None:
+                    continue
                 attempts[name_of(job)] = attempts.get(name_of(job), 0) + 1
-                pending[submit(job, lane.options)] = (job, lane)
+                pending[handle] = (job, lane)
                 lane.running += 1
                 continue
             if not pending:  # only retries waiting out their backoff
@@ -96,16 +103,20 @@ def run_over_lanes(executor: Executor, jobs: Sequence[Job], lanes: Sequence[Lane
                 result = executor.get(done[0])
             except Exception as exc:
                 name = name_of(job)
-                if not _is_transient(exc, executor.transient) or attempts[name] >= MAX_ATTEMPTS:
-                    raise
+                if not is_transient(exc, executor.transient) or attempts[name] >= MAX_ATTEMPTS:
+                    if on_failure is None:
+                        raise
+                    on_failure(job, exc)
+                    continue
                 wait = backoff(attempts[name], SHARD_BACKOFF_SECONDS)
-                outcome.retried(name, _one_line(exc))
+                outcome.retried(name, one_line(exc))
                 if progress:
-                    progress.retry(name, f"{_one_line(exc)}; again in {wait:.1f} s", attempts[name] + 1)
+                    progress.retry(name, f"{one_line(exc)}; again in {wait:.1f} s", attempts[name] + 1)
                 queue.insert(0, (time.monotonic() + wait, job))
                 continue
             outcome.results.append(result)
-            on_result(job, result)
+            for delay, again in on_result(job, result) or ():
+                queue.append((time.monotonic() + delay, again))
     except BaseException:
         executor.cancel(list(pending))
         raise
@@ -126,15 +137,15 @@ def get_with_retries(executor: Executor, submit: Callable[[list[str]], object], 
             executor.cancel([ref])
             raise
         except Exception as exc:
-            if not _is_transient(exc, executor.transient) or attempt == MAX_ATTEMPTS:
+            if not is_transient(exc, executor.transient) or attempt == MAX_ATTEMPTS:
                 raise
             wait = backoff(attempt, base)
-            reasons.append(_one_line(exc))
-            log.warning("retrying %s (attempt %d) in %.1f s: %s", name, attempt + 1, wait, _one_line(exc))
+            reasons.append(one_line(exc))
+            log.warning("retrying %s (attempt %d) in %.1f s: %s", name, attempt + 1, wait, one_line(exc))
             time.sleep(wait)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         exc = cause

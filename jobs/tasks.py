@@ -10,7 +10,9 @@ loads it.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from dataclasses import dataclass
+from typing import Sequence
 
 from merge_core.planning.plan import MergePlan, ShardTask
 from merge_core.publish.publication import Publication
@@ -32,6 +34,28 @@ def merge_shard_work(task: ShardTask, job: MergeJob, where: Placement) -> ShardR
 
     result = merge_shard(task, job, resolve_device(job.device, where.gpu), threads=max(1, where.cpus))
     return dataclasses.replace(result, node=where.node)
+
+
+def merge_outputs_work(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob],
+                       where: Placement) -> list[ShardResult | BaseException]:
+    """One base shard, read once, merged into several outputs: each output's result, or what made
+    that output fail (in a form that travels back to the driver)."""
+    from merge_core.numerics.workspace import resolve_device
+    from merge_core.worker.shard_merge import merge_shard_outputs
+
+    results = merge_shard_outputs(tasks, jobs, resolve_device(jobs[0].device, where.gpu), threads=max(1, where.cpus))
+    return [_portable(r) if isinstance(r, BaseException) else dataclasses.replace(r, node=where.node)
+            for r in results]
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The failure as the driver can receive it: itself when it pickles (the project's errors do),
+    else a RuntimeError with its type and message (a client library's error may not)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def verify_shard_work(task: ShardTask, job: MergeJob, expected_size: int | None, expected_sha256: str | None,

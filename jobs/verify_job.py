@@ -8,9 +8,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jobs.driver import ProgressCallback, prepare, start_executor
+from jobs.driver import ProgressCallback, start_executor
 from jobs.executor import Executor
 from jobs.options import VerifyOptions
+from jobs.prepare import prepare
 from jobs.progress import Progress
 from jobs.runner import run_over_lanes
 from jobs.scheduling import plan_lanes

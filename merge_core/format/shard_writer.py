@@ -13,17 +13,19 @@ from typing import Mapping, Sequence
 
 from merge_core.format.header import TensorInfo, encode_header
 from merge_core.io.hashing import TimedSha256
-from merge_core.io.pipeline import Behind
+from merge_core.io.pipeline import Behind, Window
 from merge_core.io.storage import ObjectWriter
 
 
 class ShardStreamWriter:
     def __init__(self, writer: ObjectWriter, tensors: Sequence[tuple[str, str, Sequence[int]]],
-                 metadata: Mapping[str, str] | None):
+                 metadata: Mapping[str, str] | None, window: Window | None = None):
+        """`window`: a budget of queued bytes shared with other writers (the outputs of one task);
+        by default each of its two threads has its own."""
         header, self.layout = encode_header(tensors, metadata)
         self._writer = writer
-        self._behind = Behind("write")
-        self._hashing = Behind("hash-output")
+        self._behind = Behind("write", window=window)
+        self._hashing = Behind("hash-output", window=window)
         self._sha = TimedSha256()
         self._size = 0
         self._data_written = 0  # bytes of tensor data so far

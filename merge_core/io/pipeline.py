@@ -130,33 +130,61 @@ def sha256_of(storage: Storage, name: str, size: int) -> str:
     return digest.hexdigest()
 
 
+class Window:
+    """A budget of bytes that calls queued behind the caller may hold. One per Behind by default;
+    several Behinds may share one (the writers of every output a task writes), so that what they
+    hold together stays bounded however many there are. A call always goes when nothing is
+    queued, so one larger than the budget still runs."""
+
+    def __init__(self, max_bytes: int = DEFAULT_AHEAD_BYTES):
+        self.max_bytes = max_bytes
+        self._queued = 0
+        self._room = threading.Condition()
+
+    def take(self, size: int) -> None:
+        with self._room:
+            self._room.wait_for(lambda: self._queued == 0 or self._queued + size <= self.max_bytes)
+            self._queued += size
+
+    def give(self, size: int) -> None:
+        with self._room:
+            self._queued -= size
+            self._room.notify_all()
+
+
 class Behind:
     """Runs calls one at a time, in submission order, on a thread of its own.
 
     hashlib and file writes release the GIL, so hashing and writing proceed while the caller
-    reads and fuses the next tensor. At most `max_bytes` of submitted data wait at once (but
-    always at least one call), which bounds the memory it holds. After a failure the calls
+    reads and fuses the next tensor. At most `max_bytes` of submitted data wait at once (or what
+    a shared `window` allows), which bounds the memory it holds. After a failure the calls
     still queued are skipped, and the next submit() or drain() raises it.
     """
 
-    def __init__(self, name: str, max_bytes: int = DEFAULT_AHEAD_BYTES):
+    def __init__(self, name: str, max_bytes: int = DEFAULT_AHEAD_BYTES, window: Window | None = None):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._max = max_bytes
-        self._queued = 0
-        self._room = threading.Condition()
+        self._window = window if window is not None else Window(max_bytes)
+        self._mine = 0  # bytes of this Behind's calls not yet run, given back to the window as they end
+        self._lock = threading.Lock()
         self._last: Future | None = None
         self._error: BaseException | None = None
 
     def submit(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview) -> Future:
         """Queue fn(data); the future completes when it has run (or been skipped after a failure)."""
         size = len(data)
-        with self._room:
-            self._room.wait_for(lambda: self._queued == 0 or self._queued + size <= self._max)
-            self._queued += size
+        self._window.take(size)
+        with self._lock:
+            self._mine += size
         if self._error is not None:
+            self._release(size)
             raise self._error
         self._last = self._pool.submit(self._run, fn, data, size)
         return self._last
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self._mine -= size
+        self._window.give(size)
 
     def _run(self, fn: Callable[[bytes | memoryview], object], data: bytes | memoryview, size: int) -> None:
         try:
@@ -165,9 +193,7 @@ class Behind:
         except BaseException as exc:
             self._error = exc
         finally:
-            with self._room:
-                self._queued -= size
-                self._room.notify_all()
+            self._release(size)
 
     def drain(self) -> None:
         """Wait for every call (they run in order: the last one finishing means all did)."""
@@ -178,3 +204,9 @@ class Behind:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        # Calls cancelled before they ran never gave their bytes back: a shared window would
+        # otherwise stay short of them, and the other Behinds on it wait for ever.
+        with self._lock:
+            left, self._mine = self._mine, 0
+        if left:
+            self._window.give(left)

@@ -68,6 +68,10 @@ class S3Storage(Storage):
         self.options = options
         self.client = make_client()
 
+    @property
+    def upload_buffer_bytes(self) -> int:
+        return self.options.part_size * (1 + UPLOADS_IN_FLIGHT)  # the part filling, and those in flight
+
     def check_object_size(self, nbytes: int) -> None:
         part_size = self.options.part_size
         if part_size < MIN_PART_BYTES:

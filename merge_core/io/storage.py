@@ -9,6 +9,7 @@ merge_core.io.local and merge_core.io.s3; merge_core.io.registry opens one from 
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
@@ -59,6 +60,12 @@ class Storage(ABC):
     # answers from its servers; a local file answers from this machine's page cache, which
     # proves little beyond what fsync already promised, at the cost of a second full pass.
     read_back_proves: bool = True
+
+    @property
+    def upload_buffer_bytes(self) -> int:
+        """Memory one writer holds while it writes here, whatever the object's size: the parts an
+        object store's multipart upload fills and sends; nothing for a file."""
+        return 0
 
     def describe(self, name: str) -> str:
         """The name as a user would type it, for messages."""
@@ -121,6 +128,33 @@ class Storage(ABC):
         with self.open_writer(name) as writer:
             writer.write(data)
             writer.commit(exclusive=exclusive)
+
+
+class CountedReads:
+    """A storage whose reads are counted as they return: what a task fetched from it, measured
+    where the bytes arrive (one read of a base shard for several outputs shows here as the shard's
+    size, not a multiple of it). Everything else is the storage's own."""
+
+    def __init__(self, storage: Storage):
+        self._storage = storage
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        data = self._storage.read_range(name, offset, length)
+        self._count(len(data))
+        return data
+
+    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+        self._storage.read_into(name, offset, view)
+        self._count(len(view))
 
 
 def copy_object(src: Storage, dst: Storage, name: str) -> tuple[int, str]:

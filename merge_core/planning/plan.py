@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from merge_core.format.header import DTYPE_BYTES, TensorInfo
 from merge_core.format.quantization import QuantizedWeight
@@ -168,6 +168,18 @@ class ShardTask:
                 need = per_element * math.prod(shape) + resized_from
             largest = max(largest, need)
         return WORKER_BASE_BYTES + 2 * min(DEFAULT_AHEAD_BYTES, self.shard.size) + largest
+
+
+def shared_memory_bytes(tasks: Sequence[ShardTask]) -> int:
+    """What a task that writes one base shard into several outputs (`tasks`: each output's task of
+    that shard) needs at its peak, whatever their number: the most any one of them needs alone,
+    plus the base tensor kept while each output fuses its own copy of it, plus a second write
+    window (the outputs' writers share one of twice one writer's)."""
+    if len(tasks) == 1:
+        return tasks[0].memory_bytes
+    kept = max((t.parts[0].info.nbytes if t.parts else task.shard.header.tensor(t.base_tensor).nbytes
+                for task in tasks for t in task.targets if t.source is None), default=0)
+    return max(t.memory_bytes for t in tasks) + kept + DEFAULT_AHEAD_BYTES
 
 
 @dataclass(frozen=True, kw_only=True)

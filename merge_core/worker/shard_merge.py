@@ -1,74 +1,41 @@
-"""Merge one base shard: stream it from storage, fuse the planned tensors, stream the result out.
+"""Merge one base shard: stream it from storage once, fuse the planned tensors, stream the result
+out; into one output, or into several (a batch: each output with its own adapters and settings,
+each written exactly as its own merge would write it).
 
 This is the whole of a worker's job, with no scheduler in sight: the Ray task in jobs/ only
-calls merge_shard(). Reads run ahead on a thread pool (prefetch), uploads run behind on the
-writer's, and this thread fuses and hashes in between. The worker holds a bounded window of
-read-ahead bytes plus one fused tensor's working set, never the whole shard; untouched
-tensors are copied byte for byte.
+calls merge_shard() or merge_shard_outputs(). Reads run ahead on a thread pool (prefetch),
+uploads run behind on the writers', and this thread fuses and hashes in between. The worker
+holds a bounded window of read-ahead bytes, one base tensor and one output's fused copy of it,
+and a bounded window of bytes being written (shared by the outputs), never a whole shard and
+never one copy per output; untouched tensors are copied byte for byte.
+
+One output failing (its fuse, its writes, its read-back) is that output's failure: its upload
+is aborted, the others go on, and it is returned in place of that output's result. A failure to
+read the base or the adapters is the whole task's.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
+import numpy
 import torch
 
 from merge_core.errors import ValidationError
 from merge_core.format.shard_writer import ShardStreamWriter
 from merge_core.io.hashing import TimedSha256
-from merge_core.io.pipeline import DEFAULT_CHUNK_BYTES, Behind, Item, Read, read_ahead
+from merge_core.io.pipeline import DEFAULT_AHEAD_BYTES, Behind, Window, read_ahead
 from merge_core.io.registry import open_storage
-from merge_core.io.storage import Storage
-from merge_core.numerics.stats import FuseStats
+from merge_core.io.storage import CountedReads
 from merge_core.numerics.workspace import Workspace, workspace_for
-from merge_core.planning.plan import FuseTarget, ShardTask
+from merge_core.planning.plan import ShardTask
 from merge_core.worker.job import MergeJob
-from merge_core.worker.merged_tensor import merged_tensor, shared_factors, tensor_reads
+from merge_core.worker.merged_tensor import merged_tensor
 from merge_core.worker.original import OriginalShard
+from merge_core.worker.shard_items import COPY, BaseTensor, Fuse, Roles, shard_items
 from merge_core.worker.shard_result import ShardResult, check_stored
-
-_HEADER, _COPY, _MOVED = "header", "copy", "moved"
-
-
-def _items(task: ShardTask, base: Storage, adapters: Sequence[Storage]) -> Iterator[Item[FuseTarget | str]]:
-    """The shard in file order: the header; runs of untouched tensors, in chunks; each tensor to
-    fuse, with its adapter factors (a quantized weight where its codes are, with all its parts);
-    the parts written with their codes, read here only to be hashed. Every base byte is read in
-    order, so the base's sha256 comes for free."""
-    header = task.shard.header
-    yield Item(_HEADER, (Read(base, task.name, 0, header.data_start),))
-    targets = {(t.parts[0].info.name if t.parts else t.tensor): t for t in task.targets if t.source is None}
-    moved = set(task.moved)
-    uses = shared_factors(task)
-
-    def fuse_item(target: FuseTarget) -> Item[FuseTarget]:
-        return Item(target, tensor_reads(task, target, base, adapters, uses))
-
-    run_start = None
-    for info in header.tensors:
-        target = targets.get(info.name)
-        if target is None and info.name not in moved:
-            run_start = info.start if run_start is None else run_start
-            continue
-        if run_start is not None:
-            yield from _chunks(_COPY, base, task.name, header.data_start + run_start, info.start - run_start)
-            run_start = None
-        if target is not None:
-            yield fuse_item(target)
-        else:
-            yield from _chunks(_MOVED, base, task.name, header.data_start + info.start, info.nbytes)
-    if run_start is not None:
-        end = header.tensors[-1].end
-        yield from _chunks(_COPY, base, task.name, header.data_start + run_start, end - run_start)
-    # Tensors new to the shard (an untied output head) follow, read again from their base tensor.
-    yield from (fuse_item(t) for t in task.targets if t.source is not None)
-
-
-def _chunks(tag: str, base: Storage, name: str, offset: int, length: int) -> Iterator[Item[str]]:
-    for start in range(offset, offset + length, DEFAULT_CHUNK_BYTES):
-        yield Item(tag, (Read(base, name, start, min(DEFAULT_CHUNK_BYTES, offset + length - start)),))
 
 
 class _Laps:
@@ -78,83 +45,182 @@ class _Laps:
         self.seconds = {"wait": 0.0, "fuse": 0.0, "write": 0.0}
         self._mark = time.perf_counter()
 
-    def lap(self, bucket: str) -> None:
+    def lap(self, bucket: str) -> float:
         now = time.perf_counter()
-        self.seconds[bucket] += now - self._mark
+        spent = now - self._mark
+        self.seconds[bucket] += spent
         self._mark = now
+        return spent
 
 
-class _ShardStream:
-    """One shard on its way through: base bytes hashed behind, tensors fused here, output written behind."""
+class _Output:
+    """One output of the shard on its way out: its plan, its stream, what it fused, or its failure."""
 
-    def __init__(self, task: ShardTask, job: MergeJob, base: Storage, stream: ShardStreamWriter,
-                 workspace: Workspace):
-        self.task, self.job, self.base, self.stream, self.workspace = task, job, base, stream, workspace
-        self.layout = {i.name: i for i in stream.layout}
+    def __init__(self, task: ShardTask, job: MergeJob, window: Window | None):
+        self.task, self.job = task, job
+        self.roles = Roles.of(task)
+        self.fused: list = []
+        self.fuse_seconds = 0.0
+        self.failure: BaseException | None = None
+        self.stored: tuple[int, str] | None = None
+        self.stream: ShardStreamWriter | None = None
+        self.adapters, self.layout, self.original = [], {}, None
+        try:
+            self.storage = open_storage(job.output_uri, job.storage)
+            self.adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
+            self.stream = ShardStreamWriter(self.storage.open_writer(task.output_name), task.output_tensors,
+                                            task.shard.header.metadata, window)
+            self.layout = {i.name: i for i in self.stream.layout}
+            self.original = OriginalShard(job, task.name) if job.original_uri else None
+        except Exception as exc:  # this output's storage, not the task's
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        try:
+            if self.stream is not None:
+                self.stream.abort()
+        except Exception:  # the failure that brought us here is the one to report
+            pass
+
+
+class _SharedShard:
+    """One base shard read once: base bytes hashed behind, each output's tensors fused here in
+    turn, each output written behind."""
+
+    def __init__(self, tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], workspace: Workspace):
+        self.base = CountedReads(open_storage(jobs[0].base_uri, jobs[0].storage))
+        self.workspace = workspace
+        # Several outputs share one write window (twice one writer's: the hash and the write of each
+        # hold the same bytes), so that what waits to be written is bounded however many there are.
+        window = Window(2 * DEFAULT_AHEAD_BYTES) if len(tasks) > 1 else None
+        self.outputs = [_Output(task, job, window) for task, job in zip(tasks, jobs)]
         self.base_sha = TimedSha256()
         self.hasher = Behind("hash-base")
-        self.fused: list[tuple[str, FuseStats]] = []
         self.laps = _Laps()
-        self.original = OriginalShard(job, task.name) if job.original_uri else None
 
-    def run(self, items: Sequence[Item]) -> None:
+    @property
+    def live(self) -> list[_Output]:
+        return [o for o in self.outputs if o.failure is None]
+
+    def run(self) -> None:
+        items = list(shard_items([o.task for o in self.outputs], self.base, [o.adapters for o in self.outputs]))
+        current, hashed = None, None  # the base tensor the fuses after it start from
         for tag, data in read_ahead(items):
             self.laps.lap("wait")
-            new_tensor = isinstance(tag, FuseTarget) and tag.source is not None
-            # every base byte once, in order: a new tensor's bytes were read a second time
-            hashed = self.hasher.submit(self.base_sha.update, b"" if new_tensor else data[0])
-            if isinstance(tag, FuseTarget):
-                self.fuse(tag, data, hashed.result)
-            elif tag is _COPY:
-                self.stream.write_data(data[0])
-            self.laps.lap("write")  # the base's own header is only hashed: the output has its own
+            if isinstance(tag, Fuse):
+                self.fuse(self.outputs[tag.output], tag, data, current, hashed)
+                continue
+            hashed = self.hasher.submit(self.base_sha.update, data[0]).result
+            if isinstance(tag, BaseTensor):
+                current = data[0]
+                self.copy([o for o in self.live if o.roles.copies(tag.info.name)], current)
+            elif tag is COPY:
+                self.copy(self.live, data[0])
+            self.laps.lap("write")  # the base's own header is only hashed: each output has its own
+            if not self.live:
+                return
 
-    def fuse(self, target: FuseTarget, data: list, before_writing) -> None:
-        outputs, fused = merged_tensor(self.task, target, data, self.job, self.workspace, before_writing)
+    def copy(self, outputs: Sequence[_Output], data) -> None:
+        for output in outputs:
+            try:
+                output.stream.write_data(data)
+            except Exception as exc:
+                output.fail(exc)
+
+    def fuse(self, output: _Output, tag: Fuse, extras: list, current, hashed) -> None:
+        if output.failure is not None:
+            return
+        try:
+            if tag.new:
+                data, before_writing = extras, None
+            elif tag.in_place:  # the base's sha256 must have its bytes before the fuse changes them
+                data, before_writing = [current, *extras], hashed
+            else:
+                data, before_writing = [memoryview(numpy.frombuffer(current, numpy.uint8).copy()), *extras], None
+            self._fuse_into(output, tag, data, before_writing)
+        except Exception as exc:
+            output.fail(exc)
+
+    def _fuse_into(self, output: _Output, tag: Fuse, data: list, before_writing) -> None:
+        task, job, target = output.task, output.job, tag.target
+        outputs, fused = merged_tensor(task, target, data, job, self.workspace, before_writing)
         for name, stats in fused:
-            if stats.nonfinite_introduced and not self.job.allow_nonfinite:
-                raise ValidationError([f"{self.base.describe(self.task.name)}: tensor {name}: fusing produced "
+            if stats.nonfinite_introduced and not job.allow_nonfinite:
+                raise ValidationError([f"{self.base.describe(task.name)}: tensor {name}: fusing produced "
                                        f"{stats.nonfinite_introduced} NaN/Inf values the base did not have "
                                        "(check the adapter, or pass --allow-nonfinite)"])
-        if self.original is not None and target.quantized is None and not target.restore:
-            fused = [(target.tensor, self.original.compare(target.tensor, outputs[0][1], fused[0][1]))]
-        self.fused += fused
-        self.laps.lap("fuse")
-        for name, data in outputs:
-            self.stream.write_tensor(self.layout[name], data)
+        if output.original is not None and target.quantized is None and not target.restore:
+            fused = [(target.tensor, output.original.compare(target.tensor, outputs[0][1], fused[0][1]))]
+        output.fused += fused
+        output.fuse_seconds += self.laps.lap("fuse")
+        for name, tensor in outputs:
+            output.stream.write_tensor(output.layout[name], tensor)
+        self.laps.lap("write")
+
+    def commit(self) -> None:
+        """Publish each output's shard, then read it back (job.read_back)."""
+        for output in self.live:
+            try:
+                output.stored = output.stream.commit()
+            except Exception as exc:
+                output.fail(exc)
+        self.hasher.drain()
+        self.laps.lap("write")
+        for output in self.live:
+            if output.job.read_back:  # the size always; the bytes again where re-reading them proves something
+                try:
+                    check_stored(output.storage, output.task.output_name, *output.stored,
+                                 rehash=output.storage.read_back_proves)
+                except Exception as exc:
+                    output.failure = exc  # published, but not what was written: the journal never records it
+        self.laps.lap("wait")
+
+    def abort(self) -> None:
+        for output in self.outputs:
+            if output.failure is None and output.stored is None:
+                output.fail(RuntimeError("the shard task failed"))
+
+    def result(self, output: _Output, device: str, seconds: float) -> ShardResult | BaseException:
+        if output.failure is not None:
+            return output.failure
+        size, sha = output.stored
+        laps = self.laps.seconds
+        return ShardResult(name=output.task.name, size=size, sha256=sha, base_sha256=self.base_sha.hexdigest(),
+                           tensors=len(output.stream.layout), fused=len(output.task.targets),
+                           read_wait_seconds=laps["wait"], fuse_seconds=output.fuse_seconds,
+                           write_seconds=laps["write"], seconds=seconds, device=str(torch.device(device)),
+                           node=socket.gethostname(), fused_stats=tuple(output.fused),
+                           hash_seconds=self.base_sha.seconds + output.stream.hash_seconds,
+                           base_bytes_read=self.base.bytes_read, outputs=len(self.outputs))
 
 
-def merge_shard(task: ShardTask, job: MergeJob, device: str = "cpu", threads: int | None = None) -> ShardResult:
-    """Write the merged shard. With job.read_back, the published bytes are read again and hashed.
-    A fused tensor that gains NaN/Inf fails the shard (ValidationError) unless job.allow_nonfinite.
-    `device`: the torch device to fuse on; `threads`: the CPU cores the float32 math may use (the
-    task's share of the node)."""
+def merge_shard_outputs(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], device: str = "cpu",
+                        threads: int | None = None) -> list[ShardResult | BaseException]:
+    """Write one base shard merged into each output (`tasks[i]` of `jobs[i]`'s plan, all of the same
+    base shard), reading the shard once. Returns, per output, its ShardResult or what made it fail.
+    With job.read_back, the published bytes are read again and hashed. A fused tensor that gains
+    NaN/Inf fails its output (ValidationError) unless job.allow_nonfinite. `device`: the torch
+    device to fuse on; `threads`: the CPU cores the float32 math may use (the task's share)."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    base, output = open_storage(job.base_uri, job.storage), open_storage(job.output_uri, job.storage)
-    adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
-    stream = ShardStreamWriter(output.open_writer(task.output_name), task.output_tensors, task.shard.header.metadata)
-    shard = _ShardStream(task, job, base, stream, workspace_for(device))
+    shard = _SharedShard(tasks, jobs, workspace_for(device))
     try:
-        shard.run(list(_items(task, base, adapters)))
-        size, sha = stream.commit()
-        shard.hasher.drain()
-        shard.laps.lap("write")
-        if job.read_back:  # the size always; the bytes again where re-reading them proves something
-            check_stored(output, task.output_name, size, sha, rehash=output.read_back_proves)
-            shard.laps.lap("wait")
-    except BaseException:
-        try:
-            stream.abort()
-        except Exception:  # the failure that brought us here is the one to report
-            pass
+        shard.run()
+        shard.commit()
+    except BaseException:  # reading the base or an adapter failed, or the task was stopped
+        shard.abort()
         raise
     finally:
         shard.hasher.close()
-    laps = shard.laps.seconds
-    return ShardResult(name=task.name, size=size, sha256=sha, base_sha256=shard.base_sha.hexdigest(),
-                       tensors=len(stream.layout), fused=len(task.targets), read_wait_seconds=laps["wait"],
-                       fuse_seconds=laps["fuse"], write_seconds=laps["write"], seconds=time.perf_counter() - started,
-                       device=str(torch.device(device)), node=socket.gethostname(), fused_stats=tuple(shard.fused),
-                       hash_seconds=shard.base_sha.seconds + stream.hash_seconds)
+    seconds = time.perf_counter() - started
+    return [shard.result(output, device, seconds) for output in shard.outputs]
+
+
+def merge_shard(task: ShardTask, job: MergeJob, device: str = "cpu", threads: int | None = None) -> ShardResult:
+    """Write the merged shard of one output (see merge_shard_outputs); its failure is raised."""
+    (result,) = merge_shard_outputs([task], [job], device, threads)
+    if isinstance(result, BaseException):
+        raise result
+    return result

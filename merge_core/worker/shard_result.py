@@ -30,6 +30,10 @@ class ShardResult:
     node: str
     fused_stats: tuple[tuple[str, FuseStats], ...] = ()  # per fused tensor, in file order
     hash_seconds: float = 0.0  # sha256 of the base and of the output, on threads beside the fuse
+    # Bytes the task fetched from the base (counted as they arrived), and how many outputs it wrote
+    # from them: a batch reads each base shard once for all its outputs.
+    base_bytes_read: int = 0
+    outputs: int = 1
 
 
 def check_stored(storage: Storage, name: str, size: int, sha256: str, rehash: bool = True) -> None:

@@ -65,3 +65,11 @@ def test_bad_input_raises_the_error_the_command_prints(models, tmp_path):
     assert str(raised.value).startswith("--device: unknown device 'tpu'")
     with pytest.raises(TypeError, match="unknown option"):
         lora_merge.merge(models.base, models.adapter, str(tmp_path / "out"), overwite=True)
+
+    with pytest.raises(TypeError, match="unknown output option.s. adapter;"):
+        lora_merge.batch(models.base, [{"output": str(tmp_path / "out"), "adapter": models.adapter}])
+    with pytest.raises(TypeError, match="adapters: an output's own"):
+        lora_merge.batch(models.base, [{"output": str(tmp_path / "out")}], adapters=[models.adapter])
+    with pytest.raises(lora_merge.InputError) as raised:  # a bad batch: nothing written
+        lora_merge.batch(models.base, [{"output": str(tmp_path / "out"), "adapters": models.adapter}] * 2)
+    assert "is listed twice in the batch" in str(raised.value) and not os.path.exists(tmp_path / "out")

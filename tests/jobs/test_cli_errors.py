@@ -111,12 +111,12 @@ def test_only_transient_failures_are_retried():
 
     from jobs.executor import InProcessExecutor
     from jobs.ray_executor import RayExecutor
-    from jobs.runner import _is_transient
+    from jobs.runner import is_transient
     from merge_core.errors import TransientStorageError, ValidationError
     for transient in (RayExecutor.transient, InProcessExecutor.transient):
-        assert _is_transient(TransientStorageError("s3://b/p: GET: SlowDown"), transient)
-        assert _is_transient(ConnectionError("reset"), transient)
-        assert not _is_transient(InputError("x", "bad header", "re-save it"), transient)
-        assert not _is_transient(ValidationError(["x: sha256 differs"]), transient)
-        assert not _is_transient(RuntimeError("a bug"), transient)
-    assert _is_transient(ray_errors.WorkerCrashedError(), RayExecutor.transient)
+        assert is_transient(TransientStorageError("s3://b/p: GET: SlowDown"), transient)
+        assert is_transient(ConnectionError("reset"), transient)
+        assert not is_transient(InputError("x", "bad header", "re-save it"), transient)
+        assert not is_transient(ValidationError(["x: sha256 differs"]), transient)
+        assert not is_transient(RuntimeError("a bug"), transient)
+    assert is_transient(ray_errors.WorkerCrashedError(), RayExecutor.transient)

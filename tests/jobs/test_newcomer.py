@@ -134,7 +134,10 @@ def test_help_is_written_for_each_command():
     assert "where to write the merged checkpoint" not in helps["unmerge"]
     assert "--resume" not in helps["plan"].split("exit codes:")[1] and "4 it differs" in helps["verify"]
     assert "default: as the merged model's manifest records" in helps["verify"]
-    assert len({h.split("exit codes:")[1] for h in helps.values()}) == 4  # merge and unmerge share theirs
+    assert len({h.split("exit codes:")[1] for h in helps.values()}) == 5  # merge and unmerge share theirs
+    outputs = raw["batch"].split("each output's own")[1].split("\n\n")[0]
+    assert all(flag in outputs for flag in ("--output URI", "--adapter URI", "--combine", "--dequantize", "--resume"))
+    assert "--device" not in outputs and "highest of their codes" in helps["batch"]
 
 
 def test_the_readme_usage_lists_every_option_of_every_command():

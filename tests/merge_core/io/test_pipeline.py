@@ -9,7 +9,7 @@ import time
 import pytest
 
 from merge_core.io.local import LocalStorage
-from merge_core.io.pipeline import Behind, Item, Read, read_ahead
+from merge_core.io.pipeline import Behind, Item, Read, Window, read_ahead
 
 
 class SlowCountingStorage(LocalStorage):
@@ -109,3 +109,40 @@ def test_shared_reads_are_fetched_once_while_kept(storage):
     for _ in read_ahead(evicting, chunk=1 << 16, ahead_bytes=50_000, threads=1):
         pass
     assert fetched.count((0, 40_000)) == 2 and fetched.count((300_000, 40_000)) == 2, "evicted, then fetched again"
+
+
+def test_behinds_sharing_a_window_hold_at_most_its_bytes_together_and_give_back_what_they_never_ran():
+    """The writers of a batch's outputs share one window: what they hold together stays within it (one
+    call always goes); a Behind closed with calls still queued gives their bytes back, so that the
+    others are not left waiting for room that never comes."""
+    window = Window(max_bytes=10)
+    gate = threading.Event()
+    held = []
+    first, second = Behind("a", window=window), Behind("b", window=window)
+    first.submit(lambda data: gate.wait(5), b"x" * 6)  # runs, and holds its 6 bytes until the gate opens
+    first.submit(held.append, b"y" * 4)  # queued: 10 bytes held, the window is full
+    waiting = threading.Thread(target=lambda: second.submit(held.append, b"z" * 3))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive(), "no room for 3 more bytes while 10 are held"
+    gate.set()
+    waiting.join(5)
+    assert not waiting.is_alive()
+    second.drain()
+    first.drain()
+    assert held == [b"y" * 4, b"z" * 3]
+
+    gate.clear()
+    first.submit(lambda data: gate.wait(5), b"x" * 2)  # running
+    first.submit(held.append, b"n" * 7)  # queued behind it
+    closing = threading.Thread(target=first.close)  # cancels the queued call, waits for the running one
+    closing.start()
+    time.sleep(0.1)
+    gate.set()
+    closing.join(5)
+    late = threading.Thread(target=lambda: (second.submit(held.append, b"q" * 10), second.drain()))
+    late.start()
+    late.join(5)
+    assert not late.is_alive(), "the cancelled call's bytes came back to the window"
+    second.close()
+    assert held[-1] == b"q" * 10 and b"n" * 7 not in held
