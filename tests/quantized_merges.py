@@ -12,6 +12,7 @@ import json
 import warnings
 from typing import Callable, Collection
 
+import pyarrow.parquet as pq
 import torch
 
 from tests.local_merge import merge_without_ray
@@ -83,6 +84,9 @@ def requantized_as_expected(checkpoint, adapter: str, reference: dict[str, torch
         want = expected.get(stored, base[stored])
         assert torch.equal(merged[stored].reshape(-1).view(torch.uint8),
                            want.reshape(-1).contiguous().view(torch.uint8)), (stored, scales)
+    rows = {row["name"]: row for row in pq.read_table(f"{out}/merge_report.parquet").to_pylist()}
+    for name in touched:  # a row each, fused siblings too, with what survived of the update
+        assert rows[name]["fused"] and rows[name]["adapter_kept"] is not None, (name, rows[name])
     with open(f"{out}/merge_manifest.json") as f:
         requantization = json.load(f)["requantization"]
     assert requantization["scales"] == scales
