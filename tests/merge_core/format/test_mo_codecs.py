@@ -258,13 +258,15 @@ def test_settings_lora_merge_cannot_keep_are_refused_listing_what_it_can(config,
 
 def test_hf_quant_config_beside_config_json_declares_the_format_and_mixed_precision_names_each_layer():
     beside = {"hf_quant_config.json": ({"producer": {"name": "modelopt"}, "quantization": {
-        "quant_algo": "MIXED_PRECISION", "quantized_layers": {"a": {"quant_algo": "FP8"},
-                                                              "m": {"quant_algo": "NVFP4", "group_size": 16}}}},
-        "base/hf_quant_config.json")}
+        "quant_algo": "MIXED_PRECISION", "quantized_layers": {
+            "a": {"quant_algo": "FP8"}, "m": {"quant_algo": "NVFP4", "group_size": 16},
+            "w": {"quant_algo": "W4A16_NVFP4", "group_size": 16}}}}, "base/hf_quant_config.json")}
     scheme = read_scheme({}, WHERE, beside)
     assert scheme.config_files == ("hf_quant_config.json",)
-    weights = group_weights(scheme, nvfp4_module() | fp8_module("a"), "base")
-    assert {n: w.codec for n, w in weights.items()} == {"a.weight": "modelopt_fp8", "m.weight": "modelopt_nvfp4"}
+    weight_only = nvfp4_module(prefix="w", input_scale=(None, None))  # Qwen3.6 NVFP4's experts: no input_scale
+    weights = group_weights(scheme, nvfp4_module() | fp8_module("a") | weight_only, "base")
+    assert {n: w.codec for n, w in weights.items()} == {"a.weight": "modelopt_fp8", "m.weight": "modelopt_nvfp4",
+                                                         "w.weight": "modelopt_nvfp4"}
     with pytest.raises(InputError) as info:
         group_weights(scheme, nvfp4_module() | fp8_module("b"), "base")
     assert "tensor b.weight_scale" in str(info.value) and "quantized_layers has no entry for b" in str(info.value)
