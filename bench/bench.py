@@ -8,10 +8,12 @@
     .venv/bin/python -m bench.bench --quantized fp8          # the same checkpoint also as FP8 block-scaled
     .venv/bin/python -m bench.bench --quantized nvfp4 --scales fresh   # ... or compressed-tensors NVFP4
     .venv/bin/python -m bench.bench --batch 3                # one batch of 3 outputs vs 3 merges one after another
+    .venv/bin/python -m bench.bench --demo --rounds 5        # `make demo`'s 40 MB merge, S3 to S3, start to exit
 
 Rounds alternate the methods so that a noisy machine hurts them alike. Each run ends with
 `sync`, so every method pays for getting its bytes to disk. Reported: median wall time, peak
-memory (PSS) of the whole process tree, throughput in GB/s of checkpoint bytes, and ratios.
+memory (PSS) of the whole process tree, throughput in GB/s of checkpoint bytes, and ratios; where
+lora-merge's time went; and a line per target of the run's kind (bench/targets.py): met or not.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tempfile
 
 from bench.checkpoint import QUANTIZED, adapter_on, build, build_moe, more_adapters, quantize
 from bench.proctree import Measured, measure
+from bench.targets import verdicts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -146,8 +149,10 @@ def table(results: dict[str, list[Measured]], nbytes: dict[str, int], reference:
 def stages(out: str, storage: str, wall: float) -> dict[str, float] | None:
     """Where a lora-merge run's time went, from the manifest it wrote: summed over its shard tasks
     (which run side by side) the waits on reads, the fuse, the writes and the hashing (on threads
-    beside them); the driver's plan, merge and final task; the rest of the wall time is start-up
-    (Python, Ray, workers importing torch) and shutdown."""
+    beside them); the driver's plan, Ray's start (a local Ray, or joining a cluster), the shards'
+    tasks (from the first submitted to the last done: a worker's first task waits for it to import
+    torch) and the final task; the rest of the wall time is the process's own start (Python,
+    imports) and Ray's shutdown."""
     from merge_core.io.registry import open_storage
     from merge_core.names import MANIFEST_NAME
 
@@ -156,12 +161,12 @@ def stages(out: str, storage: str, wall: float) -> dict[str, float] | None:
         return None
     manifest = json.loads(output.read_bytes(MANIFEST_NAME))
     shards, timings = manifest["output"]["shards"], manifest["timings"]
-    driver = timings.get("plan_seconds", 0) + timings.get("merge_seconds", 0) + timings.get("finalize_seconds", 0)
+    driver = sum(timings.get(f"{stage}_seconds", 0) for stage in ("plan", "start", "merge", "finalize"))
     return {"read wait": sum(s["read_wait_seconds"] for s in shards), "fuse": sum(s["fuse_seconds"] for s in shards),
             "write": sum(s["write_seconds"] for s in shards), "hash": sum(s.get("hash_seconds", 0) for s in shards),
             "tasks": sum(s["seconds"] for s in shards), "plan": timings.get("plan_seconds", 0),
-            "merge (wall)": timings.get("merge_seconds", 0), "final task": timings.get("finalize_seconds", 0),
-            "start-up, shutdown": wall - driver}
+            "Ray start": timings.get("start_seconds", 0), "merge (wall)": timings.get("merge_seconds", 0),
+            "final task": timings.get("finalize_seconds", 0), "process, shutdown": wall - driver}
 
 
 def stage_table(breakdowns: dict[str, list[dict[str, float]]]) -> str:
@@ -193,9 +198,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "separated (e.g. q_proj,v_proj: most of each shard untouched; default every linear layer)")
     parser.add_argument("--batch", type=int, metavar="N", help="N adapters into N models: N merges one after "
                         "another against one `lora-merge batch` of N outputs (local storage)")
+    parser.add_argument("--demo", action="store_true", help="`make demo`'s model (40 MB, 8 MB shards, LoRA r=16 on "
+                        "every linear layer) S3 to S3 on a local SeaweedFS, as the demo merges it: lora-merge's start "
+                        "to its exit against a boto3 download + upload")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
                         "experts per layer, stored one by one, and LoRA on them through target_parameters")
     args = parser.parse_args(argv)
+    if args.demo:
+        if args.moe or args.quantized or args.batch:
+            parser.error("--demo merges the demo's own model")
+        args.storage = "s3"
     if args.batch and (args.storage != "local" or args.moe or args.quantized):
         parser.error("--batch compares merges of the dense checkpoint on local storage")
     return args
@@ -203,6 +215,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _checkpoint(args: argparse.Namespace) -> tuple[str, str, str]:
     """(base, adapter, what they are), built under --workdir (kept between runs)."""
+    if args.demo:
+        from infra.demo import generate
+
+        root = os.path.join(args.workdir, "demo")
+        if not os.path.exists(os.path.join(root, "adapter", "adapter_model.safetensors")):
+            shutil.rmtree(root, ignore_errors=True)
+            generate(root)
+        return os.path.join(root, "base"), os.path.join(root, "adapter"), "make demo's Llama, LoRA r=16 on every linear"
     if args.moe:
         base, adapter = build_moe(os.path.join(args.workdir, f"{args.size_gb:g}gb-h{args.hidden}-moe{args.moe}"),
                                   args.size_gb, hidden=args.hidden, experts=args.moe, shard_gb=args.shard_gb)
@@ -261,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server:
             s3_server.stop(server)
-    print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16, hidden {args.hidden}, {args.shard_gb:g} GB shards, "
+    shape = "8 MB shards" if args.demo else f"hidden {args.hidden}, {args.shard_gb:g} GB shards"
+    print(f"checkpoint: {nbytes / 1e9:.2f} GB bf16, {shape}, "
           f"{described}{f'; {args.batch} adapters like it into {args.batch} models' if args.batch else ''}; "
           f"storage {args.storage}; device {args.device}; "
           f"{args.rounds} rounds; machine: {platform.machine()}, {os.cpu_count()} cores, "
@@ -271,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, sizes, list(results)[0] if args.batch else "lora-merge", read or None))
     if breakdowns:
         print(stage_table(breakdowns))
+    for line in verdicts(args, {name: statistics.median(m.seconds for m in runs) for name, runs in results.items()},
+                         {name: statistics.median(m.peak_bytes for m in runs) for name, runs in results.items()}):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: [vars(m) | {"output": ""} for m in v] for k, v in results.items()}, f, indent=2)

@@ -152,6 +152,8 @@ def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Exe
     if not live:
         return None
     executor = start_executor(executor, batch.ray_address)
+    for member in live:
+        member.out.ready = time.perf_counter()
     shards = SharedShards(executor, live, batch, _progress(live, progress))
     nodes = executor.nodes()
     lanes = plan_lanes(nodes, batch.device, batch.task_cpus, len(shards.jobs))

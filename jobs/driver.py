@@ -111,6 +111,7 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
 def _merge_held(out: OutputRun, executor: Executor | None, progress: ProgressCallback | None) -> MergeSummary:
     options, plan = out.options, out.plan
     executor = start_executor(executor, options.ray_address)
+    out.ready = time.perf_counter()
     nodes = executor.nodes()
     lanes = plan_lanes(nodes, options.device, options.task_cpus, len(plan.tasks) - len(out.reused))
     check_fits(nodes, max(plan.tasks, key=lambda t: t.memory_bytes))

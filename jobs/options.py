@@ -82,8 +82,8 @@ class MergeInputs:
         spec=(str, "auto, cpu or cuda"), choices=("auto", "cpu", "cuda"))
     unmerge: bool = option(False)  # take the adapters out of --base, a merged model (set by unmerge, plan, verify)
     dequantize: bool = option(False, "--dequantize", {
-        "": "write a quantized base's weights (FP8, MXFP4, compressed-tensors) as bf16: no scales, no "
-            "quantization_config (default: each weight keeps the base's format)",
+        "": "write a quantized base's weights (FP8, MXFP4, compressed-tensors, ModelOpt, fbgemm FP8) as bf16: no "
+            "scales, no quantization_config or hf_quant_config.json (default: each weight keeps the base's format)",
         "verify": "the merge wrote a quantized base's weights as bf16 (merge --dequantize)",
         "plan": "plan a merge that writes a quantized base's weights as bf16 (merge --dequantize)"},
         spec=BOOL, action="store_true", per_output=True)

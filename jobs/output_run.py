@@ -94,6 +94,7 @@ class OutputRun:
     reused: list[ShardResult] = field(default_factory=list)
     clearing: bool = False
     planned: float = 0.0
+    ready: float = 0.0  # the executor started: Ray up (a local one) or joined
     job: MergeJob | None = None
     original: str | None = None
     summary: MergeSummary | None = None
@@ -159,7 +160,8 @@ def publish_output(out: OutputRun, executor: Executor, lanes, retries: Mapping[s
     publication = Publication(results=tuple(results), extra_files=out.prepared.base.extra_files,
                               index_metadata=out.prepared.base.index_metadata, adapter_records=tuple(out.records),
                               timings={"plan_seconds": out.planned - out.started,
-                                       "merge_seconds": merged - out.planned},
+                                       "start_seconds": max(0.0, out.ready - out.planned),
+                                       "merge_seconds": merged - max(out.ready, out.planned)},
                               cluster=cluster, retries=dict(retries),
                               retry_reasons={k: tuple(v) for k, v in reasons.items()},
                               reused=tuple(r.name for r in out.reused), lineage=out.prepared.base.manifest,

@@ -78,7 +78,7 @@ def render_plan(plan: MergePlan, device: str, quantization: str | None = None) -
         lines.append(f"takes {name} from {source}")
     if changes["base_files_left_out"]:
         lines.append(f"leaves out the base's {', '.join(changes['base_files_left_out'])} (the adapter's tokenizer "
-                     "replaces the base's)")
+                     "replaces the base's; --dequantize drops the files that declare a quantized format)")
     share = f"1/{TASKS_PER_GPU} of a GPU"
     gpu = share if device == "cuda" else f"{share} where the cluster has GPUs" if device == "auto" else "no GPU"
     lines.append(f"each task asks Ray for 1 CPU, {gpu}, and the memory shown")

@@ -350,10 +350,28 @@ def tensor_infos(path: str) -> dict:
     return infos
 
 
+def infos_of(*entries: tuple[str, str, tuple[int, ...]]) -> dict:
+    """name -> TensorInfo of tensors (name, dtype, shape) stored one after another, as a header lists them."""
+    from merge_core.format.header import DTYPE_BYTES, TensorInfo
+
+    out, position = {}, 0
+    for name, dtype, shape in entries:
+        size = DTYPE_BYTES[dtype] * math.prod(shape)
+        out[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=position, end=position + size)
+        position += size
+    return out
+
+
 def quantized_weights(path: str) -> dict:
-    """The checkpoint's QuantizedWeights, from its config.json and headers, as the driver will find them."""
-    from merge_core.format.codecs import group_weights, read_scheme
-    return group_weights(read_scheme(read_config(path), "config.json"), tensor_infos(path), path)
+    """The checkpoint's QuantizedWeights, from its config.json (or a file beside it, ModelOpt's
+    hf_quant_config.json) and headers, as the driver will find them."""
+    from merge_core.format.codecs import CONFIG_FILES, group_weights, read_scheme
+    beside = {}
+    for name in CONFIG_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                beside[name] = (json.load(f), name)
+    return group_weights(read_scheme(read_config(path), "config.json", beside), tensor_infos(path), path)
 
 
 def decode_checkpoint(path: str) -> dict[str, torch.Tensor]:

@@ -60,6 +60,9 @@ class QuantScheme:
     # or a compressed-tensors format such as mxfp6): their tensors are copied as they are, and an adapter
     # that touches one is refused.
     uncoded: tuple[str, ...] = ()
+    # Files beside config.json that also declare the format (ModelOpt's hf_quant_config.json): --dequantize
+    # leaves them out, or engines would read the bf16 output as quantized.
+    config_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,14 @@ class Method:
     """One quant_method: its config.json and where its weights are among the stored tensors."""
 
     quant_method: str  # config.json's quant_method
+    config_file: str | None = None  # a file beside config.json that declares the format when config.json does not
 
     def read_scheme(self, qc: Mapping, subject: str) -> QuantScheme:
         """quantization_config, checked, InputError naming the key otherwise."""
+        raise NotImplementedError
+
+    def read_config_file(self, data: object, where: str) -> QuantScheme:
+        """`config_file`'s contents (parsed JSON), checked, InputError naming the key otherwise."""
         raise NotImplementedError
 
     def group(self, scheme: QuantScheme, tensors: Mapping[str, TensorInfo], where: str) -> Iterator[QuantizedWeight]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from merge_core.errors import InputError
-from merge_core.format.codecs import group_weights, read_scheme
+from merge_core.format.codecs import CONFIG_FILES, group_weights, read_scheme
 from merge_core.format.header import LENGTH_PREFIX_BYTES, ShardHeader, TensorInfo, header_length, parse_header
 from merge_core.format.quantization import QuantizedWeight, QuantScheme
 from merge_core.inputs.location import not_a_model
@@ -55,7 +55,7 @@ class BaseCheckpoint:
     extra_files: tuple[str, ...]  # config, tokenizer and other non-weight files, copied as they are
     weight_map: Mapping[str, str] = field(repr=False)
     config: Mapping[str, object] = field(default_factory=dict, repr=False)  # config.json, when it has one
-    quantization: QuantScheme | None = None  # config.json's quantization_config, checked
+    quantization: QuantScheme | None = None  # config.json's quantization_config (or a file beside it), checked
     # quantized weights by logical name (X.weight, or GPT-OSS's ...experts.gate_up_proj): the
     # stored tensors each is made of (codes and scales), which the planner treats as one
     quantized: Mapping[str, QuantizedWeight] = field(default_factory=dict, repr=False)
@@ -205,7 +205,9 @@ def load_base(storage: Storage) -> BaseCheckpoint:
     extra = tuple(n for n in names if not n.endswith(WEIGHT_FILE_SUFFIXES) and n not in own)
     config = read_json(storage, CONFIG_JSON, "restore config.json") if CONFIG_JSON in names else {}
     config = config if isinstance(config, dict) else {}
-    scheme = read_scheme(config, storage.describe(CONFIG_JSON))
+    beside = {name: (read_json(storage, name, f"restore {name}"), storage.describe(name))
+              for name in CONFIG_FILES if name in names}
+    scheme = read_scheme(config, storage.describe(CONFIG_JSON), beside)
     quantized = {}
     if scheme is not None:
         infos = {info.name: info for shard in shards for info in shard.header.tensors}

@@ -293,5 +293,6 @@ def plan_merge(base: BaseCheckpoint, adapters: Sequence[LoraAdapter], weights: S
                      config_updates=updates, scales=scales,
                      file_sources={name: resizer.uri for name in tokenizer},
                      files_left_out=tuple(n for n in base.extra_files
-                                          if tokenizer and n in TOKENIZER_FILES and n not in tokenizer),
+                                          if tokenizer and n in TOKENIZER_FILES and n not in tokenizer
+                                          or dequantizing and n in base.quantization.config_files),
                      config_removed=removed)

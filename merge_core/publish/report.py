@@ -33,9 +33,10 @@ SCHEMA = pa.schema([
 
 def _rows(task) -> list[tuple[str, str, tuple[int, ...], object]]:
     """(name, dtype, shape, target or None) per tensor of the merged shard, a quantized weight's parts
-    folded into one row."""
+    folded into one row; fused siblings (merged together) each a row of their own."""
     targets = {t.tensor: t for t in task.targets if t.quantized is None}
-    owners = {name: t for t in task.targets if t.quantized is not None for name, _, _ in t.output_tensors}
+    owners = {name: member for t in task.targets if t.quantized is not None for member in t.members
+              for name, _, _ in member.output_tensors}
     rows, seen = [], set()
     for name, dtype, shape in task.output_tensors:
         owner = owners.get(name)
@@ -47,6 +48,12 @@ def _rows(task) -> list[tuple[str, str, tuple[int, ...], object]]:
     return rows
 
 
+def _fused(target) -> bool:
+    """Whether the merge computed the tensor: not a sibling the adapters leave alone (merged beside one
+    they touch, its bytes kept or requantized only for the scale they share)."""
+    return target is not None and not (target.quantized is not None and not target.updates and not target.dequantize)
+
+
 def build_report(plan: MergePlan, results: Sequence[ShardResult]) -> bytes:
     stats = {name: s for r in results for name, s in r.fused_stats}
     rows = []
@@ -56,7 +63,7 @@ def build_report(plan: MergePlan, results: Sequence[ShardResult]) -> bytes:
             quantized = target.quantized if target is not None else None
             rows.append({
                 "name": name, "shard": task.name, "dtype": dtype, "shape": list(shape),
-                "fused": target is not None,
+                "fused": _fused(target),
                 "adapters": [plan.adapter_uris[u.adapter] for u in target.updates] if target else [],
                 "scales": [u.scale for u in target.updates] if target else [],
                 "delta_norm": stat.delta_norm if stat else None,

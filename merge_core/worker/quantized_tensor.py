@@ -85,14 +85,18 @@ def _shared_scale(members: Sequence[_Member]) -> tuple[dict[str, torch.Tensor] |
     if len(members) == 1 or first.target.keep_scales:
         return None, False
     roles = codecs.tensor_level(first.target.quantized)
-    if not all(torch.equal(m.stored[r].view(torch.uint8), first.stored[r].view(torch.uint8))
-               for m in members[1:] for r in roles):
+    if not all(torch.equal(_bits(m.stored[r]), _bits(first.stored[r])) for m in members[1:] for r in roles):
         return None, False
     low = torch.stack([m.weight.amin() for m in members]).amin()
     high = torch.stack([m.weight.amax() for m in members]).amax()
     shared = codecs.tensor_level_for(first.target.quantized, low, high)
-    moved = not all(torch.equal(shared[r].view(torch.uint8), first.stored[r].view(torch.uint8)) for r in roles)
+    moved = not all(torch.equal(_bits(shared[r]), _bits(first.stored[r])) for r in roles)
     return shared, moved
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, whatever its shape (ModelOpt stores per-tensor scales as shape [])."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _measured(member: _Member, kept: torch.Tensor | None) -> list[tuple[str, FuseStats]]:

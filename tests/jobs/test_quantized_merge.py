@@ -10,13 +10,12 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from jobs.cli import main
 from merge_core.names import INDEX_NAME
 from tests.conftest import BUCKET, list_keys, open_uploads, upload_dir
 from tests.jobs.conftest import cli
-from tests.jobs.test_bad_input import shard_of
+from tests.jobs.quantized_jobs import drop_tensor
 from tests.quantized_models import save_dequantized, save_fp8_llama, save_int4_kimi_style, stored_tensors
 from tests.variant_reference import build_adapter
 
@@ -101,16 +100,7 @@ def test_int4_s3_to_s3(s3, ray_session, tmp_path):
 
 
 def _without_scale(base: str) -> None:
-    """The scale gone from its shard and the index, as a botched conversion leaves it."""
-    name = "model.layers.0.self_attn.q_proj.weight_scale_inv"
-    path = shard_of(base, name)
-    tensors = load_file(path)
-    del tensors[name]
-    save_file(tensors, path, metadata={"format": "pt"})
-    index_path = os.path.join(base, INDEX_NAME)
-    index = json.load(open(index_path))
-    del index["weight_map"][name]
-    json.dump(index, open(index_path, "w"))
+    drop_tensor(base, "model.layers.0.self_attn.q_proj.weight_scale_inv")
 
 
 def _config(edit):

@@ -2,7 +2,7 @@
 merge_core.format.quantization.Codec, and a line in CODECS), the quant_methods that name them (METHODS),
 and the entry points the rest of the project uses, none of which names a format.
 
-    scheme = read_scheme(config, where)              # config.json's quantization_config, or None
+    scheme = read_scheme(config, where, beside)      # config.json's quantization_config (or a file beside it)
     weights = group_weights(scheme, infos, where)    # the quantized weights among the stored tensors
     weight = decode(w, parts)                        # float32, exact: code × scale
     parts = encode(w, merged, stored)                # fresh scales, as the format's reference quantizer
@@ -13,7 +13,7 @@ scales (--scales keep) gives an unchanged weight back bit for bit, whatever made
 (quantization-aware training, an older quantizer), and scales do not drift on requantization (a 4-bit
 amax / 7.5 moves every scale by 16/15 or 14/15 otherwise); values past a scale's range saturate.
 
-A quant_method without a codec (GPTQ, AWQ, bitsandbytes, ModelOpt, ...) is no error: its tensors are
+A quant_method without a codec (GPTQ, AWQ, bitsandbytes, ...) is no error: its tensors are
 copied as they are, and only an adapter on one of its quantized weights is refused (the planner asks
 `format_of` for the words).
 
@@ -23,10 +23,11 @@ points load torch when first called.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Mapping
 
 from merge_core.errors import InputError
-from merge_core.format.codecs import compressed_tensors, fp8_block, mxfp4
+from merge_core.format.codecs import compressed_tensors, fbgemm_fp8, fp8_block, modelopt, mxfp4
 from merge_core.format.codecs.deferred import tensors
 from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import Codec, Method, QuantizedWeight, QuantScheme
@@ -35,12 +36,17 @@ if TYPE_CHECKING:
     import torch
 
 CODECS: dict[str, Codec] = {codec.name: codec for codec in (fp8_block.CODEC, mxfp4.CODEC,
-                                                            *compressed_tensors.FORMAT_CODECS)}
+                                                            *compressed_tensors.FORMAT_CODECS,
+                                                            *modelopt.FORMAT_CODECS, fbgemm_fp8.CODEC)}
 METHODS: dict[str, Method] = {method.quant_method: method for method in (fp8_block.CODEC, mxfp4.CODEC,
-                                                                          compressed_tensors.METHOD)}
+                                                                          compressed_tensors.METHOD, modelopt.METHOD,
+                                                                          fbgemm_fp8.CODEC)}
 QUANT_METHODS = tuple(METHODS)
 FORMATS = ("fp8 (block-scaled)", "mxfp4 (GPT-OSS)", *(f"compressed-tensors {fmt}" for codec in
-                                                      compressed_tensors.FORMAT_CODECS for fmt in codec.formats))
+                                                      compressed_tensors.FORMAT_CODECS for fmt in codec.formats),
+           *(f"modelopt {algo}" for algo in modelopt.ALGOS), "fbgemm_fp8")
+# Files beside config.json that declare a format when config.json has no quantization_config
+CONFIG_FILES = tuple(method.config_file for method in METHODS.values() if method.config_file)
 UNCODED_FIX = "merge with an unquantized (bf16) base, or an adapter that leaves this module alone"
 
 
@@ -48,23 +54,32 @@ def codec_of(weight: QuantizedWeight) -> Codec:
     return CODECS[weight.codec]
 
 
-def read_scheme(config: Mapping, where: str) -> QuantScheme | None:
+def read_scheme(config: Mapping, where: str, beside: Mapping[str, tuple[object, str]] | None = None
+                ) -> QuantScheme | None:
     """The base's quantization scheme from config.json, None when it has none. Multimodal configs
     (Kimi K2.5, K3) keep it under text_config. A quant_method without a codec reads as a scheme whose
-    weights are all `uncoded`."""
+    weights are all `uncoded`. `beside`: the CONFIG_FILES the base has, each (its parsed JSON, where it
+    is), read when config.json declares no format, and recorded in the scheme when it declares theirs."""
     subject = f"{where}: quantization_config"
     qc = config.get("quantization_config")
     if qc is None and isinstance(config.get("text_config"), dict):
         qc = config["text_config"].get("quantization_config")
         subject = f"{where}: text_config.quantization_config"
+    beside = beside or {}
     if qc is None:
-        return None
+        method = next((m for m in METHODS.values() if m.config_file in beside), None)
+        return None if method is None else _with_file(method.read_config_file(*beside[method.config_file]), method)
     if not isinstance(qc, dict):
         raise InputError(subject, f"{qc!r} is not a JSON object", "fix config.json")
     method = METHODS.get(qc.get("quant_method"))
     if method is None:
         return QuantScheme(str(qc.get("quant_method")), uncoded=(str(qc.get("quant_method")),))
-    return method.read_scheme(qc, subject)
+    scheme = method.read_scheme(qc, subject)
+    return _with_file(scheme, method) if method.config_file in beside else scheme
+
+
+def _with_file(scheme: QuantScheme, method: Method) -> QuantScheme:
+    return dataclasses.replace(scheme, config_files=(method.config_file,))
 
 
 def group_weights(scheme: QuantScheme, infos: Mapping[str, TensorInfo], where: str) -> dict[str, QuantizedWeight]:

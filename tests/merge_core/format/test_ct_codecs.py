@@ -10,19 +10,10 @@ import torch
 
 from merge_core.errors import InputError
 from merge_core.format.codecs import ct_math, ct_packing, decode, encode, group_weights, read_scheme
-from merge_core.format.header import DTYPE_BYTES, TensorInfo
 from merge_core.format.quantization import QuantArgs
+from tests.quantized_models import infos_of as infos
 
 WHERE = "base/config.json"
-
-
-def infos(*entries: tuple[str, str, tuple[int, ...]]) -> dict[str, TensorInfo]:
-    out, position = {}, 0
-    for name, dtype, shape in entries:
-        size = DTYPE_BYTES[dtype] * int(torch.tensor(shape).prod()) if shape else DTYPE_BYTES[dtype]
-        out[name] = TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=position, end=position + size)
-        position += size
-    return out
 
 
 def ct_args(**fields):

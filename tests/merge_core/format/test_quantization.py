@@ -88,7 +88,7 @@ def test_real_configs_parse():
     assert describe(kimi) == "compressed-tensors pack-quantized (int4, group 32)"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "modelopt", None])
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "hqq", None])
 def test_other_methods_read_as_formats_without_a_codec(method):
     """Not refused: their tensors are copied, and only an adapter on one of their weights is refused."""
     scheme = read_scheme({"quantization_config": {"quant_method": method, "bits": 4}}, WHERE)

@@ -10,7 +10,6 @@ float32 values compressed-tensors decompresses them to.
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
@@ -18,27 +17,23 @@ import torch
 
 from tests.ct_models import CtCheckpoint, expected_parts, random_model, save_ct, save_ct_state, save_preset
 from tests.local_merge import merge_without_ray
-from tests.quantized_merges import merged_in_format, reference_case
-from tests.quantized_models import read_config, saved_state
-from tests.reference import load_checkpoint
+from tests.quantized_merges import (
+    LORA_ON,
+    dequantized_as_peft,
+    llama_cls,
+    lora,
+    reference_case,
+    requantized_as_expected,
+    spot_check_finds_the_base_codes,
+)
+from tests.quantized_models import saved_state
 
 PRESETS = ["FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "NVFP4A16", "MXFP4A16", "MXFP8A16"]
-LORA_ON = ["q_proj", "gate_proj", "down_proj"]  # k/v and up stay untouched beside touched siblings
-
-
-def llama_cls():
-    from transformers import LlamaForCausalLM
-    return LlamaForCausalLM
 
 
 def mixtral_cls():
     from transformers import MixtralForCausalLM
     return MixtralForCausalLM
-
-
-def lora(**extra):
-    from peft import LoraConfig
-    return LoraConfig(r=4, lora_alpha=8, **extra)
 
 
 def mixed(path: str) -> CtCheckpoint:
@@ -92,19 +87,9 @@ def case(request, tmp_path_factory):
 @pytest.mark.parametrize("scales", ["fresh", "keep"])
 def test_each_format_is_what_compressed_tensors_makes_of_the_peft_merge(case, scales):
     name, checkpoint, adapter, reference, root = case
-    out = str(root / f"out-{scales}")
-    base, merged = merged_in_format(checkpoint, adapter, out, scales=scales)
-    touched = {n for n in checkpoint.exact if not torch.equal(reference[n], checkpoint.exact[n])}
-    assert touched and len(touched) < len(checkpoint.exact), "the adapter updates some quantized weights, not all"
-    expected = expected_parts(checkpoint, base, reference, touched, scales)
-    assert {n.rsplit(".", 1)[0] for n in expected} >= {n.rsplit(".", 1)[0] for n in touched}
-    for stored in (n for n in base if n.rsplit(".", 1)[0] in checkpoint.schemes):  # every part, activations' too
-        want = expected.get(stored, base[stored])
-        assert torch.equal(merged[stored].reshape(-1).view(torch.uint8),
-                           want.reshape(-1).contiguous().view(torch.uint8)), (stored, scales)
-    manifest = json.load(open(f"{out}/merge_manifest.json"))
-    assert manifest["requantization"]["scales"] == scales
-    ties = manifest["requantization"]["tied"]
+    requantization = requantized_as_expected(checkpoint, adapter, reference, str(root / f"out-{scales}"), scales,
+                                             expected_parts, checkpoint.schemes)
+    ties = requantization["tied"]
     if scales == "fresh" and name in ("FP8", "NVFP4A16", "NVFP4", "moe-nvfp4-experts", "mixed-precision"):  # shared
         assert ties and all(len(group) > 1 for group in ties), ties
     else:
@@ -113,14 +98,7 @@ def test_each_format_is_what_compressed_tensors_makes_of_the_peft_merge(case, sc
 
 def test_dequantize_writes_the_peft_merge_rounded_to_bf16(case):
     name, checkpoint, adapter, reference, root = case
-    out = str(root / "out-bf16")
-    merge_without_ray(checkpoint.path, [adapter], out, dequantize=True)
-    merged = load_checkpoint(out)
-    config = read_config(out)
-    assert "quantization_config" not in config and "quantization_config" not in config.get("text_config", {})
-    assert not any(n.endswith(("_scale", "_packed", "_zero_point", "_shape")) for n in merged)
-    for logical in checkpoint.exact:
-        assert torch.equal(merged[logical], reference[logical].to(torch.bfloat16)), logical
+    dequantized_as_peft(checkpoint, adapter, reference, str(root / "out-bf16"))
 
 
 # How close the merged model's change of the logits comes to PEFT's base + adapter: cosine above, error (of
@@ -202,29 +180,5 @@ def test_verify_allows_a_gpu_merge_one_step_and_no_more(tmp_path_factory, tmp_pa
 def test_the_spot_check_finds_a_requantized_weight_that_is_not_the_merge(case, tmp_path):
     """The final task's float64 check decodes each format's stored parts: codes left as the base's (the
     update lost) lie more than one step of the format from the merge."""
-    from merge_core.inputs.adapter import load_adapter
-    from merge_core.inputs.checkpoint import load_base, read_shard_header
-    from merge_core.io.registry import open_storage
-    from merge_core.planning.planner import plan_merge
-    from merge_core.publish.spot_check import _Sources, _spot_quantized
-    from merge_core.worker.job import MergeJob
-    from merge_core.worker.shard_merge import merge_shard
-
     name, checkpoint, adapter, reference, root = case
-    plan = plan_merge(load_base(open_storage(checkpoint.path)), [load_adapter(open_storage(adapter))], [1.0])
-    for task in plan.tasks:
-        merge_shard(task, MergeJob.of(plan, str(tmp_path)))
-    task, target = next((t, f) for t in plan.tasks for f in t.targets if f.quantized is not None and f.updates)
-    rows = [0, target.quantized.shape[0] - 1]
-    storages = (open_storage(checkpoint.path), [open_storage(adapter)], open_storage(str(tmp_path)))
-    header = read_shard_header(storages[2], task.name)
-    assert _spot_quantized(task, target, rows, _Sources(*storages, header)) == []
-    codes = header.tensor(target.parts[0].info.name)
-    source = target.parts[0]
-    original = storages[0].read_range(source.shard, source.data_start + source.info.start, source.info.nbytes)
-    path = tmp_path / task.name
-    written = path.read_bytes()
-    at = header.data_start + codes.start
-    path.write_bytes(written[:at] + original + written[at + codes.nbytes:])  # the base's codes back, in place
-    problems = _spot_quantized(task, target, rows, _Sources(*storages, read_shard_header(storages[2], task.name)))
-    assert problems and f"tensor {target.tensor} row " in problems[0] and "step" in problems[0]
+    spot_check_finds_the_base_codes(checkpoint, adapter, str(tmp_path))
