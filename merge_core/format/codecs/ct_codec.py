@@ -16,6 +16,7 @@ from merge_core.errors import InputError
 from merge_core.format.codecs import ct_math
 from merge_core.format.codecs.checks import CORRUPT_FIX, refusal
 from merge_core.format.codecs.deferred import tensors, torch
+from merge_core.format.codecs.floats import as_float32
 from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import Codec, QuantArgs, QuantizedWeight
 
@@ -99,14 +100,14 @@ class CtCodec(Codec):
 
     def read_codes(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """float32 code values, (rows, columns)."""
-        return parts["codes"].float()
+        return as_float32(parts["codes"])
 
     def write_codes(self, weight: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
         return codes.to(tensors.TORCH_DTYPES[weight.part("codes").dtype])
 
     def read_scale(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """float32 scales, scale-shaped: what the codes are multiplied by (NVFP4: s / global scale)."""
-        return parts["scale"].float()
+        return as_float32(parts["scale"])
 
     def write_scale(self, weight: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
         """calculate_qparams' float32 scales as stored: rounded to the stored dtype."""

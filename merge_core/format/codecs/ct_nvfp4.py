@@ -19,6 +19,7 @@ from merge_core.format.codecs import ct_packing
 from merge_core.format.codecs.checks import refusal
 from merge_core.format.codecs.ct_codec import CtCodec, refuse_args
 from merge_core.format.codecs.deferred import torch
+from merge_core.format.codecs.floats import as_float32
 from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import QuantArgs, QuantizedWeight
 
@@ -62,7 +63,7 @@ class CtNvfp4(CtCodec):
         return ct_packing.pack_e2m1(codes)
 
     def read_scale(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return parts["scale"].float() / parts["global_scale"].float()
+        return as_float32(parts["scale"]) / parts["global_scale"].float()
 
     def write_scale(self, weight: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
         return scale.to(torch.float8_e4m3fn)

@@ -14,3 +14,18 @@ def round_up_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
     exp2(ceil(log2 s)), triton's MX downcast with this bit arithmetic)."""
     bits = values.contiguous().view(torch.int32)
     return ((bits + MANTISSA_BITS) & EXPONENT_BITS).view(torch.float32)
+
+
+_E4M3_VALUES: dict[str, torch.Tensor] = {}
+
+
+def as_float32(values: torch.Tensor) -> torch.Tensor:
+    """`values.float()`, bit for bit; float8_e4m3fn on a CPU through a table of its 256 values (made by
+    torch's own cast), which is several times faster than the element-wise cast there."""
+    if values.dtype != torch.float8_e4m3fn or values.device.type != "cpu":
+        return values.float()
+    table = _E4M3_VALUES.get("cpu")
+    if table is None:
+        table = _E4M3_VALUES.setdefault("cpu", torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+    index = values.contiguous().view(torch.uint8).reshape(-1).int()
+    return torch.index_select(table, 0, index).view(values.shape)

@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 from merge_core.errors import InputError
 from merge_core.format.codecs.checks import CORRUPT_FIX, UNQUANTIZED_FIX, module_names, positive_int, refusal
 from merge_core.format.codecs.deferred import tensors, torch
-from merge_core.format.codecs.floats import round_up_to_power_of_two
+from merge_core.format.codecs.floats import as_float32, round_up_to_power_of_two
 from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import Codec, Method, QuantizedWeight, QuantScheme
 
@@ -57,7 +57,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
     rows, cols = codes.shape
     weight = torch.empty(rows, cols, dtype=torch.float32, device=codes.device)
     for rows_here, row_scale in _row_blocks(scale, block, rows, cols):
-        torch.mul(codes[rows_here].float(), row_scale, out=weight[rows_here])
+        torch.mul(as_float32(codes[rows_here]), row_scale, out=weight[rows_here])
     return weight
 
 

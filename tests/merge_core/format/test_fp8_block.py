@@ -179,3 +179,11 @@ def test_deepseek_v3_checkpoint_decodes_as_transformers_loads_it(tmp_path):
     assert len(fused) == 2 and len(plain) == 16
     assert all(torch.equal(loaded[name], value) for name, value in (fused | plain).items())
 
+
+
+def test_e4m3_codes_read_through_the_table_are_torchs_own_cast_bit_for_bit():
+    from merge_core.format.codecs.floats import as_float32
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).repeat(3, 1)  # NaN and ±0 too
+    assert torch.equal(as_float32(every).view(torch.int32), every.float().view(torch.int32))
+    assert as_float32(every[:, ::2]).shape == (3, 128), "a strided view is read as it is"
+    assert torch.equal(as_float32(every[:, ::2]).view(torch.int32), every[:, ::2].float().view(torch.int32))
