@@ -19,7 +19,7 @@ Torch-free, as are the formats' layouts: the driver plans from headers alone.
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from merge_core.errors import InputError
 from merge_core.format.header import TensorInfo
@@ -173,6 +173,12 @@ class Codec:
         """float32, the weight's shape: the lowest and highest value each element can hold with these
         scales (kept scales saturate a merged value beyond them)."""
         raise NotImplementedError
+
+    def rows(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], rows: Sequence[int]
+             ) -> tuple[QuantizedWeight, dict[str, torch.Tensor]] | None:
+        """These rows alone as a weight of the same format whose values, steps and reach are those rows'
+        (for a check that samples rows), or None where the parts do not come apart by rows."""
+        return None
 
     # Fused siblings (q/k/v, gate/up, an expert's w1/w3) may share one tensor-level scale.
 

@@ -26,8 +26,8 @@ from merge_core.planning.plan import FuseTarget, MergePlan, ShardTask, Update
 
 SPOT_TENSORS = 8
 SPOT_ROWS = 4
-# A quantized weight is decoded whole (its codes, scales and steps) to check a few rows: at most
-# this many of the sampled tensors are quantized ones, which keeps the final task's check short.
+# A quantized weight is read whole to check a few rows (and decoded whole where its format's parts do
+# not come apart by rows): at most this many of the sampled tensors are quantized ones.
 SPOT_QUANTIZED = 2
 
 
@@ -124,23 +124,27 @@ def _spot_quantized(task: ShardTask, target: FuseTarget, rows: Sequence[int], so
     decoded (within one quantization step of its format, or at the end of its range where kept scales
     saturate it), or the stored bf16 (--dequantize)."""
     base, output, header = sources.base, sources.output, sources.header
-    weight = codecs.decode(target.quantized, {p.role: tensor_from_bytes(
+    sampled, parts, at = codecs.rows(target.quantized, {p.role: tensor_from_bytes(
         base.read_range(p.shard, p.data_start + p.info.start, p.info.nbytes), p.info.dtype, p.info.shape)
-        for p in target.parts})
+        for p in target.parts}, rows)  # only the sampled rows are decoded, where the format allows
+    weight = codecs.decode(sampled, parts)
     if target.dequantize:  # fused as float32 and rounded once: --sequential rounded to float32 in between
         once = dataclasses.replace(arithmetic, sequential=False)
-        return [p for row in rows if (p := _spot_row(task, target, row, sources, once, weight=weight[row]))]
-    stored_parts = _parts(output, task.output_name, header.data_start,
-                          [(p.role, header.tensor(p.info.name)) for p in target.parts])
-    stored, steps = codecs.decode(target.quantized, stored_parts), codecs.step(target.quantized, stored_parts)
-    low, high = codecs.reach(target.quantized, stored_parts)
+        return [p for i, row in enumerate(rows)
+                if (p := _spot_row(task, target, row, sources, once, weight=weight[at[i]]))]
+    sampled, stored_parts, stored_at = codecs.rows(target.quantized, _parts(
+        output, task.output_name, header.data_start, [(p.role, header.tensor(p.info.name)) for p in target.parts]),
+        rows)
+    stored, steps = codecs.decode(sampled, stored_parts), codecs.step(sampled, stored_parts)
+    low, high = codecs.reach(sampled, stored_parts)
     problems = []
-    for row in rows:
-        exact, bound, _ = _expected(target, row, weight[row].double(), sources.adapters, arithmetic.unmerge)
-        value = stored[row].double()
-        off = (value - exact).abs() - steps[row].double() - _evaluation_error(target, bound)
-        saturated = ((exact >= high[row].double()) & (value == high[row].double())) | \
-                    ((exact <= low[row].double()) & (value == low[row].double()))
+    for i, row in enumerate(rows):
+        exact, bound, _ = _expected(target, row, weight[at[i]].double(), sources.adapters, arithmetic.unmerge)
+        here = stored_at[i]
+        value = stored[here].double()
+        off = (value - exact).abs() - steps[here].double() - _evaluation_error(target, bound)
+        saturated = ((exact >= high[here].double()) & (value == high[here].double())) | \
+                    ((exact <= low[here].double()) & (value == low[here].double()))
         bad = (off > 0) & ~saturated
         if bool(bad.any()):
             problems.append(f"{output.describe(task.output_name)}: tensor {target.tensor} row {row}: "

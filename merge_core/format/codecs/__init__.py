@@ -24,7 +24,7 @@ points load torch when first called.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from merge_core.errors import InputError
 from merge_core.format.codecs import compressed_tensors, fbgemm_fp8, fp8_block, modelopt, mxfp4
@@ -141,6 +141,15 @@ def step(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Te
 def reach(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """float32, `weight.shape`: the lowest and highest value each element can hold with these scales."""
     return codec_of(weight).reach(weight, parts)
+
+
+def rows(weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], rows: Sequence[int]
+         ) -> tuple[QuantizedWeight, dict[str, torch.Tensor], list[int]]:
+    """(a weight, its parts, where each of `rows` is in it): those rows alone as a weight of the same
+    format, so that decode, step and reach work on them only, or the whole weight where the format's
+    parts do not come apart by rows."""
+    cut = codec_of(weight).rows(weight, parts, rows)
+    return (*cut, list(range(len(rows)))) if cut is not None else (weight, dict(parts), list(rows))
 
 
 def tensor_level(weight: QuantizedWeight) -> tuple[str, ...]:

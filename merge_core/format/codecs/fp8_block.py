@@ -22,6 +22,7 @@ temporaries, never several full-size ones.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Mapping, Sequence
 
 from merge_core.errors import InputError
@@ -211,6 +212,19 @@ class Fp8Block(Method, Codec):
 
     def step(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return block_steps(parts["codes"], parts["scale"], weight.block)
+
+    def rows(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor], rows: Sequence[int]
+             ) -> tuple[QuantizedWeight, dict[str, torch.Tensor]]:
+        """The rows with their blocks' scales, as a weight of (1, bi) blocks: each value is the same
+        code times the same scale."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=parts["codes"].device)
+        codes, scale = parts["codes"][index], parts["scale"][index // weight.block[0]]
+        infos = dict(weight.parts)
+        shaped = {role: dataclasses.replace(infos[role], shape=tuple(t.shape))
+                  for role, t in (("codes", codes), ("scale", scale))}
+        return (dataclasses.replace(weight, parts=tuple((role, shaped[role]) for role, _ in weight.parts),
+                                    shape=tuple(codes.shape), block=(1, weight.block[1])),
+                {"codes": codes, "scale": scale})
 
     def reach(self, weight: QuantizedWeight, parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         top = dequantize(torch.full(weight.shape, E4M3_MAX, device=parts["scale"].device).to(torch.float8_e4m3fn),

@@ -187,3 +187,19 @@ def test_e4m3_codes_read_through_the_table_are_torchs_own_cast_bit_for_bit():
     assert torch.equal(as_float32(every).view(torch.int32), every.float().view(torch.int32))
     assert as_float32(every[:, ::2]).shape == (3, 128), "a strided view is read as it is"
     assert torch.equal(as_float32(every[:, ::2]).view(torch.int32), every[:, ::2].float().view(torch.int32))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_sampled_rows_alone_decode_step_and_reach_as_in_the_whole_weight(scale_dtype):
+    from merge_core.format import codecs
+    weight = described((300, 200), scale_dtype=scale_dtype)
+    parts = encode(weight, weight_like(300, 200, seed=3), {})
+    rows = [299, 0, 128, 127, 5, 128]  # edge blocks, block boundaries, a repeat, any order
+    sampled, sampled_parts, at = codecs.rows(weight, parts, rows)
+    assert sampled.shape == (len(rows), 200) and at == list(range(len(rows)))
+    whole_low, whole_high = codecs.reach(weight, parts)
+    low, high = codecs.reach(sampled, sampled_parts)
+    for name, whole, alone in (("decode", decode(weight, parts), decode(sampled, sampled_parts)),
+                               ("step", codecs.step(weight, parts), codecs.step(sampled, sampled_parts)),
+                               ("low", whole_low, low), ("high", whole_high, high)):
+        assert torch.equal(alone.view(torch.int32), whole[rows].view(torch.int32)), name
