@@ -4,9 +4,7 @@
     .venv/bin/python -m bench.fuse_micro --repeats 9 --threads 1
 
 For each shape and thread count it times, on the same tensors:
-  - dense, whole ΔW: the path before the row-block fuse (ΔW = B·A·s computed whole, then added block by block);
-    run by turning the row-block path off for LoRA (`Lora.by_rows`), which is what every other kind still takes;
-  - dense, row blocks: what a plain LoRA merge takes now (merge_core.numerics.row_delta);
+  - dense: a bf16 weight merged as a plain LoRA merge fuses it (merge_core.numerics.fuse);
   - fp8: the same weight stored FP8 e4m3 with 128×128 block scales, merged as the worker does
     (merge_core.worker.quantized_tensor.merged_quantized: decode, fuse, encode with fresh scales, measure);
 and prints the median seconds per GB of the weight as the base stores it (bf16: 2 bytes an element; the FP8
@@ -19,9 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -29,7 +26,6 @@ from merge_core.format.codecs import fp8_block
 from merge_core.format.header import TensorInfo
 from merge_core.format.quantization import QuantizedWeight
 from merge_core.kinds import Kind
-from merge_core.numerics import ops
 from merge_core.numerics.fuse import fuse_into
 from merge_core.numerics.ops import Term
 from merge_core.numerics.workspace import workspace_for
@@ -39,17 +35,6 @@ from merge_core.worker.quantized_tensor import merged_quantized
 SHAPES = ((4096, 4096), (14336, 4096))
 RANK = 16
 BLOCK = (128, 128)
-
-
-@contextmanager
-def whole_delta() -> Iterator[None]:
-    """The fuse as it was before row blocks: a LoRA ΔW computed whole."""
-    before = ops.Lora.by_rows
-    ops.Lora.by_rows = lambda self, term: False
-    try:
-        yield
-    finally:
-        ops.Lora.by_rows = before
 
 
 def _info(name: str, tensor: torch.Tensor, dtype: str) -> TensorInfo:
@@ -111,19 +96,10 @@ def main() -> None:
             merged.copy_(weight)
             return fuse_into(merged, [term], workspace)
 
-        def dense_whole() -> object:
-            with whole_delta():
-                return dense()
-
         fp8 = fp8_case(weight, a, b, scale)
-        dense()
-        after = merged.clone()
-        dense_whole()
-        assert torch.equal(merged, after), "the row-block fuse must give the whole-ΔW fuse's bits"
         for threads in args.threads:
             torch.set_num_threads(threads)
-            runs = {"dense, whole ΔW (before)": dense_whole, "dense, row blocks (after)": dense,
-                    "fp8 block-scaled": fp8}
+            runs = {"dense": dense, "fp8 block-scaled": fp8}
             times = {name: [] for name in runs}
             for _ in range(args.repeats):  # alternate, so that a noisy neighbour hurts each alike
                 for name, run in runs.items():
@@ -132,8 +108,7 @@ def main() -> None:
             print(f"{rows}×{cols} bf16, r={RANK}, {threads} thread{'s' if threads > 1 else ''}:")
             for name, per_gb in medians.items():
                 print(f"  {name:28s} {per_gb:6.3f} s/GB")
-            before, now, quant = (medians[name] for name in runs)
-            print(f"  before / after {before / now:.2f}×   fp8 / dense (after) {quant / now:.2f}×")
+            print(f"  fp8 / dense {medians['fp8 block-scaled'] / medians['dense']:.2f}×")
 
 
 if __name__ == "__main__":
