@@ -36,7 +36,7 @@ def targets(args: argparse.Namespace, wall: Mapping[str, float], peak: Mapping[s
         return [Target("the demo's 40 MB merge, S3 to S3, from the command's start to its exit", wall[MERGE], 5.0,
                        " s")]
     if args.storage == "s3":
-        chosen = set(getattr(args, "targets", None) or ())  # the adapter's target modules, where the run chose
+        chosen = set((getattr(args, "targets", None) or "").split(",")) - {""}  # --targets q_proj,v_proj
         only_q_v = bool(chosen) and chosen <= Q_AND_V
         found.append(Target(f"S3 to S3, an adapter on {'q_proj and v_proj only' if only_q_v else 'every linear'}, "
                             "against a boto3 download + upload", wall[MERGE] / wall["boto3 copy"],

@@ -58,8 +58,8 @@ class S3Server:
         client = self.client()
         try:
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
+        except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+            pass  # SeaweedFS answers the second: a bucket this server's data folder kept
 
 
 class ServerError(RuntimeError):

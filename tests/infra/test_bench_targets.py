@@ -19,7 +19,7 @@ def test_a_local_run_is_judged_against_peft_and_the_copy():
 
 
 def test_s3_demo_and_gpu_runs_have_their_own_targets():
-    assert verdicts(run_kind(storage="s3", targets=["q_proj", "v_proj"]), {"boto3 copy": 10.0, "lora-merge": 4.0},
+    assert verdicts(run_kind(storage="s3", targets="q_proj,v_proj"), {"boto3 copy": 10.0, "lora-merge": 4.0},
                     {})[0].endswith("q_proj and v_proj only, against a boto3 download + upload: 0.40x (at most "
                                     "0.5x): met")
     assert "every linear" in verdicts(run_kind(storage="s3"), {"boto3 copy": 10.0, "lora-merge": 14.0}, {})[0]
