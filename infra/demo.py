@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         recovery = json.load(open(os.path.join(unmerged, "merge_manifest.json")))["recovery"]
         print(f"unmerged again: {recovery['tensors_identical']} of {recovery['tensors']} tensors and "
               f"{recovery['elements_identical'] / recovery['elements']:.1%} of elements came back bit for bit; the "
-              f"rest within {recovery['max_ulps']} ulp (a bf16 merge cannot be undone exactly; the base's sha256 "
+              f"rest within {recovery['max_ulps']} ulp (a bf16 merge cannot be undone exactly; the base's digests "
               "are in the merged model's manifest)")
         print(f"picture of what the merge changed (layers × modules, ‖ΔW‖/‖W‖): {picture}, and beside the "
               f"model as {merged_uri}/merge_report.png")
