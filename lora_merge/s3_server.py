@@ -27,6 +27,7 @@ from typing import Mapping
 
 START_TIMEOUT_S = 60
 START_ATTEMPTS = 3  # a port handed out as free may be taken by someone else before weed binds it
+KILL_WAIT_S = 10  # after SIGKILL: the kernel frees a process quickly, unless it is stuck in I/O
 STATE_FILE = "server.json"
 # weed mini's listeners, by the flag that sets each port (without its leading dash).
 SERVICES = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -173,22 +174,36 @@ def _launch(data_dir: str, access_key: str, secret_key: str, ports: Mapping[str,
 
 
 def stop(server: S3Server, timeout: float = 20) -> None:
+    """Stop the server: SIGTERM, `timeout` seconds to shut down, then SIGKILL. Returns once it is
+    gone (a start on its ports and data folder may follow at once)."""
     try:
         os.killpg(server.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(server.pid, 0)
-        except ProcessLookupError:
-            return
-        try:  # reap it if it is our child
-            os.waitpid(server.pid, os.WNOHANG)
+    if _gone_within(server.pid, timeout):
+        return
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not _gone_within(server.pid, KILL_WAIT_S):
+        raise ServerError(f"the S3 server (pid {server.pid}) did not exit after SIGKILL; see "
+                          f"{server.data_dir}/weed.log")
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether the process group of `pid` is gone within `seconds` (reaping it if it is our child)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:  # reap it if it is our child: a zombie still counts as alive
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+        if not _alive(pid):
+            return True
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
-    os.killpg(server.pid, signal.SIGKILL)
 
 
 def start_again(server: S3Server) -> S3Server:

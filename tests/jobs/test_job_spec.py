@@ -102,7 +102,7 @@ def test_ray_job_submit_runs_a_merge_on_a_running_cluster(models, tmp_path):
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                              f"--dashboard-agent-listen-port={free_port()}",
                              f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                             f"--runtime-env-agent-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
                              "--object-store-memory=100000000", "--include-dashboard=true"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
