@@ -152,7 +152,7 @@ def stages(out: str, storage: str, wall: float) -> dict[str, float] | None:
     beside them); the driver's plan, Ray's start (a local Ray, or joining a cluster), the shards'
     tasks (from the first submitted to the last done: a worker's first task waits for it to import
     torch) and the final task; the rest of the wall time is the process's own start (Python,
-    imports) and Ray's shutdown."""
+    imports) and Ray's shutdown. Last, what the store copied itself (S3 to S3: untouched bytes)."""
     from merge_core.io.registry import open_storage
     from merge_core.names import MANIFEST_NAME
 
@@ -166,7 +166,8 @@ def stages(out: str, storage: str, wall: float) -> dict[str, float] | None:
             "write": sum(s["write_seconds"] for s in shards), "hash": sum(s.get("hash_seconds", 0) for s in shards),
             "tasks": sum(s["seconds"] for s in shards), "plan": timings.get("plan_seconds", 0),
             "Ray start": timings.get("start_seconds", 0), "merge (wall)": timings.get("merge_seconds", 0),
-            "final task": timings.get("finalize_seconds", 0), "process, shutdown": wall - driver}
+            "final task": timings.get("finalize_seconds", 0), "process, shutdown": wall - driver,
+            "GB the store copied": sum(s.get("bytes_copied", 0) for s in shards) / 1e9}
 
 
 def stage_table(breakdowns: dict[str, list[dict[str, float]]]) -> str:
