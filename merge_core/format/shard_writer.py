@@ -90,6 +90,11 @@ class ShardStreamWriter:
         return self._writer.bytes_copied
 
     @property
+    def store_checked(self) -> bool:
+        """Whether the store verified the whole object's checksum at commit (io.storage.ObjectWriter)."""
+        return self._writer.store_checked
+
+    @property
     def hash_seconds(self) -> float:
         return self._digest.seconds
 

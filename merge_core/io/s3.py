@@ -2,13 +2,17 @@
 
 Settings come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_REGION). With an endpoint set (an S3-compatible
-store) addressing is path-style, and checksums are only sent where the API requires them,
-which every S3-compatible store accepts. Messages name buckets and keys, never credentials.
+store) addressing is path-style. botocore adds checksums only where the API requires them; the
+objects written carry a CRC32 of their whole bytes that the writer computes and the store checks
+(ObjectWriter.store_checked), unless the store refuses checksums. Messages name buckets and keys,
+never credentials.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, TypeVar
 
@@ -30,6 +34,9 @@ UPLOADS_IN_FLIGHT = 2  # parts uploading while the next one fills: bounds memory
 NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 DENIED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 PRECONDITION = ("412", "PreconditionFailed", "ConditionalRequestConflict")
+# What an S3-compatible store answers to a checksum it does not take (then objects go without one,
+# and the read-back downloads them again).
+CHECKSUMS_REFUSED = ("400", "501", "InvalidArgument", "InvalidRequest", "NotImplemented")
 T = TypeVar("T")
 
 
@@ -64,6 +71,15 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+class Refused(Exception):
+    """The store refused what the request asked for (its error code)."""
+
+
+def _crc32_text(crc: int) -> str:
+    """A CRC32 as S3's checksum headers carry it: its 4 bytes, big-endian, in base64."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
 class S3Storage(Storage):
     def __init__(self, uri: str, options: StorageOptions):
         self.bucket, self.prefix = split_s3_uri(uri)
@@ -71,6 +87,7 @@ class S3Storage(Storage):
         self.options = options
         self.endpoint = _endpoint()
         self.client = make_client()
+        self.checksums = True  # objects carry a CRC32 of their whole bytes, until the store refuses one
 
     def copies_from(self, source: Storage) -> bool:
         """Whether the server can copy `source`'s objects here itself: S3 at the same endpoint (and,
@@ -95,12 +112,15 @@ class S3Storage(Storage):
         check_plain_name(name, self.uri)
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def call(self, what: str, fn: Callable[..., T], **kwargs) -> T:
-        """One S3 request with botocore's retries; failures become our error kinds."""
+    def call(self, what: str, fn: Callable[..., T], refused: tuple[str, ...] = (), **kwargs) -> T:
+        """One S3 request with botocore's retries; failures become our error kinds (an error code in
+        `refused`: Refused)."""
         try:
             return fn(Bucket=self.bucket, **kwargs)
         except ClientError as exc:
             code = _code(exc)
+            if code in refused:
+                raise Refused(code) from None
             if code in NOT_FOUND:
                 raise FileNotFoundError(f"{self.uri}: {what}") from None
             if code == "NoSuchBucket":
@@ -211,7 +231,12 @@ class _MultipartWriter(ObjectWriter):
     range, in parts of at most COPY_PART_BYTES; CopyObject when the range is a whole object of at
     most 5 GiB and nothing else was written). Every part but the last must hold 5 MiB: the bytes
     written before a copy that are fewer are topped up from the copy's own start, and a copied
-    range shorter than that is read and sent instead (both at most 5 MiB read again)."""
+    range shorter than that is read and sent instead (both at most 5 MiB read again).
+
+    Every object sent carries the CRC32 of all its bytes (FULL_OBJECT: each part's checksum, the
+    server's own for a copied part, and the whole object's checked by the store at completion), so
+    that the store itself proves it holds the bytes that were hashed, and the read-back need not
+    download them again (`store_checked`). A store that refuses checksums gets objects without."""
 
     def __init__(self, storage: S3Storage, key: str):
         self._s3, self._key = storage, key
@@ -223,8 +248,12 @@ class _MultipartWriter(ObjectWriter):
         self._copies: ThreadPoolExecutor | None = None
         self._copy: list | None = None  # [source storage, name, offset, length]: the range gathered so far
         self._done = False
+        self._crc = 0  # of every byte of the object so far, sent or copied
+        self._checksums = storage.checksums
+        self.store_checked = False
 
     def write(self, data: bytes | memoryview) -> None:
+        self._crc = zlib.crc32(data, self._crc)
         self._flush_copy()
         self._buffer += data
         self._send_full_parts()
@@ -240,6 +269,7 @@ class _MultipartWriter(ObjectWriter):
         if not self._s3.copies_from(origin):
             self.write(data)
             return
+        self._crc = zlib.crc32(data, self._crc)
         pending = self._copy
         if pending and pending[0] is origin and pending[1] == name and pending[2] + pending[3] == offset:
             pending[3] += len(data)
@@ -272,8 +302,7 @@ class _MultipartWriter(ObjectWriter):
 
     def _submit(self, fn, *args) -> None:
         if self._upload_id is None:
-            self._upload_id = self._s3.call(f"CREATE upload {self._key}", self._s3.client.create_multipart_upload,
-                                            Key=self._key)["UploadId"]
+            self._upload_id = self._create_upload()
             self._pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT)
             self._copies = ThreadPoolExecutor(COPIES_IN_FLIGHT)
         number = len(self._parts) + 1
@@ -289,16 +318,29 @@ class _MultipartWriter(ObjectWriter):
             self._parts[-UPLOADS_IN_FLIGHT].result()
         self._submit(self._upload_part, data)
 
+    def _create_upload(self) -> str:
+        what, create = f"CREATE upload {self._key}", self._s3.client.create_multipart_upload
+        if self._checksums:
+            try:
+                return self._s3.call(what, create, refused=CHECKSUMS_REFUSED, Key=self._key,
+                                     ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")["UploadId"]
+            except Refused:
+                self._checksums = self._s3.checksums = False
+        return self._s3.call(what, create, Key=self._key)["UploadId"]
+
     def _upload_part(self, number: int, data: bytes) -> dict:
+        checksum = {"ChecksumCRC32": _crc32_text(zlib.crc32(data))} if self._checksums else {}
         response = self._s3.call(f"PUT part {number} of {self._key}", self._s3.client.upload_part, Key=self._key,
-                                 UploadId=self._upload_id, PartNumber=number, Body=data)
-        return {"PartNumber": number, "ETag": response["ETag"]}
+                                 UploadId=self._upload_id, PartNumber=number, Body=data, **checksum)
+        return {"PartNumber": number, "ETag": response["ETag"], **checksum}
 
     def _copy_part(self, number: int, source: dict, start: int, end: int) -> dict:
         response = self._s3.call(f"COPY part {number} of {self._key} from {source['Key']} bytes {start}-{end - 1}",
                                  self._s3.client.upload_part_copy, Key=self._key, UploadId=self._upload_id,
                                  PartNumber=number, CopySource=source, CopySourceRange=f"bytes={start}-{end - 1}")
-        return {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
+        result = response["CopyPartResult"]
+        return {"PartNumber": number, "ETag": result["ETag"],
+                **({"ChecksumCRC32": result["ChecksumCRC32"]} if "ChecksumCRC32" in result else {})}
 
     def _copies_whole_object(self, exclusive: bool) -> bool:
         """Nothing but one copied range, which is a whole object CopyObject can copy: copy it so."""
@@ -319,18 +361,35 @@ class _MultipartWriter(ObjectWriter):
             pass
         else:
             self._flush_copy(last=True)
+            whole = {"ChecksumCRC32": _crc32_text(self._crc)} if self._checksums else {}
             if self._upload_id is None:
-                self._s3.call(f"PUT {self._key}", self._s3.client.put_object, Key=self._key, Body=bytes(self._buffer),
-                              **condition)
+                self._put(bytes(self._buffer), whole, condition)
             else:
                 if self._buffer:
                     self._send_part(bytes(self._buffer))
                 parts = [f.result() for f in self._parts]
+                if whole and all("ChecksumCRC32" in p for p in parts):
+                    whole["ChecksumType"] = "FULL_OBJECT"
+                else:  # a copied part the store gave no checksum for: the object goes without a whole one
+                    whole = {}
                 self._s3.call(f"COMPLETE upload {self._key}", self._s3.client.complete_multipart_upload,
-                              Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}, **condition)
+                              Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts},
+                              **whole, **condition)
                 self._shutdown(wait=True)
+            self.store_checked = bool(whole)
         self._buffer.clear()
         self._done = True
+
+    def _put(self, data: bytes, checksum: dict, condition: dict) -> None:
+        what, put = f"PUT {self._key}", self._s3.client.put_object
+        if checksum:
+            try:
+                self._s3.call(what, put, refused=CHECKSUMS_REFUSED, Key=self._key, Body=data, **checksum, **condition)
+                return
+            except Refused:
+                self._s3.checksums = False
+                checksum.clear()
+        self._s3.call(what, put, Key=self._key, Body=data, **condition)
 
     def _shutdown(self, wait: bool, cancel: bool = False) -> None:
         for pool in (self._pool, self._copies):

@@ -41,6 +41,9 @@ class ObjectWriter(ABC):
 
     # Bytes the store copied itself (write_copy), which this writer never sent.
     bytes_copied: int = 0
+    # After commit: whether the store itself checked that it holds every byte written (a checksum of
+    # the whole object it verified), so that reading the object back would prove nothing more.
+    store_checked: bool = False
 
     def write_copy(self, data: bytes | memoryview, source: "Storage", name: str, offset: int) -> None:
         """Write `data`, which are also bytes `offset`... of `source`'s object `name`: a store that can

@@ -178,7 +178,7 @@ class _SharedShard:
             if output.job.read_back:  # the size always; the bytes again where re-reading them proves something
                 try:
                     check_stored(output.storage, output.task.output_name, *output.stored,
-                                 rehash=output.storage.read_back_proves)
+                                 rehash=output.storage.read_back_proves and not output.stream.store_checked)
                 except Exception as exc:
                     output.failure = exc  # published, but not what was written: the journal never records it
         self.laps.lap("wait")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import zlib
 
 import pytest
+from botocore.exceptions import ClientError
 
-from merge_core.errors import InputError
+from merge_core.errors import InputError, TransientStorageError
 from merge_core.inputs.adapter import load_adapter
 from merge_core.inputs.checkpoint import load_base
 from merge_core.io.registry import open_storage
@@ -101,3 +104,58 @@ def test_rename_is_a_server_side_copy_then_delete(s3):
     storage.write_bytes(".staged", b"payload")
     storage.rename(".staged", "model.safetensors")
     assert storage.list_names() == ["model.safetensors"] and storage.read_bytes("model.safetensors") == b"payload"
+
+
+def crc32_text(payload: bytes) -> str:
+    return base64.b64encode(zlib.crc32(payload).to_bytes(4, "big")).decode()
+
+
+def test_every_object_carries_a_crc32_of_all_its_bytes_that_the_store_checked(s3):
+    """One PUT, a multipart upload, and one whose bytes the server partly copied: the store holds the
+    whole object's CRC32 (FULL_OBJECT), which it verified itself, so the read-back need not download."""
+    storage = open_storage(f"s3://{BUCKET}/checked", SMALL_PARTS)
+    small, big = os.urandom(1000), os.urandom(2 * MIN_PART_BYTES + 777)
+    written = {"small.bin": [small], "big.bin": [big[:500], big[500:]]}
+    for name, pieces in written.items():
+        with storage.open_writer(name) as writer:
+            for piece in pieces:
+                writer.write(piece)
+            writer.commit()
+        assert writer.store_checked, name
+    with storage.open_writer("copied.bin") as writer:  # a short start, topped up from the copy's own bytes
+        writer.write(small)
+        writer.write_copy(big, storage, "big.bin", 0)
+        writer.commit()
+    assert writer.store_checked and writer.bytes_copied > MIN_PART_BYTES
+    for name, payload in (("small.bin", small), ("big.bin", big), ("copied.bin", small + big)):
+        head = s3.client().head_object(Bucket=BUCKET, Key=f"checked/{name}", ChecksumMode="ENABLED")
+        assert head["ChecksumCRC32"] == crc32_text(payload), name
+        assert storage.read_bytes(name) == payload
+
+
+def test_an_object_whose_bytes_are_not_those_hashed_is_refused_by_the_store(s3):
+    storage = open_storage(f"s3://{BUCKET}/corrupt", SMALL_PARTS)
+    for name, size in (("one-put.bin", 1000), ("parts.bin", 2 * MIN_PART_BYTES + 5)):
+        with pytest.raises(TransientStorageError, match="BadDigest"):
+            with storage.open_writer(name) as writer:
+                writer.write(os.urandom(size))
+                writer._crc ^= 1  # what was sent is no longer what the writer hashed
+                writer.commit()
+    assert list_keys(s3, "corrupt") == [] and open_uploads(s3, "corrupt") == []
+
+
+def test_a_store_that_refuses_checksums_gets_objects_without_them(s3):
+    """An S3-compatible store that takes no checksums (its answer given to the real client): the
+    objects are written without, and read back as before."""
+    storage = open_storage(f"s3://{BUCKET}/plain", SMALL_PARTS)
+
+    def refuse(params, **_):
+        if any(header.lower().startswith("x-amz-checksum") for header in params["headers"]):
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "checksums"}}, "request")
+    storage.client.meta.events.register("before-call.s3.*", refuse)
+    for name, payload in (("big.bin", os.urandom(2 * MIN_PART_BYTES + 1)), ("small.bin", os.urandom(10))):
+        with storage.open_writer(name) as writer:
+            writer.write(payload)
+            writer.commit()
+        assert not writer.store_checked and storage.read_bytes(name) == payload
+    assert not storage.checksums and open_uploads(s3, "plain") == []

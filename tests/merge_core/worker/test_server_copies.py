@@ -31,18 +31,22 @@ def qv_models(tmp_path_factory):
 
 @pytest.fixture
 def requests(monkeypatch):
-    """Every S3 request our clients make, by operation, and the bytes sent as bodies of parts and PUTs."""
+    """Every S3 request our clients make, by operation, the bytes sent as bodies of parts and PUTs,
+    and the bytes asked for by GETs, by key ("read <key>")."""
     seen = collections.Counter()
     made = s3_backend.make_client
 
     def counting_client():
         client = made()
 
-        def count(params, model, **_):
+        def count(params, model, **_):  # params: the request as it is about to be sent
             seen[model.name] += 1
-            body = params.get("Body")
+            body = params.get("body")
             if model.name in ("UploadPart", "PutObject") and body is not None:
-                seen["bytes sent"] += len(body)
+                seen["bytes sent"] += body.getbuffer().nbytes if hasattr(body, "getbuffer") else len(body)
+            if model.name == "GetObject":
+                first, _, last = params["headers"].get("Range", "bytes=0-")[len("bytes="):].partition("-")
+                seen[f"read {params['url_path'].lstrip('/')}"] += int(last) - int(first) + 1 if last else 2**40
         client.meta.events.register("before-call.s3.*", count)
         return client
     monkeypatch.setattr(s3_backend, "make_client", counting_client)
@@ -69,3 +73,8 @@ def test_untouched_bytes_are_copied_by_the_server_and_the_output_is_peft(s3, qv_
     # q and v are a small part of each layer: most bytes were copied, and only the rest were sent
     assert copied > 0.7 * total and requests["bytes sent"] < total - copied + 6 * 2**20 * len(shards), \
         (copied, total, requests)
+    # The store checked each uploaded shard's CRC32 itself: the read-back downloads only the shards
+    # it copied whole (CopyObject carries no checksum of ours); the final task reads headers and samples.
+    for shard in shards:
+        read = requests[f"read qv/out/{shard['name']}"]
+        assert (read >= shard["size"]) == (not shard["fused_tensors"]), (shard["name"], read, shard["size"])
