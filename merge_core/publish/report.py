@@ -24,7 +24,7 @@ SCHEMA = pa.schema([
     ("delta_max_abs", pa.float64()),  # max |ΔW|
     ("relative_change", pa.float64()),  # ‖ΔW‖ / ‖W‖
     ("stored_as", pa.list_(pa.string())),  # a quantized weight's stored tensors (codes, scales), else empty
-    ("codec", pa.string()),  # fp8_block, mxfp4 or int4_packed; "" when not quantized
+    ("codec", pa.string()),  # a codec of format/codecs (fp8_block, ct_nvfp4, ...); "" when not quantized
     ("requant_error", pa.float64()),  # ‖deq(Q(W')) − W'‖ / ‖ΔW‖: what storing W' in its format cost
     ("adapter_kept", pa.float64()),  # cos(deq(Q(W')) − deq(W), ΔW): the share of the adapter that survived
     ("adapter_delta_norms", pa.list_(pa.float64())),  # per adapter in `adapters`: ‖its weighted ΔW‖ (several)
