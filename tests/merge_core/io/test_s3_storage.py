@@ -13,7 +13,7 @@ from merge_core.errors import InputError, TransientStorageError
 from merge_core.inputs.adapter import load_adapter
 from merge_core.inputs.checkpoint import load_base
 from merge_core.io.registry import open_storage
-from merge_core.io.s3 import MIN_PART_BYTES
+from merge_core.io.s3_writer import MIN_PART_BYTES
 from merge_core.io.storage import StorageOptions
 from merge_core.planning.planner import plan_merge
 from merge_core.worker.job import MergeJob
