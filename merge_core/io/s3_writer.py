@@ -7,13 +7,10 @@ from __future__ import annotations
 import base64
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol
 
 from merge_core.errors import InputError
-from merge_core.io.storage import ObjectWriter, Storage
-
-if TYPE_CHECKING:
-    from merge_core.io.s3 import S3Storage
+from merge_core.io.storage import ObjectWriter, Storage, StorageOptions
 
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's own floor for every part but the last
 MAX_PARTS = 10_000
@@ -35,6 +32,22 @@ def _crc32_text(crc: int) -> str:
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
+class Bucket(Protocol):
+    """What the writer needs of the s3:// backend (io.s3.S3Storage), for its own objects and for
+    the objects it copies from."""
+    uri: str
+    bucket: str
+    client: Any
+    options: StorageOptions
+    checksums: bool
+
+    def key(self, name: str) -> str: ...
+
+    def call(self, what: str, fn: Callable, refused: tuple[str, ...] = (), **kwargs) -> Any: ...
+
+    def copies_from(self, source: Storage) -> bool: ...
+
+
 class MultipartWriter(ObjectWriter):
     """Bytes are cut into parts of options.part_size and uploaded while the next part fills.
     An object smaller than one part is sent as one PUT. Nothing is visible until commit, and
@@ -52,7 +65,7 @@ class MultipartWriter(ObjectWriter):
     that the store itself proves it holds the bytes that were hashed, and the read-back need not
     download them again (`store_checked`). A store that refuses checksums gets objects without."""
 
-    def __init__(self, storage: S3Storage, key: str):
+    def __init__(self, storage: Bucket, key: str):
         self._s3, self._key = storage, key
         self._part_size = storage.options.part_size
         self._buffer = bytearray()
