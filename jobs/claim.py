@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from jobs.options import MergeOptions
 from jobs.progress import plural
 from jobs.runner import Interrupted, stopped_by
-from merge_core.errors import InputError
+from merge_core.errors import InputError, TransientStorageError
 from merge_core.io.registry import open_storage, scheme_of
 from merge_core.io.storage import Storage
 from merge_core.names import CLAIM_NAME, INDEX_NAME, JOURNAL_NAME, MANIFEST_NAME
@@ -109,6 +109,16 @@ class Run:
 
     def record(self) -> None:
         write_journal(self.output, self.key, self.done)
+
+    def land(self, result: ShardResult) -> None:
+        """A shard published by its task: into the journal, which a store's hiccup only keeps from
+        saving a later --resume some work."""
+        pause_point("shard-landed")  # tests: the shard is published, the journal does not know it yet
+        self.done.append(result)
+        try:
+            self.record()
+        except (TransientStorageError, OSError) as exc:
+            log.warning("could not update the resume journal of %s: %s", self.output.uri, exc)
 
 
 def resumable(output: Storage, options: MergeOptions, plan: MergePlan,

@@ -18,10 +18,8 @@ from jobs.progress import Progress, ProgressEvent, plural, size_text
 from jobs.runner import reclaim_signals, run_over_lanes, stop_signals
 from jobs.scheduling import check_fits, plan_lanes
 from jobs.tasks import merge_shard_work
-from merge_core.errors import TransientStorageError
 from merge_core.io.registry import open_storage
 from merge_core.planning.plan import MergePlan
-from merge_core.publish.journal import pause_point
 from merge_core.worker.job import MergeJob
 from merge_core.worker.shard_result import ShardResult
 
@@ -59,13 +57,8 @@ def _run_shards(executor: Executor, plan: MergePlan, job: MergeJob, options: Mer
     memory = {t.name: t.memory_bytes for t in plan.tasks}
 
     def finished(task, result: ShardResult) -> None:
-        pause_point("shard-landed")  # tests: the shard is published, the journal does not know it yet
-        run.done.append(result)
+        run.land(result)
         progress.shard_done(result.name, result.size, _describe(result))
-        try:
-            run.record()
-        except (TransientStorageError, OSError) as exc:  # it only saves a later --resume some work
-            log.warning("could not update the resume journal: %s", exc)
 
     def submit(task, lane_options):
         return executor.submit(merge_shard_work, (task, job), dict(lane_options, memory=memory[task.name],

@@ -240,16 +240,16 @@ def _original(options: MergeOptions, plan, base: BaseCheckpoint) -> str | None:
     if not options.unmerge:
         return None
     given = options.original_base if isinstance(options, UnmergeOptions) else None
-    recorded = (base.manifest or {}).get("base", {}) if base.manifest else {}
-    candidate = given or recorded.get("uri")
+    candidate = given or (base.manifest or {}).get("base", {}).get("uri")
     if not candidate:
         return None
     try:
-        names = set(open_storage(candidate, options.storage).list_names())
+        original = open_storage(candidate, options.storage)
+        names = set(original.list_names())
     except (InputError, TransientStorageError, OSError):
         names = set()
     if names & {INDEX_NAME, SINGLE_NAME}:  # its tensors are found through its own index
-        return open_storage(candidate, options.storage).uri
+        return original.uri
     if given:
         raise InputError(given, f"holds no {INDEX_NAME} or {SINGLE_NAME}",
                          "give the base the merged model was made from")

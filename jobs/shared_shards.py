@@ -19,9 +19,7 @@ from jobs.executor import Executor
 from jobs.progress import Progress, plural
 from jobs.runner import MAX_ATTEMPTS, SHARD_BACKOFF_SECONDS, backoff, is_transient, one_line, run_over_lanes
 from jobs.tasks import merge_outputs_work
-from merge_core.errors import TransientStorageError
 from merge_core.planning.plan import shared_memory_bytes
-from merge_core.publish.journal import pause_point
 from merge_core.worker.shard_result import ShardResult
 
 log = logging.getLogger("lora_merge")
@@ -51,9 +49,10 @@ class SharedShards:
         self.executor, self.members, self.options, self.progress = executor, members, options, progress
         names = [t.name for t in members[0].out.plan.tasks]
         self.tasks = {i: {t.name: t for t in m.out.plan.tasks} for i, m in enumerate(members)}
+        reused = [{r.name for r in m.out.reused} for m in members]
         self.jobs = []
         for name in names:
-            wanting = tuple(i for i, m in enumerate(members) if name not in {r.name for r in m.out.reused})
+            wanting = tuple(i for i in range(len(members)) if name not in reused[i])
             if wanting:
                 self.jobs.append(SharedShard(name, wanting))
         for m in members:
@@ -112,15 +111,10 @@ class SharedShards:
         return again
 
     def _landed(self, member, result: ShardResult) -> None:
-        pause_point("shard-landed")  # tests: the shard is published, the journal does not know it yet
-        member.run.done.append(result)
+        member.run.land(result)
         self.progress.shard_done(f"{result.name} of {member.run.output.uri}", result.size,
                                  f"{plural(result.fused, 'tensor')} fused, {result.seconds:.2f} s "
                                  f"({result.outputs} from one read)")
-        try:
-            member.run.record()
-        except (TransientStorageError, OSError) as exc:  # it only saves a later --resume some work
-            log.warning("could not update the resume journal of %s: %s", member.run.output.uri, exc)
 
     def failed(self, job: SharedShard, exc: BaseException) -> None:
         for i in self.sent.get(job, job.outputs):

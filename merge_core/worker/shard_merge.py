@@ -106,17 +106,18 @@ class _SharedShard:
     def run(self) -> None:
         items = list(shard_items([o.task for o in self.outputs], self.base, [o.adapters for o in self.outputs]))
         current, hashed = None, None  # the base tensor the fuses after it start from
+        shard = self.outputs[0].task.shard
+        name, data_start = shard.name, shard.header.data_start
         for tag, data in read_ahead(items):
             self.laps.lap("wait")
             if isinstance(tag, Fuse):
                 self.fuse(self.outputs[tag.output], tag, data, current, hashed)
                 continue
             hashed = self.hasher.submit(self.base_digest.update, data[0]).result
-            name = self.outputs[0].task.name
             if isinstance(tag, BaseTensor):
                 current = data[0]
                 self.copy([o for o in self.live if o.roles.copies(tag.info.name)], current,
-                          (self.base, name, self.outputs[0].task.shard.header.data_start + tag.info.start))
+                          (self.base, name, data_start + tag.info.start))
             elif isinstance(tag, Copy):
                 self.copy(self.live, data[0], (self.base, name, tag.offset))
             elif tag == HEADER:  # each output has its own header, which may be the base's byte for byte
