@@ -82,6 +82,39 @@ def stop_head(head: subprocess.Popen, log) -> str:
     return open(log.name, errors="replace").read()[-3000:]
 
 
+HEAD_TRIES = 3  # a loaded machine may take longer than Ray's fixed 30 s to start a node
+
+
+def start_head(env: dict, tmp_path) -> tuple[subprocess.Popen, object, str]:
+    """`ray start --head --block` on ports of its own for every agent (the other test clusters hold
+    Ray's default ones), once it reports itself started and its job API answers: (the head, its log,
+    the job API's address). A head that gives up starting its node is started again."""
+    token_env = dict(env, RAY_AUTH_MODE="token")
+    attempt = 0
+    while True:
+        attempt += 1
+        dashboard_port = free_port()
+        log = open(tmp_path / f"head-{attempt}.log", "w")
+        head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                                 f"--dashboard-agent-listen-port={free_port()}",
+                                 f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                                 f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                                 "--object-store-memory=100000000", "--include-dashboard=true"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 90
+        while head.poll() is None and time.monotonic() < deadline:
+            started = "Ray runtime started." in open(log.name, errors="replace").read()
+            if started and subprocess.run([RAY, "job", "list", "--address", address], env=token_env,
+                                          capture_output=True).returncode == 0:
+                return head, log, address
+            time.sleep(1)
+        printed = stop_head(head, log)
+        if "timed out during startup" not in printed or attempt == HEAD_TRIES:
+            raise AssertionError(f"the Ray head did not come up; it printed:\n{printed}")
+
+
 @pytest.mark.cluster
 @pytest.mark.processes
 def test_ray_job_submit_runs_a_merge_on_a_running_cluster(models, tmp_path):
@@ -95,26 +128,10 @@ def test_ray_job_submit_runs_a_merge_on_a_running_cluster(models, tmp_path):
         env.pop(key, None)
     token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
     assert token.returncode == 0 and (home / ".ray" / "auth_token").exists(), token.stderr[-2000:]
-    gcs_port, dashboard_port = free_port(), free_port()
-    # Ports of its own for every agent: the other test clusters hold Ray's default ones.
-    log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                             f"--dashboard-agent-listen-port={free_port()}",
-                             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                             f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                             "--object-store-memory=100000000", "--include-dashboard=true"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
+    head, log, address = start_head(env, tmp_path)
     submit_env = dict(env, RAY_AUTH_MODE="token")
     printed = ""
     try:
-        deadline = time.monotonic() + 90
-        while subprocess.run([RAY, "job", "list", "--address", address], env=submit_env,
-                             capture_output=True).returncode != 0:
-            assert head.poll() is None, "the Ray head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(1)
         spec = write_spec(tmp_path / "job.yaml", base=models.base, adapters=[models.adapter],
                           output=str(tmp_path / "merged"), ray_address="auto")
         for _ in range(15):  # the head's job agent comes up a little after its API answers
