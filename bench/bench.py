@@ -29,8 +29,9 @@ import tempfile
 
 from bench.checkpoint import QUANTIZED, adapter_on, build, build_moe, more_adapters, quantize
 from bench.proctree import Measured, measure
-from bench.targets import verdicts
+from bench.targets import LOCAL, MERGE, verdicts
 
+EXECUTOR_METHODS = {MERGE: ["--executor", "ray"], LOCAL: ["--executor", "local"]}
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -102,12 +103,14 @@ def methods(args, base: str, adapter: str, out: str, quantized: str | None = Non
         return [os.path.join(VENV_BIN, "lora-merge"), "merge", "--base", source, "--adapter", adapter,
                 "--output", out, "--device", args.device]
 
+    # lora-merge on a Ray it starts (the default), and/or on threads of its own process (--executor local)
+    merges = {name: flags for name, flags in EXECUTOR_METHODS.items() if args.executor in (flags[-1], "both")}
     if args.storage == "s3":
         return {"boto3 copy": [sys.executable, "-c", BOTO3_COPY_SCRIPT, base, out],
-                "lora-merge": lora_merge(base) + ["--overwrite"]}
+                **{name: lora_merge(base) + ["--overwrite", *flags] for name, flags in merges.items()}}
     runs = {"copy (cp -r)": _sh(["cp", "-r", base, out]),
             "PEFT": _sh([sys.executable, "-c", PEFT_SCRIPT, base, adapter, out, args.device]),
-            "lora-merge": _sh(lora_merge(base))}
+            **{name: _sh(lora_merge(base) + flags) for name, flags in merges.items()}}
     if quantized:  # the same model stored FP8: decode, fuse, requantize each touched weight
         runs |= {f"copy (cp -r), {args.quantized}": _sh(["cp", "-r", quantized, out]),
                  f"lora-merge, {args.quantized}": _sh(lora_merge(quantized) + ["--scales", args.scales])}
@@ -202,6 +205,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help="`make demo`'s model (40 MB, 8 MB shards, LoRA r=16 on "
                         "every linear layer) S3 to S3 on a local SeaweedFS, as the demo merges it: lora-merge's start "
                         "to its exit against a boto3 download + upload")
+    parser.add_argument("--executor", choices=("ray", "local", "both"), default="both", help="lora-merge on a Ray "
+                        "it starts (ray), on threads of its own process (local), or both side by side (default)")
     parser.add_argument("--moe", type=int, metavar="EXPERTS", help="a Qwen3-MoE-shaped checkpoint with this many "
                         "experts per layer, stored one by one, and LoRA on them through target_parameters")
     args = parser.parse_args(argv)
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     sizes = {name: checkpoint_bytes(quantized) if args.quantized and name.endswith(args.quantized) else
              nbytes * (args.batch or 1) for name in results}
-    print(table(results, sizes, list(results)[0] if args.batch else "lora-merge", read or None))
+    print(table(results, sizes, list(results)[0] if args.batch else next(n for n in results if n.startswith(MERGE)),
+                read or None))
     if breakdowns:
         print(stage_table(breakdowns))
     for line in verdicts(args, {name: statistics.median(m.seconds for m in runs) for name, runs in results.items()},

@@ -24,7 +24,7 @@ from jobs.executor import Executor
 from jobs.lease import Lease
 from jobs.options import BatchOptions, outputs_of
 from jobs.output_run import MergeSummary, OutputRun, hold_output, open_output, publish_output
-from jobs.prepare import check_device
+from jobs.prepare import check_execution
 from jobs.progress import Progress, plural, size_text
 from jobs.runner import Interrupted, Outcome, stop_signals, stopped_by
 from jobs.scheduling import check_fits, plan_lanes
@@ -121,7 +121,7 @@ def run_batch(batch: BatchOptions, executor: Executor | None = None,
     started = time.perf_counter()
     merges = outputs_of(batch)
     check_batch(batch, merges)
-    check_device(batch)
+    check_execution(batch)
     base = load_base(open_storage(batch.checkpoint, batch.storage))
     members = [Member(run, Lease(run.output, m.lease_seconds, "batch"))
                for m in merges for run in [Run(open_storage(m.output, m.storage))]]
@@ -151,7 +151,7 @@ def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Exe
     live = [m for m in members if m.live]
     if not live:
         return None
-    executor = start_executor(executor, batch.ray_address)
+    executor = start_executor(executor, batch)
     for member in live:
         member.out.ready = time.perf_counter()
     shards = SharedShards(executor, live, batch, _progress(live, progress))

@@ -9,9 +9,9 @@ import time
 from typing import Callable
 
 from jobs.claim import Run, interrupted, tidy
-from jobs.executor import Executor
+from jobs.executor import Executor, LocalExecutor
 from jobs.lease import Lease
-from jobs.options import MergeOptions
+from jobs.options import MergeOptions, RayOptions
 from jobs.output_run import MergeSummary, OutputRun, hold_output, open_output, publish_output
 from jobs.prepare import DEVICES, Prepared, prepare
 from jobs.progress import Progress, ProgressEvent, plural, size_text
@@ -28,13 +28,15 @@ ProgressCallback = Callable[[ProgressEvent], None]
 __all__ = ["DEVICES", "MergeSummary", "Prepared", "ProgressCallback", "prepare", "run_merge", "start_executor"]
 
 
-def start_executor(executor: Executor | None, address: str | None) -> Executor:
-    """The executor a job runs on, started: the one given, else Ray (the cluster at `address`, or a
-    local one)."""
-    if executor is None:
+def start_executor(executor: Executor | None, options: RayOptions) -> Executor:
+    """The executor a job runs on, started: the one given, else as options.executor says: threads of
+    this process (local), or Ray (the cluster at options.ray_address, or a local one)."""
+    if executor is None and options.executor == "local":
+        executor = LocalExecutor()
+    elif executor is None:
         from jobs.ray_executor import RayExecutor  # here: `plan` and in-process runs never load Ray
 
-        executor = RayExecutor(address)
+        executor = RayExecutor(options.ray_address)
     executor.start()
     reclaim_signals()
     return executor
@@ -103,7 +105,7 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
 
 def _merge_held(out: OutputRun, executor: Executor | None, progress: ProgressCallback | None) -> MergeSummary:
     options, plan = out.options, out.plan
-    executor = start_executor(executor, options.ray_address)
+    executor = start_executor(executor, options)
     out.ready = time.perf_counter()
     nodes = executor.nodes()
     lanes = plan_lanes(nodes, options.device, options.task_cpus, len(plan.tasks) - len(out.reused))

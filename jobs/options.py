@@ -16,6 +16,7 @@ from merge_core.io.storage import DEFAULT_PART_BYTES, StorageOptions
 from merge_core.numerics.arithmetic import COMBINE_METHODS, Arithmetic, Combination
 
 BOOL = (bool, "true or false")
+EXECUTORS = ("ray", "local")
 
 
 def option(default, flag: str | None = None, help: str | Mapping[str, str] = "", *, spec: tuple | None = None,
@@ -114,6 +115,10 @@ class MergeInputs:
 
 @dataclass(frozen=True, kw_only=True)
 class RayOptions:
+    executor: str = option("ray", "--executor", "where the shard tasks run: ray (the cluster at --ray-address, or a "
+                           "Ray started for this job) or local (threads of this process on this machine's CPUs: no "
+                           "Ray to start or stop, for a merge on one machine) (default ray)",
+                           spec=(str, "ray or local"), choices=EXECUTORS)
     ray_address: str | None = option(None, "--ray-address", "join this Ray cluster (default: start a local one)",
                                      spec=(str, "a Ray address"), metavar="ADDR")
     report: str | None = option(None, "--report", {"": "also write the run's summary as JSON to FILE",

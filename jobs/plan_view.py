@@ -130,14 +130,14 @@ def run_batch_plan(batch) -> BatchPlanSummary:
     """The plan of a batch (jobs.options.BatchOptions), from headers alone: writes nothing, starts no Ray."""
     from jobs.batch_checks import check_batch
     from jobs.options import outputs_of
-    from jobs.prepare import check_device
+    from jobs.prepare import check_execution
     from merge_core.inputs.checkpoint import load_base
     from merge_core.io.registry import open_storage
     from merge_core.planning.plan import shared_memory_bytes
 
     merges = outputs_of(batch)
     check_batch(batch, merges)
-    check_device(batch)
+    check_execution(batch)
     base = load_base(open_storage(batch.checkpoint, batch.storage))
     plans = [prepare(merge, base=base).plan for merge in merges]
     shard_bytes = sum(s.size for s in base.shards)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from jobs.options import MergeInputs
+from jobs.options import EXECUTORS, MergeInputs
 from merge_core.errors import InputError
 from merge_core.inputs.adapter import LoraAdapter, load_adapter
 from merge_core.inputs.adapter_files import stage_pickled_adapter
@@ -29,16 +29,26 @@ class Prepared:
     plan: MergePlan
 
 
-def check_device(inputs: MergeInputs) -> None:
+def check_execution(inputs: MergeInputs) -> None:
+    """--device, and (for the commands that run tasks) --executor with it."""
     if inputs.device not in DEVICES:
         raise InputError("--device", f"unknown device {inputs.device!r}", f"use one of {', '.join(DEVICES)}")
+    executor = getattr(inputs, "executor", "ray")  # `plan` runs no tasks
+    if executor not in EXECUTORS:
+        raise InputError("--executor", f"unknown executor {executor!r}", f"use one of {', '.join(EXECUTORS)}")
+    if executor == "local" and getattr(inputs, "ray_address", None):
+        raise InputError("--executor local", f"runs without Ray, so --ray-address {inputs.ray_address} would go "
+                         "unused", "leave out --ray-address, or use --executor ray")
+    if executor == "local" and inputs.device == "cuda":
+        raise InputError("--device cuda", "--executor local fuses on this machine's CPUs",
+                         "use --executor ray to fuse on GPUs, or --device auto or cpu")
 
 
 def prepare(inputs: MergeInputs, pickle_staging: str | None = None, base: BaseCheckpoint | None = None) -> Prepared:
     """Read and check every input, and plan: everything that can be refused is refused here.
     With pickle_staging (a URI), pickle-only adapters are converted there (--allow-pickle).
     `base`: the base already read (a batch reads it once for all its outputs)."""
-    check_device(inputs)
+    check_execution(inputs)
     if not inputs.adapters:
         raise InputError("--adapter", "no adapter given", "pass at least one --adapter")
     if base is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,13 +27,17 @@ class Placement:
     node: str  # the Ray node id (simulated nodes share a host, so not the host name)
     cpus: int = 1
     gpu: bool = False
+    # Set when the job is stopped, for a task that shares the driver's process (a Ray task is
+    # killed instead): it ends at its next tensor.
+    stop: threading.Event | None = None
 
 
 def merge_shard_work(task: ShardTask, job: MergeJob, where: Placement) -> ShardResult:
     from merge_core.numerics.workspace import resolve_device
     from merge_core.worker.shard_merge import merge_shard
 
-    result = merge_shard(task, job, resolve_device(job.device, where.gpu), threads=max(1, where.cpus))
+    result = merge_shard(task, job, resolve_device(job.device, where.gpu), threads=max(1, where.cpus),
+                          stop=where.stop)
     return dataclasses.replace(result, node=where.node)
 
 
@@ -43,7 +48,8 @@ def merge_outputs_work(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob],
     from merge_core.numerics.workspace import resolve_device
     from merge_core.worker.shard_merge import merge_shard_outputs
 
-    results = merge_shard_outputs(tasks, jobs, resolve_device(jobs[0].device, where.gpu), threads=max(1, where.cpus))
+    results = merge_shard_outputs(tasks, jobs, resolve_device(jobs[0].device, where.gpu),
+                                   threads=max(1, where.cpus), stop=where.stop)
     return [_portable(r) if isinstance(r, BaseException) else dataclasses.replace(r, node=where.node)
             for r in results]
 

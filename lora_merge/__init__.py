@@ -17,7 +17,8 @@ merge, unmerge, verify, plan, report and batch take the command line's options a
 flags with underscores: overwrite=True, device="cpu", combine="ties", ...), with the same defaults,
 and return typed results; bad input raises InputError, whose message is the line the command
 prints after "error: ". A merge runs on the Ray cluster this process has joined, else the one at
-`ray_address`, else a local Ray started for it.
+`ray_address`, else a local Ray started for it; with executor="local", on threads of this process
+without Ray (one machine's CPUs, no start-up).
 """
 
 from jobs.api import ReportSummary, batch, merge, plan, plan_batch, report, unmerge, verify

@@ -22,6 +22,11 @@ class TransientStorageError(Exception):
     """A storage or network failure that a retry may cure (exit 3 once retries are spent)."""
 
 
+class Stopped(Exception):
+    """The job was stopped (Ctrl-C, SIGTERM) while this task ran in the driver's process: the task
+    ended at a tensor's boundary, its uploads aborted. Not a failure of the input or the store."""
+
+
 class ValidationError(Exception):
     """The merged output is not what the inputs make (exit 4). Carries every problem found."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -61,13 +62,16 @@ class Workspace:
         rows.copy_(staged)
 
 
-_WORKSPACES: dict[str, Workspace] = {}
+# One set per thread: a Ray worker runs one task at a time on one thread; `--executor local` runs
+# several tasks at once on threads of one process, and each must have buffers of its own.
+_WORKSPACES = threading.local()
 
 
 def workspace_for(device: str | torch.device) -> Workspace:
-    """This process's workspace for a device, kept between tasks (Ray reuses worker processes)."""
+    """This thread's workspace for a device, kept between tasks (Ray reuses worker processes)."""
     device = torch.device(device)
-    return _WORKSPACES.setdefault(str(device), Workspace(device))
+    kept = _WORKSPACES.__dict__.setdefault("by_device", {})
+    return kept.setdefault(str(device), Workspace(device))
 
 
 def resolve_device(requested: str, gpu_assigned: bool) -> str:

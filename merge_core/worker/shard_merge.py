@@ -17,13 +17,14 @@ read the base or the adapters is the whole task's.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Sequence
 
 import numpy
 import torch
 
-from merge_core.errors import ValidationError
+from merge_core.errors import Stopped, ValidationError
 from merge_core.format.shard_writer import ShardStreamWriter
 from merge_core.io.hashing import TimedDigest
 from merge_core.io.pipeline import DEFAULT_AHEAD_BYTES, Behind, Window, read_ahead
@@ -88,7 +89,9 @@ class _SharedShard:
     """One base shard read once: base bytes hashed behind, each output's tensors fused here in
     turn, each output written behind."""
 
-    def __init__(self, tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], workspace: Workspace):
+    def __init__(self, tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], workspace: Workspace,
+                 stop: threading.Event | None = None):
+        self.stop = stop
         self.base = CountedReads(open_storage(jobs[0].base_uri, jobs[0].storage))
         self.workspace = workspace
         # Several outputs share one write window (twice one writer's: the hash and the write of each
@@ -110,6 +113,8 @@ class _SharedShard:
         name, data_start = shard.name, shard.header.data_start
         for tag, data in read_ahead(items):
             self.laps.lap("wait")
+            if self.stop is not None and self.stop.is_set():
+                raise Stopped(f"{self.base.describe(name)}: the job was stopped")
             if isinstance(tag, Fuse):
                 self.fuse(self.outputs[tag.output], tag, data, current, hashed)
                 continue
@@ -205,16 +210,18 @@ class _SharedShard:
 
 
 def merge_shard_outputs(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], device: str = "cpu",
-                        threads: int | None = None) -> list[ShardResult | BaseException]:
+                        threads: int | None = None,
+                        stop: threading.Event | None = None) -> list[ShardResult | BaseException]:
     """Write one base shard merged into each output (`tasks[i]` of `jobs[i]`'s plan, all of the same
     base shard), reading the shard once. Returns, per output, its ShardResult or what made it fail.
     With job.read_back, the published bytes are read again and hashed. A fused tensor that gains
     NaN/Inf fails its output (ValidationError) unless job.allow_nonfinite. `device`: the torch
-    device to fuse on; `threads`: the CPU cores the float32 math may use (the task's share)."""
+    device to fuse on; `threads`: the CPU cores the float32 math may use (the task's share); `stop`:
+    when set, the task ends at its next tensor (Stopped), its uploads aborted."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    shard = _SharedShard(tasks, jobs, workspace_for(device))
+    shard = _SharedShard(tasks, jobs, workspace_for(device), stop)
     try:
         shard.run()
         shard.commit()
@@ -227,9 +234,10 @@ def merge_shard_outputs(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], de
     return [shard.result(output, device, seconds) for output in shard.outputs]
 
 
-def merge_shard(task: ShardTask, job: MergeJob, device: str = "cpu", threads: int | None = None) -> ShardResult:
+def merge_shard(task: ShardTask, job: MergeJob, device: str = "cpu", threads: int | None = None,
+                stop: threading.Event | None = None) -> ShardResult:
     """Write the merged shard of one output (see merge_shard_outputs); its failure is raised."""
-    (result,) = merge_shard_outputs([task], [job], device, threads)
+    (result,) = merge_shard_outputs([task], [job], device, threads, stop)
     if isinstance(result, BaseException):
         raise result
     return result

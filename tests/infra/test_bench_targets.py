@@ -2,7 +2,7 @@
 
 import argparse
 
-from bench.targets import verdicts
+from bench.targets import LOCAL, verdicts
 
 
 def run_kind(**given) -> argparse.Namespace:
@@ -24,8 +24,18 @@ def test_s3_demo_and_gpu_runs_have_their_own_targets():
                                     "0.5x): met")
     assert "every linear" in verdicts(run_kind(storage="s3"), {"boto3 copy": 10.0, "lora-merge": 14.0}, {})[0]
     assert verdicts(run_kind(demo=True, storage="s3"), {"boto3 copy": 1.0, "lora-merge": 7.5}, {}) == [
-        "target: the demo's 40 MB merge, S3 to S3, from the command's start to its exit: 7.50 s (at most 5 s): "
-        "NOT met"]
+        "target: lora-merge: the demo's 40 MB merge, S3 to S3, from the command's start to its exit: 7.50 s "
+        "(at most 5 s): NOT met"]
     gpu = verdicts(run_kind(device="cuda"), {"copy (cp -r)": 10.0, "PEFT": 30.0, "lora-merge": 14.0}, {})
     assert len(gpu) == 2 and gpu[0].endswith("0.47x (at most 0.5x): met") and "1.40x (at most 1.5x): met" in gpu[1]
     assert verdicts(run_kind(batch=3), {"lora-merge": 1.0}, {}) == []
+
+
+def test_each_executor_that_ran_is_judged_on_its_own():
+    wall = {"copy (cp -r)": 4.0, "PEFT": 43.0, "lora-merge": 22.0, LOCAL: 12.0}
+    peak = {"copy (cp -r)": 0.0, "PEFT": 4.8e9, "lora-merge": 1.9e9, LOCAL: 0.9e9}
+    lines = verdicts(run_kind(), wall, peak)
+    assert [line.split(": ")[1] for line in lines] == ["lora-merge"] * 3 + [LOCAL] * 3
+    assert [line.rsplit(": ", 1)[1] for line in lines] == ["NOT met", "NOT met", "NOT met", "met", "met", "NOT met"]
+    demo = verdicts(run_kind(demo=True, storage="s3"), {"boto3 copy": 1.0, "lora-merge": 11.0, LOCAL: 3.0}, {})
+    assert [line.rsplit(": ", 1)[1] for line in demo] == ["NOT met", "met"]
