@@ -5,7 +5,8 @@ thin layer over these; both take the options jobs/options.py declares, with the 
 Options are the long flags with underscores (`overwrite=True`, `device="cpu"`,
 `ray_address="auto"`, `combine="ties"`, `density=0.5`, ...). A merge runs on the Ray cluster this
 process has joined, else the one at `ray_address`, else a local Ray started for it (with
-`executor="local"`: on threads of this process, no Ray); `progress` is called with a ProgressEvent as each shard finishes or is retried.
+`executor="local"`: on threads of this process, no Ray); `progress` is called with a ProgressEvent
+as each shard finishes or is retried.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from jobs.batch_checks import check_batch
 from jobs.claim import Run, tidy
-from jobs.driver import start_executor
+from jobs.driver import executor_for, start_executor
 from jobs.executor import Executor
 from jobs.lease import Lease
 from jobs.options import BatchOptions, outputs_of
@@ -122,6 +122,7 @@ def run_batch(batch: BatchOptions, executor: Executor | None = None,
     merges = outputs_of(batch)
     check_batch(batch, merges)
     check_execution(batch)
+    executor = executor or executor_for(batch)
     base = load_base(open_storage(batch.checkpoint, batch.storage))
     members = [Member(run, Lease(run.output, m.lease_seconds, "batch"))
                for m in merges for run in [Run(open_storage(m.output, m.storage))]]

@@ -28,15 +28,19 @@ ProgressCallback = Callable[[ProgressEvent], None]
 __all__ = ["DEVICES", "MergeSummary", "Prepared", "ProgressCallback", "prepare", "run_merge", "start_executor"]
 
 
-def start_executor(executor: Executor | None, options: RayOptions) -> Executor:
-    """The executor a job runs on, started: the one given, else as options.executor says: threads of
-    this process (local), or Ray (the cluster at options.ray_address, or a local one)."""
-    if executor is None and options.executor == "local":
-        executor = LocalExecutor()
-    elif executor is None:
-        from jobs.ray_executor import RayExecutor  # here: `plan` and in-process runs never load Ray
+def executor_for(options: RayOptions) -> Executor:
+    """The executor options.executor names, not started yet: threads of this process (local; they
+    import torch while the driver plans), or Ray (the cluster at options.ray_address, or a local one)."""
+    if options.executor == "local":
+        return LocalExecutor()
+    from jobs.ray_executor import RayExecutor  # here: `plan` and in-process runs never load Ray
 
-        executor = RayExecutor(options.ray_address)
+    return RayExecutor(options.ray_address)
+
+
+def start_executor(executor: Executor | None, options: RayOptions) -> Executor:
+    """The executor a job runs on, started: the one given, else the one the options name."""
+    executor = executor or executor_for(options)
     executor.start()
     reclaim_signals()
     return executor
@@ -85,6 +89,7 @@ def run_merge(options: MergeOptions, executor: Executor | None = None,
     Interrupted, once the tasks are cancelled, the uploads aborted and the journal current.
     `executor`: where the tasks run (default: Ray, as options.ray_address says)."""
     run = Run(open_storage(options.output, options.storage))
+    executor = executor or executor_for(options)
     with stop_signals():
         try:
             return _merge(options, run, executor, progress)

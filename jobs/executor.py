@@ -86,6 +86,11 @@ class InProcessExecutor:
         pass  # nothing runs behind a handle: each task ran to its end when it was submitted
 
 
+def _import_worker() -> None:
+    import merge_core.worker.shard_merge  # noqa: F401  (torch with it)
+    import merge_core.publish.finalize  # noqa: F401
+
+
 class LocalExecutor(InProcessExecutor):
     """`--executor local`: each task on a thread of this process, as many at once as the driver's
     lanes of this machine's cores allow (the fuse, the hashes and the I/O release the GIL). Each task
@@ -98,6 +103,8 @@ class LocalExecutor(InProcessExecutor):
     def __init__(self) -> None:
         self._threads: futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
+        # What a Ray worker preloads: torch and the worker's modules, imported beside the driver's planning.
+        threading.Thread(target=_import_worker, name="lora-merge-preload", daemon=True).start()
 
     def start(self) -> None:
         self._stop.clear()

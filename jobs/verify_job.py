@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jobs.driver import ProgressCallback, start_executor
+from jobs.driver import ProgressCallback, executor_for, start_executor
 from jobs.executor import Executor
 from jobs.options import VerifyOptions
 from jobs.prepare import prepare
@@ -55,6 +55,7 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
                progress: ProgressCallback | None = None) -> VerifySummary:
     """Every shard re-read and every tensor merged again; the findings in the summary's problems
     (none: the merged model is what its inputs make). Bad input raises InputError."""
+    executor = executor or executor_for(options)
     plan = prepare(options).plan
     merged = open_storage(options.merged, options.storage)
     index = _read_json(merged, INDEX_NAME)

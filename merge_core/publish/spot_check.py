@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping, Sequence
 
 import torch
@@ -29,6 +31,7 @@ SPOT_ROWS = 4
 # A quantized weight is read whole to check a few rows (and decoded whole where its format's parts do
 # not come apart by rows): at most this many of the sampled tensors are quantized ones.
 SPOT_QUANTIZED = 2
+SPOT_READERS = 8
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
     fused = [(t, m) for t in plan.tasks for f in t.targets for m in f.members if t.name in headers and m.updates
              and all(_row_recomputable(u) for u in m.updates)
              and (m.quantized is None or len(m.quantized.shape) == 2)]
-    problems, quantized = [], 0
+    checks, quantized = [], 0
     for task, target in rng.sample(fused, min(SPOT_TENSORS, len(fused))):
         sources = _Sources(base, adapters, output, headers[task.name])
         count = (target.quantized.shape if target.quantized else task.shard.header.tensor(target.tensor).shape)[0]
@@ -183,7 +186,10 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
         if target.quantized is not None:
             quantized += 1
             if quantized <= SPOT_QUANTIZED:
-                problems += _spot_quantized(task, target, rows, sources, plan.arithmetic)
+                checks.append(partial(_spot_quantized, task, target, rows, sources, plan.arithmetic))
             continue
-        problems += [p for row in rows if (p := _spot_row(task, target, row, sources, plan.arithmetic))]
-    return problems
+        checks += [partial(_spot_row, task, target, row, sources, plan.arithmetic) for row in rows]
+    # Each check is a few small ranged reads: on an object store, latency, so they overlap.
+    with ThreadPoolExecutor(max_workers=SPOT_READERS, thread_name_prefix="spot-check") as pool:
+        found = list(pool.map(lambda check: check(), checks))
+    return [p for f in found for p in ([f] if isinstance(f, str) else f or [])]
