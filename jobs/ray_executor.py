@@ -1,5 +1,5 @@
-"""The Ray executor: every real run's tasks, one Ray task per unit of work, on the cluster given
-(--ray-address) or on a local Ray started for the job.
+"""The Ray executor (the default, --executor ray): one Ray task per unit of work, on the cluster
+given (--ray-address) or on a local Ray started for the job.
 
 Tasks run with max_retries=0: retries are the driver's (jobs/runner.py), which tells transient
 failures from bad input. And with max_calls=0: Ray would otherwise end a worker after each task

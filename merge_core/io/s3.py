@@ -11,9 +11,12 @@ never credentials.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Iterator, TypeVar
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -41,6 +44,26 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+_LOADER: list[botocore.loaders.Loader] = []  # one per process, made on first use
+_LOADER_LOCK = threading.Lock()
+
+
+def _session() -> boto3.session.Session:
+    """A session of its own (credentials as the environment says now), over one loader of service
+    models per process: a client made with a loader of its own reads botocore's data folders and
+    the S3 model again, 0.15-0.5 s each time (more beside a thread importing torch), and a job
+    makes one per storage, in the driver and in each worker."""
+    core = botocore.session.get_session()
+    with _LOADER_LOCK:
+        if not _LOADER:
+            _LOADER.append(botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH")))
+        core.register_component("data_loader", _LOADER[0])
+        session = boto3.session.Session(botocore_session=core)
+        paths = _LOADER[0].search_paths  # each boto3 session appends its own data folder again
+        paths[:] = list(dict.fromkeys(paths))
+    return session
+
+
 def make_client():
     # AWS_MAX_ATTEMPTS / AWS_RETRY_MODE in the environment (or the profile) win over our default.
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", RETRY_ATTEMPTS))
@@ -53,7 +76,7 @@ def make_client():
         connect_timeout=10,
         read_timeout=120,
     )
-    return boto3.session.Session().client("s3", config=config)
+    return _session().client("s3", config=config)
 
 
 def _code(exc: ClientError) -> str:
