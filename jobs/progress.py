@@ -130,7 +130,8 @@ def merge_rows(summary, resumed: bool) -> list[tuple[str, str]]:
          "none: every shard was reused"),
         ("retries", str(summary.retries)),
         ("reused shards", f"{summary.reused} (--resume)" if resumed else "0"),
-        ("validated", "yes: headers, index, sizes (sha256 read-back on object stores), NaN/Inf, float64 spot check"
+        ("validated", "yes: headers, index, sizes (on object stores each shard's CRC32 checked by the store, or "
+                      "read back), NaN/Inf, float64 spot check"
          if summary.validated else "no (--no-validate)"),
     ]
     recovered = summary.manifest.get("recovery")
