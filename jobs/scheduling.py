@@ -76,7 +76,8 @@ def check_fits(nodes: Sequence[Mapping[str, object]], task) -> None:
     largest = max((n.get("Resources", {}).get("memory", 0) for n in nodes if n.get("Alive")), default=0)
     if task.memory_bytes > largest:
         raise InputError(task.name, f"merging it needs about {task.memory_bytes / 1e9:.1f} GB of worker memory; the "
-                         f"largest Ray node offers {largest / 1e9:.1f} GB", "add larger worker nodes to the cluster")
+                         f"largest node offers {largest / 1e9:.1f} GB", "add larger worker nodes to the Ray cluster, "
+                         "or merge on a machine with more memory")
 
 
 def free_lane(lanes: Sequence[Lane]) -> Lane | None:

@@ -68,10 +68,10 @@ def verify_shard_work(task: ShardTask, job: MergeJob, expected_size: int | None,
                       fused_ulps: int, where: Placement):
     from merge_core.publish.verify import verify_shard
 
-    return verify_shard(task, job, expected_size, expected_digest, fused_ulps)
+    return verify_shard(task, job, expected_size, expected_digest, fused_ulps, where.stop)
 
 
 def finalize_work(plan: MergePlan, job: MergeJob, publication: Publication, where: Placement) -> dict:
     from merge_core.publish.finalize import finalize_merge
 
-    return finalize_merge(plan, job, publication)
+    return finalize_merge(plan, job, publication, where.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 
@@ -25,6 +26,12 @@ class TransientStorageError(Exception):
 class Stopped(Exception):
     """The job was stopped (Ctrl-C, SIGTERM) while this task ran in the driver's process: the task
     ended at a tensor's boundary, its uploads aborted. Not a failure of the input or the store."""
+
+
+def raise_if_stopped(stop: threading.Event | None, where: str) -> None:
+    """A task that shares the driver's process (--executor local) is stopped by `stop`, between steps."""
+    if stop is not None and stop.is_set():
+        raise Stopped(f"{where}: the job was stopped")
 
 
 class ValidationError(Exception):

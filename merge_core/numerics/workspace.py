@@ -8,18 +8,30 @@ from typing import Iterator
 
 import torch
 
+_EXACT_LOCK = threading.Lock()
+_exact_depth = 0  # fuses inside exact_float32_matmul (several at once under --executor local)
+_exact_saved: tuple[bool, str] | None = None
+
 
 @contextmanager
 def exact_float32_matmul() -> Iterator[None]:
-    """TF32 would round matmul inputs to 10 mantissa bits on CUDA; the merge must not."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    """TF32 would round matmul inputs to 10 mantissa bits on CUDA; the merge must not. The settings
+    are the process's: the first fuse in sets them, the last one out restores the caller's."""
+    global _exact_depth, _exact_saved
+    with _EXACT_LOCK:
+        if _exact_depth == 0:
+            _exact_saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+        _exact_depth += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous[0]
-        torch.set_float32_matmul_precision(previous[1])
+        with _EXACT_LOCK:
+            _exact_depth -= 1
+            if _exact_depth == 0 and _exact_saved is not None:
+                torch.backends.cuda.matmul.allow_tf32 = _exact_saved[0]
+                torch.set_float32_matmul_precision(_exact_saved[1])
 
 
 # On a CPU the elementwise work runs over row blocks of about this many elements, so that W's

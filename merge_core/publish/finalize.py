@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from typing import Mapping, Sequence
 
-from merge_core.errors import ValidationError
+from merge_core.errors import ValidationError, raise_if_stopped
 from merge_core.io.hashing import record_digest
 from merge_core.io.registry import open_storage
 from merge_core.io.storage import Storage, StorageOptions, copy_object
@@ -119,9 +120,11 @@ def _check_published(output: Storage, index_bytes: bytes, shards: Sequence[Mappi
                            "ran; this run's output was not published")
 
 
-def finalize_merge(plan: MergePlan, job: MergeJob, publication: Publication) -> dict:
+def finalize_merge(plan: MergePlan, job: MergeJob, publication: Publication,
+                   stop: threading.Event | None = None) -> dict:
     """Validate (with job.read_back), copy the other files, write the manifest, the report and,
-    last, the index. Returns the manifest."""
+    last, the index. Returns the manifest. `stop`: when set before the index is written, nothing is
+    published (Stopped)."""
     pause_point("finalizing")
     started = time.perf_counter()
     output, base = open_storage(job.output_uri, job.storage), open_storage(job.base_uri, job.storage)
@@ -129,9 +132,11 @@ def finalize_merge(plan: MergePlan, job: MergeJob, publication: Publication) -> 
     if job.read_back:
         adapters = [open_storage(u, job.storage) for u in job.adapter_uris]
         validate_merge(plan, publication.results, index, base, adapters, output)
+    raise_if_stopped(stop, output.describe(INDEX_NAME))
     copied = copy_extra_files(plan, base, output, publication.extra_files, job.storage)
     timings = dict(publication.timings) | {"finalize_seconds": time.perf_counter() - started}
     manifest = build_manifest(plan, publication, copied_files=copied, total_size=total_size, timings=timings,
                               digest=job.digest)
+    raise_if_stopped(stop, output.describe(INDEX_NAME))
     publish(output, plan, index, manifest, build_report(plan, publication.results))
     return manifest

@@ -4,11 +4,12 @@ manifest, and each tensor compared with a fresh merge of the base through the wo
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from merge_core.errors import InputError
+from merge_core.errors import InputError, raise_if_stopped
 from merge_core.format import codecs
 from merge_core.format.header import ShardHeader, TensorInfo
 from merge_core.format.tensors import tensor_from_bytes
@@ -126,12 +127,13 @@ def _compare_decoded(infos: list[TensorInfo], stored: list, expected: dict, sour
 
 
 def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expected_digest: str | None,
-                 fused_ulps: int = 0) -> ShardVerdict:
+                 fused_ulps: int = 0, stop: threading.Event | None = None) -> ShardVerdict:
     """Re-read every byte of one merged shard (at job.output_uri) and compare it with a fresh merge
     of the base shard. Fused tensors may differ by `fused_ulps` (1 for shards fused on a GPU, whose
     products sum in another order), a quantized weight's decoded values then by one step of its format;
     untouched tensors and the digest (tagged: recomputed with the manifest's own algorithm, sha256 in
-    manifests written before BLAKE3) must match exactly."""
+    manifests written before BLAKE3) must match exactly. `stop`: when set, it ends at its next
+    tensor (Stopped)."""
     merged = open_storage(job.output_uri, job.storage)
     where = merged.describe(task.name)
     try:
@@ -145,6 +147,7 @@ def verify_shard(task: ShardTask, job: MergeJob, expected_size: int | None, expe
     planned = {name: (dtype, tuple(shape)) for name, dtype, shape in task.output_tensors}
     checked = 0
     for (infos, source), data in read_ahead(_items(task, header, job, merged, problems)):
+        raise_if_stopped(stop, where)
         for raw in data[:len(infos)]:
             digest.update(raw)
         if source is not None:

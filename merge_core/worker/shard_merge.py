@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy
 import torch
 
-from merge_core.errors import Stopped, ValidationError
+from merge_core.errors import ValidationError, raise_if_stopped
 from merge_core.format.shard_writer import ShardStreamWriter
 from merge_core.io.hashing import TimedDigest
 from merge_core.io.pipeline import DEFAULT_AHEAD_BYTES, Behind, Window, read_ahead
@@ -113,8 +113,7 @@ class _SharedShard:
         name, data_start = shard.name, shard.header.data_start
         for tag, data in read_ahead(items):
             self.laps.lap("wait")
-            if self.stop is not None and self.stop.is_set():
-                raise Stopped(f"{self.base.describe(name)}: the job was stopped")
+            raise_if_stopped(self.stop, self.base.describe(name))
             if isinstance(tag, Fuse):
                 self.fuse(self.outputs[tag.output], tag, data, current, hashed)
                 continue
@@ -219,7 +218,8 @@ def merge_shard_outputs(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], de
     device to fuse on; `threads`: the CPU cores the float32 math may use (the task's share); `stop`:
     when set, the task ends at its next tensor (Stopped), its uploads aborted."""
     started = time.perf_counter()
-    if threads:
+    threads_before = torch.get_num_threads()
+    if threads:  # this thread's share (a new thread starts from the last value set, so it is put back)
         torch.set_num_threads(threads)
     shard = _SharedShard(tasks, jobs, workspace_for(device), stop)
     try:
@@ -230,6 +230,7 @@ def merge_shard_outputs(tasks: Sequence[ShardTask], jobs: Sequence[MergeJob], de
         raise
     finally:
         shard.hasher.close()
+        torch.set_num_threads(threads_before)
     seconds = time.perf_counter() - started
     return [shard.result(output, device, seconds) for output in shard.outputs]
 

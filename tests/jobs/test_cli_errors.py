@@ -102,7 +102,7 @@ def test_a_task_larger_than_every_node_is_refused_instead_of_waiting_forever():
     from jobs.scheduling import check_fits
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 4e9}}]
     check_fits(nodes, SimpleNamespace(name="model-00001-of-00002.safetensors", memory_bytes=3e9))
-    with pytest.raises(InputError, match="needs about 5.0 GB of worker memory; the largest Ray node offers 4.0 GB"):
+    with pytest.raises(InputError, match="needs about 5.0 GB of worker memory; the largest node offers 4.0 GB"):
         check_fits(nodes, SimpleNamespace(name="model-00001-of-00002.safetensors", memory_bytes=5e9))
 
 

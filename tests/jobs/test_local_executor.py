@@ -23,7 +23,7 @@ from jobs.tasks import Placement
 from merge_core.errors import Stopped
 from merge_core.names import INDEX_NAME, MANIFEST_NAME
 from merge_core.numerics.workspace import workspace_for
-from tests.jobs.conftest import run_cli
+from tests.jobs.conftest import cli
 from tests.jobs.test_interrupts import Held, error_line, journal
 from tests.reference import assert_bit_identical, load_checkpoint
 
@@ -46,8 +46,8 @@ def test_a_local_merge_is_pefts_bit_for_bit_and_never_imports_ray(many_shards, t
     assert {s["node"] for s in manifest["output"]["shards"]} == {"local"}
     assert (out / INDEX_NAME).exists()
 
-    again = run_cli("merge", "--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
-                    "--executor", "local")
+    again = cli("merge", "--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
+                "--executor", "local")
     assert again.returncode == 0 and "already complete" in again.stdout + again.stderr, again.stderr
 
 
@@ -67,6 +67,50 @@ def test_tasks_run_side_by_side_each_with_buffers_of_its_own():
     assert executor.wait(handles, 0) == [handles[0]]
 
 
+def _overlap(executor: LocalExecutor, memory: int) -> int:
+    """The most of three tasks, each asking `memory` bytes, that ran at once."""
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def work(where: Placement):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.3)
+        with lock:
+            active[0] -= 1
+
+    handles = [executor.submit(work, (), {"num_cpus": 1, "memory": memory}) for _ in range(3)]
+    for handle in handles:
+        executor.get(handle)
+    return most[0]
+
+
+def test_tasks_wait_for_the_memory_they_ask_for():
+    executor = LocalExecutor()
+    executor.start()
+    budget = int(executor.nodes()[0]["Resources"]["memory"])
+    assert budget > 0
+    assert _overlap(executor, budget // 2 + 1) == 1
+    assert _overlap(executor, budget // 3) == 3
+
+
+def test_cancel_waits_for_every_running_task_even_one_it_was_not_given():
+    executor = LocalExecutor()
+    executor.start()
+    began = threading.Event()
+
+    def work(where: Placement):
+        began.set()
+        while not where.stop.is_set():
+            time.sleep(0.01)
+        raise Stopped("stopped")
+
+    handle = executor.submit(work, (), {"num_cpus": 1})
+    assert began.wait(10)
+    executor.cancel([])
+    assert handle.done() and isinstance(handle.exception(), Stopped)
+
+
 def test_a_stopped_task_ends_at_its_next_tensor_and_writes_nothing(many_shards, tmp_path):
     from jobs.api import options_for
     from jobs.options import MergeOptions
@@ -84,6 +128,41 @@ def test_a_stopped_task_ends_at_its_next_tensor_and_writes_nothing(many_shards, 
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
+def test_a_stopped_verify_task_ends_at_its_next_tensor(models, tmp_path):
+    from jobs.api import options_for
+    from jobs.options import VerifyOptions
+    from jobs.prepare import prepare
+    from jobs.tasks import verify_shard_work
+    from merge_core.worker.job import MergeJob
+
+    out = tmp_path / "out"
+    assert cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out), "--executor",
+               "local").returncode == 0
+    options = options_for(VerifyOptions, base=models.base, adapters=[models.adapter], merged=str(out))
+    plan = prepare(options).plan
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped, match=plan.tasks[0].name):
+        verify_shard_work(plan.tasks[0], MergeJob.of(plan, str(out)), None, None, 0, Placement("local", 1, stop=stop))
+
+
+def test_ctrl_c_in_the_final_task_publishes_nothing_and_resume_finishes(models, tmp_path):
+    out = tmp_path / "out"
+    args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--executor", "local")
+    held = Held(tmp_path, args, "finalizing")
+    held.wait_paused("finalizing")
+    held.signal(signal.SIGINT)
+    time.sleep(0.5)  # the driver is stopping, waiting for its final task, which is held here
+    held.release("finalizing")
+    code, stderr = held.finish()
+    assert code == 130, stderr
+    assert error_line(stderr).startswith("error: interrupted by SIGINT: "), stderr
+    assert not (out / INDEX_NAME).exists() and not (out / MANIFEST_NAME).exists()
+    resumed = cli("merge", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bit_identical(load_checkpoint(str(out)), models.reference)
+
+
 def test_ctrl_c_stops_the_running_tasks_and_resume_finishes(many_shards, tmp_path):
     out = tmp_path / "out"
     args = ("--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out), "--executor", "local",
@@ -98,7 +177,7 @@ def test_ctrl_c_stops_the_running_tasks_and_resume_finishes(many_shards, tmp_pat
     assert journal(out) == [] and not (out / INDEX_NAME).exists()
     assert [n for n in os.listdir(out) if n.endswith(".partial")] == []
 
-    resumed = run_cli("merge", *args, "--resume")
+    resumed = cli("merge", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
 
@@ -111,7 +190,7 @@ def test_ctrl_c_stops_the_running_tasks_and_resume_finishes(many_shards, tmp_pat
 ])
 def test_what_cannot_go_with_a_local_run_is_refused_in_one_line(models, tmp_path, flags, message):
     out = tmp_path / "out"
-    done = run_cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
-                   "--executor", "local", *flags)
+    done = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
+               "--executor", "local", *flags)
     assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
     assert not out.exists()
