@@ -142,8 +142,13 @@ class RayExecutor:
 
     def cancel(self, handles: Sequence[ray.ObjectRef]) -> None:
         """Kill the tasks and wait (briefly) until they are gone, so that nothing they were writing
-        can appear after the caller has cleaned up the output."""
-        for ref in handles:
+        can appear after the caller has cleaned up the output. Only the unfinished ones: a cancel
+        racing a task's completion can crash Ray's own driver code (RAY_CHECK "Tried to complete task
+        that was not pending", ray-project/ray#54846), so the window is kept as small as it can be."""
+        if not handles:
+            return
+        _, running = ray.wait(list(handles), num_returns=len(handles), timeout=0)
+        for ref in running:
             ray.cancel(ref, force=True)
-        if handles:
-            ray.wait(list(handles), num_returns=len(handles), timeout=CANCEL_WAIT_SECONDS)
+        if running:
+            ray.wait(running, num_returns=len(running), timeout=CANCEL_WAIT_SECONDS)
