@@ -27,6 +27,8 @@ from tests.jobs.conftest import cli
 from tests.jobs.test_interrupts import Held, error_line, journal
 from tests.reference import assert_bit_identical, load_checkpoint
 
+pytestmark = pytest.mark.processes  # runs of the command as processes of their own (no cluster, no S3)
+
 NO_RAY_SCRIPT = """
 import sys, lora_merge
 summary = lora_merge.merge(sys.argv[1], sys.argv[2], sys.argv[3], executor="local", device="cpu")
@@ -35,18 +37,18 @@ print(summary.fused_tensors)
 """
 
 
-def test_a_local_merge_is_pefts_bit_for_bit_and_never_imports_ray(many_shards, tmp_path):
+def test_a_local_merge_is_pefts_bit_for_bit_and_never_imports_ray(models, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT, many_shards.base, many_shards.adapter, str(out)],
+    done = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT, models.base, models.adapter, str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) > 0
-    assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
+    assert_bit_identical(load_checkpoint(str(out)), models.reference)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert {s["node"] for s in manifest["output"]["shards"]} == {"local"}
     assert (out / INDEX_NAME).exists()
 
-    again = cli("merge", "--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out),
+    again = cli("merge", "--base", models.base, "--adapter", models.adapter, "--output", str(out),
                 "--executor", "local")
     assert again.returncode == 0 and "already complete" in again.stdout + again.stderr, again.stderr
 
@@ -111,14 +113,14 @@ def test_cancel_waits_for_every_running_task_even_one_it_was_not_given():
     assert handle.done() and isinstance(handle.exception(), Stopped)
 
 
-def test_a_stopped_task_ends_at_its_next_tensor_and_writes_nothing(many_shards, tmp_path):
+def test_a_stopped_task_ends_at_its_next_tensor_and_writes_nothing(models, tmp_path):
     from jobs.api import options_for
     from jobs.options import MergeOptions
     from jobs.prepare import prepare
     from jobs.tasks import merge_shard_work
     from merge_core.worker.job import MergeJob
 
-    options = options_for(MergeOptions, base=many_shards.base, adapters=[many_shards.adapter],
+    options = options_for(MergeOptions, base=models.base, adapters=[models.adapter],
                           output=str(tmp_path / "out"))
     plan = prepare(options).plan
     stop = threading.Event()
@@ -163,9 +165,9 @@ def test_ctrl_c_in_the_final_task_publishes_nothing_and_resume_finishes(models, 
     assert_bit_identical(load_checkpoint(str(out)), models.reference)
 
 
-def test_ctrl_c_stops_the_running_tasks_and_resume_finishes(many_shards, tmp_path):
+def test_ctrl_c_stops_the_running_tasks_and_resume_finishes(models, tmp_path):
     out = tmp_path / "out"
-    args = ("--base", many_shards.base, "--adapter", many_shards.adapter, "--output", str(out), "--executor", "local",
+    args = ("--base", models.base, "--adapter", models.adapter, "--output", str(out), "--executor", "local",
             "--task-cpus", "1")
     held = Held(tmp_path, args, "shard-landed")
     held.wait_paused("shard-landed")
@@ -179,7 +181,7 @@ def test_ctrl_c_stops_the_running_tasks_and_resume_finishes(many_shards, tmp_pat
 
     resumed = cli("merge", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert_bit_identical(load_checkpoint(str(out)), many_shards.reference)
+    assert_bit_identical(load_checkpoint(str(out)), models.reference)
 
 
 @pytest.mark.parametrize("flags, message", [
