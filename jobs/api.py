@@ -49,11 +49,16 @@ def options_for(kind: type, **values):
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    merged = defaults(kind) | {k: v for k, v in values.items() if v is not None}
+    return build(kind, _as_lists(defaults(kind) | {k: v for k, v in values.items() if v is not None}))
+
+
+def _as_lists(values: Mapping[str, object]) -> dict:
+    """`adapters` and `weights` given as one value, as the one-item lists they stand for."""
+    values = dict(values)
     for name in ("adapters", "weights"):
-        if isinstance(merged.get(name), (str, int, float)):
-            merged[name] = [merged[name]]
-    return build(kind, merged)
+        if isinstance(values.get(name), (str, int, float)):
+            values[name] = [values[name]]
+    return values
 
 
 def write_json(path: str | None, data: dict) -> None:
@@ -180,11 +185,7 @@ def _outputs(outputs: Sequence[Mapping[str, object]]) -> list[dict]:
         unknown = sorted(set(entry) - known)
         if unknown:
             raise TypeError(f"unknown output option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        entry = dict(entry)
-        for name in ("adapters", "weights"):
-            if isinstance(entry.get(name), (str, int, float)):
-                entry[name] = [entry[name]]
-        entries.append(entry)
+        entries.append(_as_lists(entry))
     return entries
 
 

@@ -142,7 +142,7 @@ def run_batch(batch: BatchOptions, executor: Executor | None = None,
                         seconds=time.perf_counter() - started, tasks=shards.tasks_run if shards else 0)
 
 
-def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Executor | None,
+def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Executor,
          progress) -> SharedShards | None:
     for merge, member in zip(merges, members):
         try:
@@ -152,7 +152,7 @@ def _run(batch: BatchOptions, merges, members: list[Member], base, executor: Exe
     live = [m for m in members if m.live]
     if not live:
         return None
-    executor = start_executor(executor, batch)
+    executor = start_executor(executor)
     for member in live:
         member.out.ready = time.perf_counter()
     shards = SharedShards(executor, live, batch, _progress(live, progress))

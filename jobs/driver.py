@@ -38,9 +38,8 @@ def executor_for(options: RayOptions) -> Executor:
     return RayExecutor(options.ray_address)
 
 
-def start_executor(executor: Executor | None, options: RayOptions) -> Executor:
-    """The executor a job runs on, started: the one given, else the one the options name."""
-    executor = executor or executor_for(options)
+def start_executor(executor: Executor) -> Executor:
+    """The executor a job runs on (executor_for, or the caller's own), started."""
     executor.start()
     reclaim_signals()
     return executor
@@ -97,7 +96,7 @@ def run_merge(options: MergeOptions, executor: Executor | None = None,
             raise interrupted(run, options) from None
 
 
-def _merge(options: MergeOptions, run: Run, executor: Executor | None,
+def _merge(options: MergeOptions, run: Run, executor: Executor,
            progress: ProgressCallback | None) -> MergeSummary:
     """The output held (jobs.lease) from its first write to the end, done or not."""
     lease = Lease(run.output, options.lease_seconds, "unmerge" if options.unmerge else "merge")
@@ -108,9 +107,9 @@ def _merge(options: MergeOptions, run: Run, executor: Executor | None,
         lease.release()
 
 
-def _merge_held(out: OutputRun, executor: Executor | None, progress: ProgressCallback | None) -> MergeSummary:
+def _merge_held(out: OutputRun, executor: Executor, progress: ProgressCallback | None) -> MergeSummary:
     options, plan = out.options, out.plan
-    executor = start_executor(executor, options)
+    executor = start_executor(executor)
     out.ready = time.perf_counter()
     nodes = executor.nodes()
     lanes = plan_lanes(nodes, options.device, options.task_cpus, len(plan.tasks) - len(out.reused))

@@ -41,7 +41,7 @@ from merge_core.names import (
     STAGING_DIR,
 )
 from merge_core.publish.journal import fingerprint
-from merge_core.publish.lineage import check_not_merged_twice, unrecorded
+from merge_core.publish.lineage import check_not_merged_twice, unrecorded, weights_sha256
 from merge_core.publish.manifest import adapter_record
 from merge_core.publish.publication import Publication
 from merge_core.worker.job import MergeJob
@@ -124,7 +124,7 @@ def open_output(options: MergeOptions, run: Run, lease: Lease, base: BaseCheckpo
         lease.check(may_take_over=options.resume or options.overwrite)
     out = OutputRun(options=options, run=run, lease=lease)
     out.prepared, out.records = _check_and_plan(output, options, base)
-    run.key = fingerprint(out.plan, [_weights_sha256(r) for r in out.records],
+    run.key = fingerprint(out.plan, [weights_sha256(r) for r in out.records],
                           {"allow_nonfinite": options.allow_nonfinite, "validate": options.validate,
                            "digest": options.digest})
     if finished and already_complete(output, options, run.key):
@@ -200,10 +200,6 @@ def _adapter_record(adapter: LoraAdapter, weight: float, given_as: str, storage:
               {"name": ADAPTER_WEIGHTS_NAME, "size": files.size(ADAPTER_WEIGHTS_NAME),
                "sha256": scan_adapter(files, adapter)}]
     return adapter_record(adapter, weight, hashed) | {"given_as": given_as}
-
-
-def _weights_sha256(record: dict) -> str:
-    return next(f["sha256"] for f in record["files"] if f["name"] == ADAPTER_WEIGHTS_NAME)
 
 
 def _done_before(out: OutputRun) -> MergeSummary:

@@ -143,7 +143,8 @@ def run_batch_plan(batch) -> BatchPlanSummary:
     shard_bytes = sum(s.size for s in base.shards)
     uploads = sum(open_storage(m.output, m.storage).upload_buffer_bytes for m in merges)
     memory = max(shared_memory_bytes([p.tasks[i] for p in plans]) for i in range(len(base.shards))) + uploads
-    outputs = tuple(_summary(plan, batch.device, describe_quantization(base)) for plan in plans)
+    quantization = describe_quantization(base)
+    outputs = tuple(_summary(plan, batch.device, quantization) for plan in plans)
     data = {"base": base.uri, "shards": len(base.shards), "base_bytes": shard_bytes,
             "read_bytes": shard_bytes + sum(p.read_bytes - shard_bytes for p in plans),
             "separate_read_bytes": sum(p.read_bytes for p in plans), "write_bytes": sum(p.write_bytes for p in plans),

@@ -71,7 +71,7 @@ def run_verify(options: VerifyOptions, executor: Executor | None = None,
     _, headers = check_headers(plan, merged)  # per-shard header problems come from the verify tasks
     problems += check_index(plan, index, headers) + check_config(plan, merged)
 
-    executor = start_executor(executor, options)
+    executor = start_executor(executor)
     lanes = plan_lanes(executor.nodes(), options.device if options.device != "cuda" else "auto")
     shown = Progress(len(plan.tasks), plan.write_bytes, callback=progress)
 

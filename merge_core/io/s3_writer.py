@@ -184,9 +184,7 @@ class MultipartWriter(ObjectWriter):
 
     def commit(self, exclusive: bool = False) -> None:
         condition = {"IfNoneMatch": "*"} if exclusive else {}
-        if self._copies_whole_object(exclusive):
-            pass
-        else:
+        if not self._copies_whole_object(exclusive):
             self._flush_copy(last=True)
             whole = {"ChecksumCRC32": _crc32_text(self._crc)} if self._checksums else {}
             if self._upload_id is None:

@@ -188,8 +188,13 @@ def spot_check(plan: MergePlan, base: Storage, adapters: Sequence[Storage], outp
             if quantized <= SPOT_QUANTIZED:
                 checks.append(partial(_spot_quantized, task, target, rows, sources, plan.arithmetic))
             continue
-        checks += [partial(_spot_row, task, target, row, sources, plan.arithmetic) for row in rows]
+        checks += [partial(_row_problems, task, target, row, sources, plan.arithmetic) for row in rows]
     # Each check is a few small ranged reads: on an object store, latency, so they overlap.
     with ThreadPoolExecutor(max_workers=SPOT_READERS, thread_name_prefix="spot-check") as pool:
-        found = list(pool.map(lambda check: check(), checks))
-    return [p for f in found for p in ([f] if isinstance(f, str) else f or [])]
+        return [problem for found in pool.map(lambda check: check(), checks) for problem in found]
+
+
+def _row_problems(*args) -> list[str]:
+    """_spot_row's finding as a list, as _spot_quantized gives its own."""
+    problem = _spot_row(*args)
+    return [problem] if problem else []

@@ -1,7 +1,7 @@
 """What a shard task reads, in file order, to write one merged shard or several from one read of
 the base shard.
 
-Every base byte is read once and in order (so the base's sha256 comes for free): the header; runs
+Every base byte is read once and in order (so the base's digest comes for free): the header; runs
 of tensors no output changes, in chunks, which every output copies as they are; each tensor some
 output changes (or moves beside a quantized weight's codes), whole, followed by one item per
 output that fuses it with that output's own reads (its adapter factors, a quantized weight's

@@ -35,8 +35,8 @@ class ShardResult:
     # from them: a batch reads each base shard once for all its outputs.
     base_bytes_read: int = 0
     outputs: int = 1
-    # Bytes of the output the store copied from the base itself (S3 UploadPartCopy/CopyObject, a
-    # local copy_file_range), not sent by the task: what no adapter changed.
+    # Bytes of the output the store copied from the base itself (S3 UploadPartCopy/CopyObject), not
+    # sent by the task: what no adapter changed.
     bytes_copied: int = 0
 
 
